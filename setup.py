@@ -1,0 +1,43 @@
+"""vlm_jax: pretraining and evaluation of vision-language models in JAX/Flax NNX."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.12",
+    "tensorflow-datasets>=4.9.8",
+    "array-record>=0.7",
+    "ml_collections>=1.0",
+    "sentencepiece>=0.2",
+    "einops>=0.8",
+    "tensorboardX>=2.6",
+    "tqdm>=4.60",
+    "matplotlib>=3.8",
+    "pillow>=10",
+    "numpy>=1.26",
+    "etils[epath]>=1.7",
+    "absl-py>=2.0",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    "tpu": ["jax[tpu]"],
+}
+
+setuptools.setup(
+    name="vlm_jax",
+    version="0.1.0",
+    description="Pretraining and evaluation of vision-language models (CLIP, CoCa, Flamingo) "
+    "in JAX/Flax NNX, from a laptop CPU to TPU pods.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["vlm_jax", "vlm_jax.*", "input_pipeline",
+                                               "input_pipeline.*", "experiments"]),
+    package_data={"vlm_jax": ["evaluators/data/*"], "input_pipeline": ["shapes/*.txt"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["vlm-jax=vlm_jax.main:run"]},
+)
