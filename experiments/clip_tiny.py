@@ -1,0 +1,64 @@
+r"""A tiny CLIP trained on the embedded "shapes" dataset: the quickstart, minutes on a laptop CPU.
+
+    vlm-jax train --config experiments/clip_tiny.py --workdir runs/clip_tiny
+
+The towers are small transformers (width 128, 4 layers; ViT patch 8 on 64 px images, i.e. 64
+patches) with CLIP's recipe: AdamW (b2 0.98, eps 1e-6, decay 0.2 off gains/biases/temperature),
+warm-up + cosine, temperature initialised at 1/0.07 and clamped at 100. Arguments after ':'
+select a variant: ``clip_tiny.py:test`` is a seconds-long smoke config used by the tests.
+"""
+
+import math
+
+import ml_collections
+
+from vlm_jax import parallel
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.name = "clip_tiny"
+    c.seed = 0
+    c.total_steps = 1200
+    c.batch_size = 128
+    c.log_every_steps = 20
+
+    c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0)
+
+    c.model = dict(
+        name="clip",
+        embed_dim=128,
+        image=dict(image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512,
+                   pool_type="tok", pre_norm=True, patch_bias=False, act="gelu"),
+        text=dict(width=128, depth=4, num_heads=4, mlp_dim=512, vocab_size=512,
+                  context_length=24, eos_id=3, act="gelu"),
+        logit_scale_init=math.log(1 / 0.07),
+        logit_scale_max=math.log(100.0),
+        dtype="float32",
+        remat="none",
+        scan_layers=False,
+    )
+    c.loss = dict(variant="gather")
+    c.optim = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+                   warmup_steps=100, schedule="cosine", end_lr_factor=0.0, grad_clip_norm=1.0,
+                   grad_accum_steps=1)
+    c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
+    c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
+    c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
+    c.eval = dict(every_steps=400, evaluators=["zeroshot", "retrieval"], split="test",
+                  batch_size=256, max_examples=0)
+
+    if arg == "test":  # Seconds on a CPU: the tests' smoke run.
+        c.total_steps = 6
+        c.batch_size = 16
+        c.log_every_steps = 2
+        c.data.config_name = "32px"
+        c.model.image.update(image_size=32, width=32, depth=1, num_heads=2, mlp_dim=64)
+        c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+        c.model.embed_dim = 32
+        c.optim.warmup_steps = 2
+        c.checkpoint.every_steps = 3
+        c.eval.update(every_steps=0, batch_size=64, max_examples=128)
+    elif arg is not None:
+        raise ValueError(f"clip_tiny.py: unknown variant {arg!r} (use 'test' or nothing).")
+    return c

@@ -1,0 +1,122 @@
+"""Command line: ``vlm-jax train | eval | data``.
+
+    vlm-jax train --config experiments/clip_tiny.py --workdir runs/tiny [--config.key=value ...]
+    vlm-jax eval  --workdir runs/tiny [--config experiments/clip_tiny.py] [--step N]
+    vlm-jax data prepare --config experiments/clip_tiny.py
+
+``train`` on a workdir that holds checkpoints resumes from the latest one. ``eval`` without
+``--config`` uses the ``config.json`` the run saved. Config errors are reported before any data
+is read or any device is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="vlm-jax", description="Pretrain and evaluate vision-language models in JAX.",
+        epilog="Any --config.<key>=<value> overrides a config field, e.g. "
+               "--config.total_steps=100 --config.mesh.fsdp=2.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, config_required=True):
+        p.add_argument("--config", required=config_required,
+                       help="experiments/<name>.py[:arg] (or a run's config.json)")
+        p.add_argument("--coordinator_address", default=None,
+                       help="host:port of process 0, for multi-process runs "
+                            "(on Cloud TPU pods leave unset: jax detects the pod)")
+        p.add_argument("--num_processes", type=int, default=None)
+        p.add_argument("--process_id", type=int, default=None)
+        p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("train", help="train (or resume) a model in --workdir, then evaluate")
+    common(p)
+    p.add_argument("--workdir", required=True)
+    p = sub.add_parser("eval", help="evaluate the latest (or --step) checkpoint of a workdir")
+    common(p, config_required=False)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p = sub.add_parser("data", help="dataset tools")
+    p.add_argument("action", choices=["prepare"], help="prepare: build the config's dataset")
+    common(p)
+
+    args, rest = parser.parse_known_args(argv)
+    overrides, unknown = [], []
+    for item in rest:
+        if item.startswith("--config."):
+            overrides.append(item[len("--config."):])
+        else:
+            unknown.append(item)
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)} (config fields are set with "
+                     "--config.<key>=<value>)")
+    return args, overrides
+
+
+def _load(args, overrides):
+    from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
+    spec = args.config
+    if spec is None:
+        spec = str(pathlib.Path(args.workdir) / "config.json")
+    if spec.endswith(".json"):
+        return config_lib.load_json_config(spec, overrides)
+    return config_lib.load_config(spec, overrides)
+
+
+def _init_distributed(args) -> None:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if args.coordinator_address or args.num_processes:
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()  # Multi-host Cloud TPU: topology from the environment.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args, overrides = _parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vlm_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+    from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+    from input_pipeline import DataError  # pylint: disable=import-outside-toplevel
+
+    try:
+        config = _load(args, overrides)  # Fails on a bad key before anything else happens.
+        _init_distributed(args)
+        if args.command == "train":
+            from vlm_jax import train  # pylint: disable=import-outside-toplevel
+
+            train.train_and_evaluate(config, args.workdir)
+        elif args.command == "eval":
+            from vlm_jax import train  # pylint: disable=import-outside-toplevel
+
+            train.evaluate_checkpoint(config, args.workdir, args.step)
+        elif args.command == "data":
+            from vlm_jax import data  # pylint: disable=import-outside-toplevel
+
+            d = data.prepare(config)
+            print(f"Dataset {config.data.name}/{config.data.config_name} ready in {d.data_dir}")
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"vlm-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,74 @@
+"""Optimizer from config: optax AdamW, weight-decay mask, schedule, clipping, accumulation."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+from vlm_jax.config import ConfigError
+
+# Parameters that get no weight decay, as in open_clip (`exclude = lambda n, p: p.ndim < 2 or
+# "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n`): every parameter with fewer than
+# two dimensions (biases, LayerNorm gains, the temperature) plus those named here (the class
+# token is stored as [1, 1, width]).
+NO_DECAY_PATTERN = r"(^|\.)(bias|scale|cls_token|logit_scale|logit_bias)$"
+
+
+def path_str(path: tuple) -> str:
+    """``('image', 'encoder', 'blocks', 0, 'mlp', 'fc1', 'kernel')`` -> 'image.encoder.blocks.0....'"""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def decay_mask(params: Any, no_decay_pattern: str = NO_DECAY_PATTERN) -> Any:
+    """True for parameters that get weight decay: ndim >= 2 and not matching the pattern."""
+    rx = re.compile(no_decay_pattern)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: len(x.shape) >= 2 and not rx.search(path_str(p)), params)
+
+
+def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
+    """Learning-rate schedule: linear warm-up then cosine (or linear / constant) decay."""
+    warmup = int(cfg.warmup_steps)
+    end = cfg.lr * cfg.get("end_lr_factor", 0.0)
+    if warmup >= total_steps:
+        raise ConfigError(f"config.optim.warmup_steps={warmup} must be smaller than "
+                          f"config.total_steps={total_steps}.")
+    name = cfg.get("schedule", "cosine")
+    if name == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total_steps, end)
+    if name == "linear":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, warmup),
+             optax.linear_schedule(cfg.lr, end, total_steps - warmup)], [warmup])
+    if name == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)],
+            [warmup])
+    raise ConfigError(f"config.optim.schedule={name!r}: use 'cosine', 'linear' or 'constant'.")
+
+
+def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                 optax.Schedule]:
+    """AdamW (decoupled weight decay, masked) with global-norm clipping and optional accumulation.
+
+    Config fields (``config.optim``): ``name`` ('adamw'), ``lr``, ``b1``, ``b2``, ``eps``,
+    ``weight_decay``, ``warmup_steps``, ``schedule``, ``end_lr_factor``, ``grad_clip_norm``
+    (0 = off), ``grad_accum_steps`` (1 = off).
+    """
+    if cfg.name != "adamw":
+        raise ConfigError(f"config.optim.name={cfg.name!r}: only 'adamw' is available.")
+    schedule = make_schedule(cfg, total_steps)
+    parts = []
+    if cfg.get("grad_clip_norm", 0.0):
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    tx = optax.chain(*parts)
+    accum = int(cfg.get("grad_accum_steps", 1))
+    if accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accum)
+    return tx, schedule

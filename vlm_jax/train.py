@@ -1,0 +1,321 @@
+"""One training loop for every model: ``(state, batch) -> (state, metrics)`` under ``jax.jit``.
+
+The train state is a plain pytree ``{"step", "params", "opt_state"}`` (params as the pure dict of
+the NNX module's state) so that optax, orbax and sharding rules all see the same structure. The
+NNX module is rebuilt from its graph definition inside the step (``nnx.merge``), which costs
+nothing at run time: it happens once, at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from vlm_jax import checkpoint as ckpt_lib
+from vlm_jax import config as config_lib
+from vlm_jax import data as data_lib
+from vlm_jax import evaluators as evaluators_lib
+from vlm_jax import metrics as metrics_lib
+from vlm_jax import models, objectives, optim, parallel
+from vlm_jax.config import ConfigError
+from vlm_jax.evaluators.common import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+# Config keys whose change makes a checkpoint unusable or silently changes the run on resume.
+RESUME_CRITICAL_KEYS = ("model", "batch_size", "seed", "data.name", "data.config_name", "optim")
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything derived from a config that the train/eval/compile commands share."""
+
+    config: ConfigDict
+    mesh: Mesh
+    rules: tuple
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: Any  # ShapeDtypeStructs, with shardings
+    state_shardings: Any
+    init_fn: Callable[[], Any]
+
+    @property
+    def param_shardings(self):
+        return self.state_shardings["params"]
+
+
+def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
+    """Builds mesh, abstract model/optimizer state and their shardings (no arrays allocated)."""
+    mesh = mesh or parallel.create_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.axis_rules)
+    try:
+        parallel.check_batch_divisible(config.batch_size, mesh)
+    except ValueError as e:
+        raise ConfigError(f"config.batch_size: {e}") from e
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+
+    def init_fn():
+        model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+        params = nnx.state(model).to_pure_dict()
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract_model = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    param_sh = parallel.state_shardings(abstract_params, mesh, rules)
+    abstract = jax.eval_shape(init_fn)
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
+                                   transform_non_params=lambda _: replicated)
+    shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    init = jax.jit(init_fn, out_shardings=shardings)
+    return TrainSetup(config, mesh, rules, graphdef, tx, schedule, abstract, shardings, init)
+
+
+def batch_shardings(mesh: Mesh, batch_shapes: dict[str, tuple]) -> dict[str, NamedSharding]:
+    """Shardings of a global batch: leading dimension over the batch axes."""
+    return {k: NamedSharding(mesh, parallel.batch_spec(len(s))) for k, s in batch_shapes.items()}
+
+
+def make_train_step(s: TrainSetup, batch_shapes: dict[str, tuple]) -> Callable:
+    """The jitted train step with explicit in/out shardings and the state donated."""
+    config, mesh, rules = s.config, s.mesh, s.rules
+    objective = objectives.get_objective(config.model.name)
+
+    def train_step(state, batch):
+        def loss_fn(params):
+            with parallel.sharding_context(mesh, rules):
+                model = nnx.merge(s.graphdef, params)
+                return objective(model, batch, config, mesh)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = s.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+                   "train/lr": s.schedule(state["step"]), **aux}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(train_step,
+                   in_shardings=(s.state_shardings, batch_shardings(mesh, batch_shapes)),
+                   out_shardings=(s.state_shardings, NamedSharding(mesh, P())),
+                   donate_argnums=(0,))
+
+
+# -------------------------------------------------------------------------------------------
+# Evaluation.
+# -------------------------------------------------------------------------------------------
+
+
+def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, float]:
+    """Runs the evaluators named in ``config.eval.evaluators``; keys ``<evaluator>/<metric>``."""
+    extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
+                                 s.config.eval.batch_size)
+    results = {}
+    for name in s.config.eval.evaluators:
+        if name not in evaluators_lib.EVALUATORS:
+            raise ConfigError(f"config.eval.evaluators: unknown evaluator {name!r}; available: "
+                              f"{sorted(evaluators_lib.EVALUATORS)}.")
+        for k, v in evaluators_lib.EVALUATORS[name](extractor, tokenizer, eval_data).items():
+            results[f"{name}/{k}"] = v
+    return results
+
+
+def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
+                       results: dict[str, float]) -> epath.Path:
+    """Writes ``eval_results.json`` (CLIP_benchmark field names) and prints a markdown table."""
+    tasks = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+    records = []
+    for name, task in tasks.items():
+        m = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(name + "/")}
+        if m:
+            records.append({"dataset": f"{config.data.name}/{config.eval.split}",
+                            "model": config.get("name", "vlm_jax"), "step": int(step),
+                            "task": task, "metrics": m})
+    out = workdir / "eval_results.json"
+    if jax.process_index() == 0:
+        out.write_text(json.dumps(records, indent=2))
+        print(f"\n| metric ({config.data.name}/{config.eval.split}, step {step}) | value |")
+        print("|---|---|")
+        for k, v in results.items():
+            print(f"| {k} | {100 * v:.2f} |")
+    return out
+
+
+# -------------------------------------------------------------------------------------------
+# Training.
+# -------------------------------------------------------------------------------------------
+
+
+def _check_workdir(workdir: epath.Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable ({e}); choose another directory.") \
+            from e
+
+
+def _check_resume_config(saved: dict | None, config: ConfigDict, workdir: epath.Path) -> None:
+    if not saved:
+        return
+    changed = [d for d in config_lib.diff(saved, json.loads(config_lib.to_json(config)))
+               if any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_CRITICAL_KEYS)]
+    if changed:
+        lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in changed[:10])
+        raise ConfigError(
+            f"The config differs from the one that wrote the checkpoints in {workdir} in keys "
+            f"that break resume:\n{lines}\nUse a new --workdir, or the original values.")
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
+
+    Returns the final evaluation metrics.
+    """
+    workdir = epath.Path(workdir)
+    _check_workdir(workdir)
+    s = setup(config)
+    is_main = jax.process_index() == 0
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
+                                 save_every_steps=config.checkpoint.every_steps,
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        _check_resume_config(ckpt.saved_config(latest), config, workdir)
+
+    data = data_lib.prepare(config)
+    train_iter = data.train_iterator()
+    eval_data = data.eval_split()
+
+    if latest is not None:
+        state = ckpt.restore(latest, s.abstract_state, data_iter=train_iter)
+        log.info("Resumed from step %d in %s", latest, workdir)
+        if is_main:
+            print(f"Resuming from checkpoint step {latest} in {workdir / 'checkpoints'}")
+    else:
+        state = s.init_fn()
+    if is_main:
+        (workdir / "config.json").write_text(config_lib.to_json(config))
+        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state["params"]))
+        print(f"Model {config.model.name}: {n_params / 1e6:.2f}M parameters; mesh "
+              f"{dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
+              f"{jax.process_count()} process(es); global batch {config.batch_size}.")
+
+    batch_shapes = data.batch_shapes()
+    train_step = make_train_step(s, batch_shapes)
+    writer = metrics_lib.MetricWriter(workdir)
+    flops_per_example = models.flops_per_example(config.model)
+    config_json = json.loads(config_lib.to_json(config))
+    total = config.total_steps
+    start = int(state["step"])
+    progress = _progress(start, total, enabled=is_main)
+    results: dict[str, float] = {}
+    t0, t0_step = time.perf_counter(), start
+    for step in range(start, total):
+        batch = parallel.make_global_batch(next(train_iter), s.mesh)
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total:
+            metrics = jax.device_get(metrics)
+            dt = time.perf_counter() - t0
+            if done - t0_step > 0 and step > start:  # Exclude the compile of the first step.
+                ips = (done - t0_step) * config.batch_size / dt
+                metrics["perf/images_per_sec"] = ips
+                metrics["perf/tflops_per_device"] = (
+                    3 * flops_per_example * ips / jax.device_count() / 1e12)
+            t0, t0_step = time.perf_counter(), done
+            if not np.isfinite(metrics["train/loss"]):
+                raise FloatingPointError(
+                    f"Non-finite training loss {metrics['train/loss']} at step {done}; the last "
+                    f"good checkpoint is kept in {workdir / 'checkpoints'}. Lower "
+                    "config.optim.lr or enable gradient clipping.")
+            writer.write(done, metrics)
+            progress.update(done, metrics)
+        ckpt.save(done, state, data_iter=train_iter, config=config_json, force=done == total)
+        if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
+            results = evaluate(s, state["params"], eval_data, data.tokenizer)
+            writer.write(done, {f"eval/{k}": v for k, v in results.items()})
+            progress.write(f"step {done}: " + ", ".join(f"{k}={v:.3f}" for k, v in
+                                                       results.items()))
+    progress.close()
+    ckpt.close()
+    if not results:  # No periodic eval ran (eval.every_steps=0, or training was complete).
+        results = evaluate(s, state["params"], eval_data, data.tokenizer)
+    if results:
+        write_eval_results(workdir, config, total, results)
+    writer.close()
+    plot = metrics_lib.plot_metrics(workdir)
+    if is_main and plot:
+        print(f"Wrote {plot}, {workdir / 'metrics.jsonl'}, {workdir / 'eval_results.json'} and "
+              f"checkpoints in {workdir / 'checkpoints'}.")
+    return results
+
+
+def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None
+                        ) -> dict[str, float]:
+    """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators."""
+    workdir = epath.Path(workdir)
+    s = setup(config)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
+                                 async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise ckpt_lib.CheckpointError(
+            f"No checkpoint found in {workdir / 'checkpoints'}; train first with "
+            f"`vlm-jax train --workdir {workdir}` or pass the workdir of a trained run.")
+    state = ckpt.restore(step, s.abstract_state)
+    data = data_lib.prepare(config)
+    results = evaluate(s, state["params"], data.eval_split(), data.tokenizer)
+    write_eval_results(workdir, config, step, results)
+    ckpt.close()
+    return results
+
+
+class _progress:
+    """tqdm progress bar with loss, images/s and ETA (process 0 only)."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                            mininterval=1.0)
+        self.last = start
+
+    def update(self, step: int, metrics: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.last)
+        self.last = step
+        post = {"loss": f"{metrics['train/loss']:.3f}"}
+        if "perf/images_per_sec" in metrics:
+            post["img/s"] = f"{metrics['perf/images_per_sec']:.0f}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
