@@ -18,3 +18,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir with a small shapes/32px (the `clip_tiny.py:test` config's dataset)."""
+    from input_pipeline import shapes  # pylint: disable=import-outside-toplevel
+
+    root = tmp_path_factory.getbasetemp() / "shapes_32px"
+    shapes.prepare(root, config="32px", num_train=512, num_eval=128, process_index=0,
+                   progress=False)
+    return str(root)

@@ -53,10 +53,10 @@ def prepare(config: ConfigDict) -> Data:
     if d.name != "shapes":
         raise ConfigError(f"config.data.name={d.name!r}: only the embedded 'shapes' dataset is "
                           "available in this version.")
-    data_dir = shapes_builder.prepare(data_dir=d.data_dir or None, config=d.config_name,
-                                      num_train=d.num_train or None,
-                                      process_index=jax.process_index())
-    tokenizer = pipeline.tokenizer_for(data_dir=str(data_dir), dataset=d.name,
+    data_dir = d.data_dir or shapes_builder.default_data_dir()
+    shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
+                           process_index=jax.process_index())
+    tokenizer = pipeline.tokenizer_for(data_dir=data_dir, dataset=d.name,
                                        config_name=d.config_name,
                                        context_length=config.model.text.context_length)
     if tokenizer.vocab_size > config.model.text.vocab_size:

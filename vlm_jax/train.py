@@ -231,7 +231,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     results: dict[str, float] = {}
     t0, t0_step = time.perf_counter(), start
     for step in range(start, total):
-        batch = parallel.make_global_batch(next(train_iter), s.mesh)
+        local = next(train_iter)
+        batch = parallel.make_global_batch({k: local[k] for k in batch_shapes}, s.mesh)
         state, metrics = train_step(state, batch)
         done = step + 1
         if done % config.log_every_steps == 0 or done == total:
