@@ -1,0 +1,220 @@
+"""CLIP: contrastive image-text dual encoder (OpenAI CLIP / open_clip semantics).
+
+``image`` (:class:`~vlm_jax.models.vit.ViT`) and ``text``
+(:class:`~vlm_jax.models.text.TextTransformer`) towers, bias-free linear projections
+``image_projection`` / ``text_projection`` to ``embed_dim``, L2 normalisation and a learned
+temperature ``logit_scale`` (stored as a log, clamped to ``[0, logit_scale_max]`` and
+exponentiated in the forward pass, as open_clip does).
+
+Config (a dict or ml_collections ConfigDict)::
+
+    model = dict(
+      name='clip', embed_dim=512,
+      image=dict(variant='B/32', image_size=224, pool_type='tok', pre_norm=True,
+                 patch_bias=False, act='quick_gelu'),
+      text=dict(width=512, depth=12, num_heads=8, mlp_dim=2048, vocab_size=49408,
+                context_length=77, eos_id=49407, act='quick_gelu'),
+      logit_scale_init=math.log(1 / 0.07), logit_scale_max=math.log(100.0),
+      dtype='float32', remat='none', scan_layers=False)
+
+``image`` takes any :class:`ViT` argument (explicit width/depth/... override ``variant``) and
+``text`` any :class:`TextTransformer` argument. ``dtype``/``remat``/``scan_layers`` apply to both
+towers unless a tower sets its own. CLIP defaults for the image tower (unless given): ``ln_eps``
+1e-5, ``pre_norm`` True, ``patch_bias`` False, class token and position embeddings initialised
+with std ``width ** -0.5``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlm_jax.models import layers
+from vlm_jax.models.text import TextTransformer, text_flops
+from vlm_jax.models.vit import ViT, resolve_dims, vit_flops
+
+
+def to_plain_dict(cfg: Any) -> dict:
+    """A (nested) ConfigDict / Mapping as plain nested dicts (a copy)."""
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    if isinstance(cfg, Mapping):
+        return {k: to_plain_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v
+                for k, v in cfg.items()}
+    raise TypeError(f"Expected a dict or ConfigDict, got {type(cfg).__name__}.")
+
+
+def accepted_keys(cls: type) -> set[str]:
+    """Keyword arguments of ``cls.__init__`` (except ``rngs``): the valid config keys."""
+    sig = inspect.signature(cls.__init__)
+    return {n for n in sig.parameters if n not in ("self", "rngs")}
+
+
+def check_keys(cfg: Mapping, allowed: set[str], where: str) -> None:
+    """Raises ValueError naming the first key of ``cfg`` not in ``allowed``."""
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(f"Unknown key {where}.{unknown[0]} (all unknown: {unknown}); valid keys: "
+                         f"{sorted(allowed)}.")
+
+
+_TOP_KEYS = {"name", "embed_dim", "image", "text", "logit_scale_init", "logit_scale_max",
+             "dtype", "remat", "scan_layers"}
+_SHARED = ("dtype", "remat", "scan_layers")
+
+
+def _image_kwargs(image: Mapping, shared: Mapping) -> dict:
+    kw = dict(image)
+    check_keys(kw, accepted_keys(ViT), "model.image")
+    if kw.get("num_classes"):
+        raise ValueError("model.image.num_classes must be 0 for CLIP (the projection replaces "
+                         "the classification head).")
+    for k in _SHARED:
+        kw.setdefault(k, shared[k])
+    dims = resolve_dims(kw.get("variant"), **{k: kw.get(k) for k in
+                                              ("width", "depth", "mlp_dim", "num_heads",
+                                               "patch_size")})
+    kw.setdefault("ln_eps", 1e-5)
+    kw.setdefault("pre_norm", True)
+    kw.setdefault("patch_bias", False)
+    kw.setdefault("pos_embed_std", dims["width"] ** -0.5)
+    kw.setdefault("cls_std", dims["width"] ** -0.5)
+    return kw
+
+
+def _text_kwargs(text: Mapping, shared: Mapping) -> dict:
+    kw = dict(text)
+    check_keys(kw, accepted_keys(TextTransformer), "model.text")
+    for k in _SHARED:
+        kw.setdefault(k, shared[k])
+    return kw
+
+
+class CLIP(nnx.Module):
+    """CLIP dual encoder.
+
+    Parameters: ``image.*`` (ViT), ``text.*`` (TextTransformer), ``image_projection.kernel
+    [image_width, embed_dim]``, ``text_projection.kernel [text_width, embed_dim]`` (logical
+    names ``('embed', 'proj')``), ``logit_scale`` (scalar, log of the inverse temperature).
+    """
+
+    def __init__(self, *, embed_dim: int, image: Mapping, text: Mapping,
+                 logit_scale_init: float = math.log(1 / 0.07),
+                 logit_scale_max: float = math.log(100.0), dtype: layers.Dtype = "float32",
+                 remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs):
+        shared = dict(dtype=dtype, remat=remat, scan_layers=scan_layers)
+        self.embed_dim = int(embed_dim)
+        self.logit_scale_max = float(logit_scale_max)
+        self.dtype = layers.as_dtype(dtype)
+        self.image = ViT(**_image_kwargs(image, shared), rngs=rngs)
+        self.text = TextTransformer(**_text_kwargs(text, shared), rngs=rngs)
+        iw, tw = self.image.width, self.text.width
+        self.image_projection = layers.Dense(
+            iw, self.embed_dim, ("embed", "proj"), use_bias=False,
+            kernel_init=nnx.initializers.normal(iw ** -0.5), dtype=dtype, rngs=rngs)
+        self.text_projection = layers.Dense(
+            tw, self.embed_dim, ("embed", "proj"), use_bias=False,
+            kernel_init=nnx.initializers.normal(tw ** -0.5), dtype=dtype, rngs=rngs)
+        self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32), out_sharding=())
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, rngs: nnx.Rngs) -> "CLIP":
+        """Builds from a model config dict / ConfigDict (see module docstring)."""
+        cfg = to_plain_dict(cfg)
+        check_keys(cfg, _TOP_KEYS, "model")
+        cfg.pop("name", None)
+        for k in ("embed_dim", "image", "text"):
+            if k not in cfg:
+                raise ValueError(f"CLIP config is missing model.{k}.")
+        return cls(**cfg, rngs=rngs)
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """``images [B, H, W, 3]`` -> L2-normalised ``[B, embed_dim]`` float32."""
+        return layers.l2_normalize(self.image_projection(self.image(images)))
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """``tokens int [B, L]`` -> L2-normalised ``[B, embed_dim]`` float32."""
+        return layers.l2_normalize(self.text_projection(self.text(tokens)))
+
+    def temperature(self) -> jax.Array:
+        """``exp(clip(logit_scale, 0, logit_scale_max))`` (float32 scalar)."""
+        return jnp.exp(jnp.clip(self.logit_scale[...].astype(jnp.float32), 0.0,
+                                self.logit_scale_max))
+
+    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+        """Returns ``dict(image_emb [B, D], text_emb [B, D], logit_scale ())``; embeddings are
+        normalised float32 and ``logit_scale`` is already clamped and exponentiated."""
+        return dict(image_emb=self.encode_image(images), text_emb=self.encode_text(tokens),
+                    logit_scale=self.temperature())
+
+
+def clip_flops(cfg: Any, batch_size: int | None = None) -> float:
+    """Forward matmul FLOPs (2 x MACs) per image-text pair of a CLIP config.
+
+    Image tower + text tower (one full ``context_length`` sequence) + both projections. With
+    ``batch_size`` the ``[B, B]`` similarity matmul (``2 * B * embed_dim`` per pair) is added.
+    """
+    cfg = to_plain_dict(cfg)
+    shared = {k: cfg.get(k, d) for k, d in zip(_SHARED, ("float32", "none", False))}
+    image = _image_kwargs(cfg["image"], shared)
+    text = _text_kwargs(cfg["text"], shared)
+    iw = resolve_dims(image.get("variant"), **{k: image.get(k) for k in
+                                               ("width", "depth", "mlp_dim", "num_heads",
+                                                "patch_size")})["width"]
+    d = cfg["embed_dim"]
+    flops = vit_flops(**{k: v for k, v in image.items()
+                         if k in ("variant", "image_size", "pool_type", "width", "depth",
+                                  "mlp_dim", "num_heads", "patch_size")})
+    flops += text_flops(**text)
+    flops += 2.0 * iw * d + 2.0 * text["width"] * d
+    if batch_size:
+        flops += 2.0 * batch_size * d
+    return flops
+
+
+def _preset(embed_dim: int, variant: str, text_width: int, text_heads: int, text_depth: int,
+            act: str, **image_overrides: Any) -> dict:
+    return dict(
+        name="clip", embed_dim=embed_dim,
+        image=dict(variant=variant, image_size=224, pool_type="tok", pre_norm=True,
+                   patch_bias=False, act=act, **image_overrides),
+        text=dict(width=text_width, depth=text_depth, num_heads=text_heads,
+                  mlp_dim=4 * text_width, vocab_size=49408, context_length=77, eos_id=49407,
+                  act=act),
+        logit_scale_init=math.log(1 / 0.07), logit_scale_max=math.log(100.0),
+        dtype="float32", remat="none", scan_layers=False)
+
+
+# OpenAI CLIP (quick_gelu) and open_clip LAION (gelu) architectures. open_clip's ViT-g/14 has
+# width 1408, 40 layers, head width 88 (16 heads) and mlp_ratio 4.3637 -> mlp_dim 6144, which is
+# big_vision's 'g'.
+CLIP_PRESETS: dict[str, dict] = {
+    "ViT-B/32": _preset(512, "B/32", 512, 8, 12, "quick_gelu"),
+    "ViT-B/16": _preset(512, "B/16", 512, 8, 12, "quick_gelu"),
+    "ViT-L/14": _preset(768, "L/14", 768, 12, 12, "quick_gelu"),
+    "ViT-H/14": _preset(1024, "H/14", 1024, 16, 24, "gelu"),
+    "ViT-g/14": _preset(1024, "g/14", 1024, 16, 24, "gelu"),
+}
+
+
+def clip_config(name: str) -> dict:
+    """The model config dict of a CLIP preset (``'ViT-B/32'``; open_clip spelling ``'ViT-B-32'``
+    also accepted). Returns a fresh copy that may be edited."""
+    key = name
+    if key not in CLIP_PRESETS and "-" in key:
+        head, _, tail = key.rpartition("-")
+        key = f"{head}/{tail}"
+    if key not in CLIP_PRESETS:
+        raise ValueError(f"Unknown CLIP preset {name!r}; available: {sorted(CLIP_PRESETS)}.")
+    return copy.deepcopy(CLIP_PRESETS[key])
+
+
+__all__ = ["CLIP", "CLIP_PRESETS", "clip_config", "clip_flops", "to_plain_dict", "check_keys",
+           "accepted_keys"]

@@ -1,0 +1,244 @@
+"""Vision Transformer (ViT) image encoder, big_vision / timm / OpenAI-CLIP flavours.
+
+Sizes by name as in big_vision: ``decode_variant('B/16')``. The patch embedding is a strided
+convolution written as a reshape + einsum with kernel ``[p, p, 3, width]`` (identical to
+``Conv(stride=p, padding='VALID')`` in NHWC/HWIO layout).
+
+Flavours, by option:
+
+* big_vision: ``pool_type='gap'|'map'|'tok'``, ``patch_bias=True``, ``pre_norm=False``,
+  ``ln_eps=1e-6``. (big_vision adds the position embedding *before* concatenating the class
+  token; here, as timm and CLIP do, the class token has a position too.)
+* timm ``vit_base_patch16_224``: ``pool_type='tok'``, ``patch_bias=True``, ``num_classes=1000``.
+* OpenAI CLIP visual: ``pool_type='tok'``, ``patch_bias=False``, ``pre_norm=True`` (``ln_pre``),
+  ``ln_eps=1e-5``, ``act='quick_gelu'``; the final norm is ``ln_post``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlm_jax.models import layers
+from vlm_jax.parallel import constrain
+
+# name -> (width, depth, mlp_dim, num_heads); big_vision/models/vit.py numbers.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+}
+
+POOL_TYPES = ("tok", "gap", "map")
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+    """``'B/16'`` -> ``dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)``.
+
+    The patch size is optional (``'B'`` gives no ``patch_size`` key). Raises ValueError for an
+    unknown size name.
+    """
+    m = re.fullmatch(r"([A-Za-z0-9]+)(?:/(\d+))?", variant.strip())
+    if m is None or m.group(1) not in VARIANTS:
+        raise ValueError(f"Unknown ViT variant {variant!r}; expected '<size>/<patch>' with size "
+                         f"in {list(VARIANTS)} (e.g. 'B/16').")
+    width, depth, mlp_dim, num_heads = VARIANTS[m.group(1)]
+    out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+    if m.group(2):
+        out["patch_size"] = int(m.group(2))
+    return out
+
+
+def resolve_dims(variant: str | None = None, **overrides: Any) -> dict[str, int]:
+    """Width/depth/mlp_dim/num_heads/patch_size from a variant plus explicit overrides."""
+    dims = decode_variant(variant) if variant else {}
+    for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+        if overrides.get(k) is not None:
+            dims[k] = int(overrides[k])
+    missing = [k for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+               if k not in dims]
+    if missing:
+        raise ValueError(f"ViT config is missing {missing}: give a variant like 'B/16' or the "
+                         "sizes explicitly.")
+    return dims
+
+
+def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    x = tuple(int(v) for v in x)
+    if len(x) != 2:
+        raise ValueError(f"image_size must be an int or (height, width), got {x}.")
+    return x  # type: ignore[return-value]
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping patch embedding: ``kernel [p, p, 3, width]`` (+ optional ``bias``)."""
+
+    def __init__(self, patch_size: int, width: int, *, channels: int = 3, use_bias: bool = True,
+                 dtype: layers.Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.channels = channels
+        self.dtype = layers.as_dtype(dtype)
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                 in_axis=(0, 1, 2), out_axis=3)
+        self.kernel = layers.param(rngs, init, (patch_size, patch_size, channels, width),
+                                   ("patch", "patch", "patch", "embed"))
+        self.bias = (layers.param(rngs, nnx.initializers.zeros, (width,), ("embed",))
+                     if use_bias else None)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """``images [B, H, W, C]`` -> ``[B, (H/p) * (W/p), width]``."""
+        b, h, w, c = images.shape
+        p = self.patch_size
+        x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+        x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            x = x + self.bias[...].astype(self.dtype)
+        return x.reshape(b, (h // p) * (w // p), x.shape[-1])
+
+
+class ViT(nnx.Module):
+    """Vision Transformer: ``images [B, H, W, 3] -> [B, width]`` (or ``[B, num_classes]``).
+
+    Args:
+      variant: size name such as ``'B/16'``; ``width``, ``depth``, ``mlp_dim``, ``num_heads``,
+        ``patch_size`` override it (or replace it when ``variant`` is None).
+      image_size: int or (H, W); fixes the number of position embeddings.
+      pool_type: ``'tok'`` (class token), ``'gap'`` (mean of tokens) or ``'map'``
+        (:class:`~vlm_jax.models.layers.MAPHead`).
+      pre_norm: LayerNorm after adding position embeddings (OpenAI CLIP ``ln_pre``).
+      patch_bias: bias in the patch embedding (False for OpenAI CLIP).
+      act: MLP activation (``'gelu'`` exact, ``'gelu_tanh'``, ``'quick_gelu'``).
+      ln_eps: LayerNorm epsilon (1e-6 big_vision, 1e-5 CLIP/timm).
+      num_classes: size of a linear classification head on the pooled feature; 0 = no head.
+      pos_embed_std / cls_std: init std of position embeddings / class token (0.02 / 0 as
+        big_vision and timm; CLIP uses ``width ** -0.5`` for both).
+      dtype: compute dtype; remat: per-block remat policy name; scan_layers: stack blocks.
+
+    Parameters: ``patch_embed.kernel``, ``patch_embed.bias``, ``cls_token [width]``,
+    ``pos_embed [tokens, width]``, ``pre_norm``, ``encoder.blocks.{i}...``, ``final_norm``,
+    ``map_head``, ``head``.
+    """
+
+    def __init__(self, variant: str | None = None, *, width: int | None = None,
+                 depth: int | None = None, mlp_dim: int | None = None,
+                 num_heads: int | None = None, patch_size: int | None = None,
+                 image_size: int | tuple[int, int] = 224, pool_type: str = "tok",
+                 pre_norm: bool = False, patch_bias: bool = True, act: str = "gelu",
+                 ln_eps: float = 1e-6, num_classes: int = 0, pos_embed_std: float = 0.02,
+                 cls_std: float = 0.0, dtype: layers.Dtype = "float32", remat: str = "none",
+                 scan_layers: bool = False, rngs: nnx.Rngs):
+        dims = resolve_dims(variant, width=width, depth=depth, mlp_dim=mlp_dim,
+                            num_heads=num_heads, patch_size=patch_size)
+        self.width, self.depth = dims["width"], dims["depth"]
+        self.mlp_dim, self.num_heads = dims["mlp_dim"], dims["num_heads"]
+        self.patch_size = p = dims["patch_size"]
+        self.image_size = _pair(image_size)
+        h, w = self.image_size
+        if h % p or w % p:
+            raise ValueError(f"image_size {h}x{w} is not divisible by patch_size {p}.")
+        if pool_type not in POOL_TYPES:
+            raise ValueError(f"Unknown pool_type {pool_type!r}; use one of {POOL_TYPES}.")
+        self.pool_type = pool_type
+        self.num_patches = (h // p) * (w // p)
+        self.num_classes = int(num_classes)
+        self.dtype = layers.as_dtype(dtype)
+        width = self.width
+
+        self.patch_embed = PatchEmbed(p, width, use_bias=patch_bias, dtype=dtype, rngs=rngs)
+        if pool_type == "tok":
+            init = (nnx.initializers.normal(cls_std) if cls_std else nnx.initializers.zeros)
+            self.cls_token = layers.param(rngs, init, (width,), ("embed",))
+        else:
+            self.cls_token = None
+        n_tokens = self.num_patches + (1 if pool_type == "tok" else 0)
+        self.pos_embed = layers.param(rngs, nnx.initializers.normal(pos_embed_std),
+                                      (n_tokens, width), ("pos", "embed"))
+        self.pre_norm = (layers.LayerNorm(width, eps=ln_eps, dtype=dtype, rngs=rngs)
+                         if pre_norm else None)
+        self.encoder = layers.Encoder(self.depth, width, self.num_heads, self.mlp_dim, act=act,
+                                      causal=False, ln_eps=ln_eps, dtype=dtype, remat=remat,
+                                      scan_layers=scan_layers, rngs=rngs)
+        self.final_norm = layers.LayerNorm(width, eps=ln_eps, dtype=dtype, rngs=rngs)
+        self.map_head = (layers.MAPHead(width, self.num_heads, self.mlp_dim, act=act,
+                                        ln_eps=ln_eps, dtype=dtype, rngs=rngs)
+                         if pool_type == "map" else None)
+        self.head = (layers.Dense(width, self.num_classes, ("embed", "proj"),
+                                  kernel_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+                     if self.num_classes else None)
+
+    def _check(self, images: jax.Array) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"ViT expects images [batch, height, width, 3] (NHWC), got shape "
+                             f"{tuple(images.shape)}.")
+        _, h, w, _ = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"Image size {h}x{w} is not divisible by patch_size {p}.")
+        if (h, w) != self.image_size:
+            raise ValueError(f"Image size {h}x{w} differs from the image_size "
+                             f"{self.image_size[0]}x{self.image_size[1]} this ViT was built for "
+                             "(position embeddings are not interpolated).")
+
+    def encode_tokens(self, images: jax.Array) -> jax.Array:
+        """All output tokens after the final LayerNorm: ``[B, tokens, width]`` in ``dtype``."""
+        self._check(images)
+        x = self.patch_embed(images)
+        if self.cls_token is not None:
+            cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype),
+                                   (x.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.pos_embed[...].astype(x.dtype)
+        x = constrain(x, "act_batch", "act_len", "act_embed")
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        x = self.encoder(x)
+        return self.final_norm(x)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """``images [B, H, W, 3]`` -> pooled ``[B, width]`` (or logits ``[B, num_classes]``),
+        float32."""
+        x = self.encode_tokens(images)
+        if self.pool_type == "tok":
+            x = x[:, 0]
+        elif self.pool_type == "gap":
+            x = jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
+        else:
+            x = self.map_head(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x.astype(jnp.float32)
+
+
+def vit_flops(variant: str | None = None, *, image_size: int | tuple[int, int] = 224,
+              pool_type: str = "tok", num_classes: int = 0, **overrides: Any) -> float:
+    """Analytic forward matmul FLOPs (2 x MACs) of :class:`ViT` on one image."""
+    dims = resolve_dims(variant, **{k: overrides.get(k) for k in
+                                    ("width", "depth", "mlp_dim", "num_heads", "patch_size")})
+    h, w = _pair(image_size)
+    p, width, mlp = dims["patch_size"], dims["width"], dims["mlp_dim"]
+    n = (h // p) * (w // p)
+    t = n + (1 if pool_type == "tok" else 0)
+    flops = 2.0 * n * p * p * 3 * width
+    flops += dims["depth"] * layers.attention_flops(t, width, mlp)
+    if pool_type == "map":
+        flops += layers.attention_flops(1, width, mlp, kv_tokens=t)
+    flops += 2.0 * width * num_classes
+    return flops
+
+
+__all__ = ["VARIANTS", "POOL_TYPES", "decode_variant", "resolve_dims", "PatchEmbed", "ViT",
+           "vit_flops"]
