@@ -192,10 +192,16 @@ def test_prepare_is_idempotent_and_checks_sizes(tiny_data_dir):  # noqa: F811
     again = shapes.prepare(tiny_data_dir, num_train=TINY_NUM_TRAIN, num_eval=TINY_NUM_EVAL,
                            process_index=0)
     assert again == ds_dir
+    # Sizes left unspecified accept the existing dataset.
+    assert shapes.prepare(tiny_data_dir, process_index=0) == ds_dir
+    assert shapes.prepare(tiny_data_dir, num_eval=TINY_NUM_EVAL, process_index=1) == ds_dir
     assert (ds_dir / "dataset_info.json").stat().mtime == info_mtime
     with pytest.raises(DataError, match="split sizes"):
-        shapes.prepare(tiny_data_dir, num_train=TINY_NUM_TRAIN + 1, num_eval=TINY_NUM_EVAL,
-                       process_index=0)
+        shapes.prepare(tiny_data_dir, num_train=TINY_NUM_TRAIN + 1, process_index=0)
+    with pytest.raises(DataError, match="split sizes"):
+        shapes.prepare(tiny_data_dir, num_eval=TINY_NUM_EVAL - 1, process_index=1)
+    with pytest.raises(DataError, match=">= 1 example"):
+        shapes.prepare(tiny_data_dir, num_train=0, process_index=0)
     with pytest.raises(DataError, match="Unknown shapes config"):
         shapes.prepare(tiny_data_dir, config="128px", process_index=0)
 

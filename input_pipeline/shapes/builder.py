@@ -140,13 +140,12 @@ def tokenizer_path(data_dir: str | os.PathLike | None = None,
     return dataset_dir(data_dir, config) / TOKENIZER_FILENAME
 
 
-def _split_sizes(num_train: int | None, num_eval: int | None) -> dict[str, int]:
-    sizes = dict(DEFAULT_SPLIT_SIZES)
-    if num_train is not None:
-        sizes["train"] = num_train
+def _requested_sizes(num_train: int | None, num_eval: int | None) -> dict[str, int]:
+    """The split sizes the caller asked for explicitly (None = any / default)."""
+    sizes = {} if num_train is None else {"train": num_train}
     if num_eval is not None:
         sizes.update({s: num_eval for s in SPLITS if s != "train"})
-    if min(sizes.values()) < 1:
+    if sizes and min(sizes.values()) < 1:
         raise DataError(f"Every split of shapes needs >= 1 example, got {sizes}.")
     return sizes
 
@@ -155,16 +154,16 @@ def _is_complete(ds_dir: epath.Path) -> bool:
     return (ds_dir / _INFO_FILE).exists()
 
 
-def _check_existing(ds_dir: epath.Path, sizes: Mapping[str, int]) -> None:
+def _check_existing(ds_dir: epath.Path, requested: Mapping[str, int]) -> None:
     """Raises DataError if the dataset at ``ds_dir`` is not the one requested."""
     info = json.loads((ds_dir / _INFO_FILE).read_text())
     found = {s["name"]: sum(int(n) for n in s.get("shardLengths", []))
              for s in info.get("splits", [])}
-    if found != dict(sizes):
+    if any(found.get(split) != n for split, n in requested.items()):
         raise DataError(
-            f"The shapes dataset at {ds_dir} has split sizes {found}, but {dict(sizes)} were "
-            "requested. Use another data_dir, pass sizes matching the existing dataset, or "
-            f"delete {ds_dir} to rebuild it."
+            f"The shapes dataset at {ds_dir} has split sizes {found}, but {dict(requested)} "
+            "were requested. Use another data_dir, pass num_train/num_eval=None to use the "
+            f"existing dataset, or delete {ds_dir} to rebuild it."
         )
     if not (ds_dir / TOKENIZER_FILENAME).exists():
         raise DataError(f"{ds_dir} has no {TOKENIZER_FILENAME}: it was not built by "
@@ -197,13 +196,16 @@ def prepare(data_dir: str | os.PathLike | None = None, config: str = DEFAULT_CON
     """Builds the shapes dataset if it is missing and returns its directory.
 
     Idempotent. In a multi-process job only ``process_index`` 0 builds; the others wait until
-    the build completes (for a ``data_dir`` shared by all processes).
+    the build completes (for a ``data_dir`` shared by all processes). An existing dataset is
+    used whatever its sizes, unless ``num_train`` / ``num_eval`` ask for other ones.
 
     Args:
         data_dir: TFDS data directory; default :func:`default_data_dir`.
         config: builder config, ``"64px"`` or ``"32px"``.
-        num_train: train examples (default ``DEFAULT_SPLIT_SIZES['train']``).
-        num_eval: examples of each of validation, test and test_heldout (default 2000).
+        num_train: train examples; None: any existing dataset, else
+            ``DEFAULT_SPLIT_SIZES['train']`` (50k) when building.
+        num_eval: examples of each of validation, test and test_heldout; None: any existing,
+            else 2000 when building.
         process_index: index of this process; default ``jax.process_index()``.
         timeout_s: how long processes other than 0 wait for the build.
         progress: show TFDS progress bars while building.
@@ -219,10 +221,10 @@ def prepare(data_dir: str | os.PathLike | None = None, config: str = DEFAULT_CON
     if config not in configs:
         raise DataError(f"Unknown shapes config {config!r}; choose one of {configs}.")
     root = epath.Path(data_dir or default_data_dir())
-    sizes = _split_sizes(num_train, num_eval)
+    requested = _requested_sizes(num_train, num_eval)
     ds_dir = dataset_dir(root, config)
     if _is_complete(ds_dir):
-        _check_existing(ds_dir, sizes)
+        _check_existing(ds_dir, requested)
         return ds_dir
     if process_index is None:
         import jax  # pylint: disable=import-outside-toplevel
@@ -240,11 +242,12 @@ def prepare(data_dir: str | os.PathLike | None = None, config: str = DEFAULT_CON
                     "otherwise check the logs of process 0."
                 )
             time.sleep(1.0)
-        _check_existing(ds_dir, sizes)
+        _check_existing(ds_dir, requested)
         return ds_dir
 
     with _build_lock(root, config):
         if not _is_complete(ds_dir):  # another local process may have built it meanwhile
+            sizes = {**DEFAULT_SPLIT_SIZES, **requested}
             print(f"Generating {NAME}/{config} {Shapes.VERSION} ({sizes}) into {ds_dir}",
                   flush=True)
             builder = Shapes(data_dir=os.fspath(root), config=config, split_sizes=sizes)
@@ -254,5 +257,5 @@ def prepare(data_dir: str | os.PathLike | None = None, config: str = DEFAULT_CON
                 builder.download_and_prepare(file_format="array_record")
             finally:
                 tfds.display_progress_bar(previous)
-    _check_existing(ds_dir, sizes)
+    _check_existing(ds_dir, requested)
     return ds_dir
