@@ -112,3 +112,22 @@ def test_stop_and_resume_continues_from_checkpoint(repo_root, shapes_data_dir, t
         assert got[step] == pytest.approx(ref[step], abs=1e-5), step
     assert (tmp_path / "resumed" / "eval_results.json").exists()
     assert (tmp_path / "resumed" / "metrics.png").exists()
+
+
+def test_eval_without_checkpoint_names_the_directory(repo_root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlm_jax.main", "eval", "--config",
+         str(repo_root / "experiments/clip_tiny.py") + ":test", "--workdir",
+         str(tmp_path / "empty")], capture_output=True, text=True, cwd=repo_root, timeout=300)
+    assert proc.returncode == 2
+    assert "No checkpoint found" in proc.stderr and str(tmp_path / "empty") in proc.stderr
+
+
+def test_unwritable_workdir_is_a_config_error(repo_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = _config(repo_root)
+    with pytest.raises(config_lib.ConfigError, match="not writable"):
+        train.train_and_evaluate(config, str(blocker / "run"))
+    assert blocker.read_text() == "not a directory"  # Nothing existing was touched.

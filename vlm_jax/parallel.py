@@ -47,6 +47,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("pos", None),  # position index of position embeddings
     ("norm", None),  # LayerNorm scale/bias
     ("proj", None),  # output dimension of contrastive projections
+    ("layers", None),  # stacked layer index of scanned blocks (scan_layers=True)
     # Activations.
     ("act_batch", BATCH_AXES),
     ("act_len", None),

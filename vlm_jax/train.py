@@ -74,7 +74,11 @@ def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
         params = nnx.state(model).to_pure_dict()
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
-    abstract_model = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
+    try:
+        abstract_model = nnx.eval_shape(
+            lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
+    except ValueError as e:  # The model names the key; report it as a config error.
+        raise ConfigError(f"config.model: {e}") from e
     graphdef, abstract_params = nnx.split(abstract_model)
     param_sh = parallel.state_shardings(abstract_params, mesh, rules)
     abstract = jax.eval_shape(init_fn)
