@@ -2,7 +2,7 @@ r"""A tiny CLIP trained on the embedded "shapes" dataset: the quickstart, minute
 
     vlm-jax train --config experiments/clip_tiny.py --workdir runs/clip_tiny
 
-The towers are small transformers (width 128, 4 layers; ViT patch 8 on 64 px images, i.e. 64
+The towers are small transformers (width 128, 4 layers; ViT patch 16 on 64 px images, i.e. 16
 patches) with CLIP's recipe: AdamW (b2 0.98, eps 1e-6, decay 0.2 off gains/biases/temperature),
 warm-up + cosine, temperature initialised at 1/0.07 and clamped at 100. Arguments after ':'
 select a variant: ``clip_tiny.py:test`` is a seconds-long smoke config used by the tests.
@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.model = dict(
         name="clip",
         embed_dim=128,
-        image=dict(image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512,
+        image=dict(image_size=64, patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512,
                    pool_type="tok", pre_norm=True, patch_bias=False, act="gelu"),
         text=dict(width=128, depth=4, num_heads=4, mlp_dim=512, vocab_size=512,
                   context_length=24, eos_id=3, act="gelu"),

@@ -54,8 +54,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class Shapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic image-caption dataset: coloured shapes with captions, labels and QA pairs."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Main object always large and near the centre."}
     BUILDER_CONFIGS = [
         ShapesConfig(image_size=64, description="64x64 images (default)."),
         ShapesConfig(image_size=32, description="32x32 images, for the fastest CPU runs."),

@@ -5,8 +5,12 @@ shapes on a plain background, a caption, a class label and a question/answer pai
 
 * Object 0 is the *main* object. Its ``"{color} {shape}"`` is the class label (30 classes,
   :data:`CLASS_NAMES`) and it is always the first object a caption names. With distractors it
-  is "large" (40-55% of the image side) and every distractor is "small" (16-22%); alone it is
-  either large or small.
+  is "large" (40-55% of the image side, 42-60% alone) and every distractor is "small"
+  (16-22%). The main object sits near the centre (within 8% of the side); distractors go
+  anywhere around it. A plain ViT has no translation invariance built in: with the main object
+  anywhere, a 4-layer ViT learns shape several times more slowly (supervised shape accuracy
+  after 300 steps of batch 128: 45% anywhere vs 69% centred), which the CPU quickstart
+  cannot afford.
 * Distractors have a colour different from every other object and a shape different from the
   main object, so "the {shape}" and "the {color} object" always refer to one object.
 * The scene geometry is stored in fractions of the image side: the 32px and 64px renderings of
@@ -68,7 +72,7 @@ SPLIT_SEEDS: dict[str, int] = {
 _SUPERSAMPLE = 4  # Shapes are drawn at 4x the output size, then box-filtered (anti-aliasing).
 _MAIN_LARGE = (0.40, 0.55)  # extent range (fraction of image side) of a large main object
 _MAIN_LARGE_ALONE = (0.42, 0.60)
-_MAIN_SMALL_ALONE = (0.26, 0.34)
+_MAIN_JITTER = 0.08  # the main object's centre is within this distance of the image centre
 _DISTRACTOR = (0.16, 0.22)
 _MARGIN = 0.03  # minimum gap between objects and to the border, fraction of the image side
 _MAX_PLACEMENT_TRIES = 30
@@ -200,13 +204,10 @@ def sample_scene(split_seed: int, index: int) -> Scene:
     bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     main_shape = SHAPES[rng.integers(len(SHAPES))]
     main_color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
-    if n_objects == 1 and rng.random() < 0.5:
-        size, extent_range = "small", _MAIN_SMALL_ALONE
-    else:
-        size, extent_range = "large", (_MAIN_LARGE if n_objects > 1 else _MAIN_LARGE_ALONE)
+    size, extent_range = "large", (_MAIN_LARGE if n_objects > 1 else _MAIN_LARGE_ALONE)
     extent = float(rng.uniform(*extent_range))
     objects: list[ShapeObject] = []
-    cx, cy = _place(rng, extent, objects)  # always succeeds on an empty canvas
+    cx, cy = (float(v) for v in 0.5 + rng.uniform(-_MAIN_JITTER, _MAIN_JITTER, size=2))
     angle = float(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
     objects.append(ShapeObject(main_shape, main_color, size, cx, cy, extent, angle))
 
