@@ -110,7 +110,7 @@ def test_stop_and_resume_continues_from_checkpoint(repo_root, shapes_data_dir, t
     assert max(got) == 30
     for step in range(latest + 1, 31):  # Same data and state: the same losses after resume.
         assert got[step] == pytest.approx(ref[step], abs=1e-5), step
-    assert (tmp_path / "resumed" / "eval_results.json").exists()
+    assert (tmp_path / "resumed" / "eval_results_test.json").exists()
     assert (tmp_path / "resumed" / "metrics.png").exists()
 
 

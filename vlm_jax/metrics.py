@@ -87,7 +87,7 @@ def plot_metrics(workdir: str | pathlib.Path, filename: str = "metrics.png") -> 
         ax.set_xlabel("step")
         ax.set_ylim(0, 1.0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="lower right", ncol=2)
     fig.tight_layout()
     out = pathlib.Path(workdir) / filename
     fig.savefig(out, dpi=110)

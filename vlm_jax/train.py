@@ -142,7 +142,10 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
 
 def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
                        results: dict[str, float]) -> epath.Path:
-    """Writes ``eval_results.json`` (CLIP_benchmark field names) and prints a markdown table."""
+    """Writes ``eval_results_<split>.json`` (CLIP_benchmark field names), prints a markdown table.
+
+    One file per split, so evaluating another split never overwrites earlier results.
+    """
     tasks = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
     records = []
     for name, task in tasks.items():
@@ -151,7 +154,7 @@ def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
             records.append({"dataset": f"{config.data.name}/{config.eval.split}",
                             "model": config.get("name", "vlm_jax"), "step": int(step),
                             "task": task, "metrics": m})
-    out = workdir / "eval_results.json"
+    out = workdir / f"eval_results_{config.eval.split}.json"
     if jax.process_index() == 0:
         out.write_text(json.dumps(records, indent=2))
         print(f"\n| metric ({config.data.name}/{config.eval.split}, step {step}) | value |")
@@ -270,8 +273,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     writer.close()
     plot = metrics_lib.plot_metrics(workdir)
     if is_main and plot:
-        print(f"Wrote {plot}, {workdir / 'metrics.jsonl'}, {workdir / 'eval_results.json'} and "
-              f"checkpoints in {workdir / 'checkpoints'}.")
+        print(f"Wrote {plot}, {workdir / 'metrics.jsonl'}, "
+              f"{workdir / f'eval_results_{config.eval.split}.json'} and checkpoints in "
+              f"{workdir / 'checkpoints'}.")
     return results
 
 
