@@ -30,6 +30,8 @@ class Checkpointer:
     def __init__(self, directory: str | epath.Path, *, save_every_steps: int, keep: int = 3,
                  keep_every_steps: int | None = None, async_save: bool = True):
         self.directory = epath.Path(directory)
+        if "://" not in str(directory):  # orbax wants absolute paths; runs often pass relative.
+            self.directory = self.directory.resolve()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_every_steps or None,
