@@ -91,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
     from input_pipeline import DataError  # pylint: disable=import-outside-toplevel
 
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
+        flags.FLAGS(sys.argv[:1], known_only=True)
     try:
         config = _load(args, overrides)  # Fails on a bad key before anything else happens.
         _init_distributed(args)
