@@ -20,7 +20,6 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
 from ml_collections import ConfigDict
 
 
@@ -163,14 +162,3 @@ def diff(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, Any, A
 
 def _norm(x):
     return json.loads(json.dumps(x, default=str))
-
-
-def require(config: ConfigDict, condition: bool, key: str, message: str) -> None:
-    """Raises ConfigError naming ``key`` when ``condition`` is false."""
-    if not condition:
-        raise ConfigError(f"config.{key}: {message}")
-
-
-def as_configdict(d: dict | ConfigDict) -> ConfigDict:
-    """Wraps a dict (e.g. a model preset) as a ConfigDict."""
-    return d if isinstance(d, ConfigDict) else ml_collections.ConfigDict(d)

@@ -21,7 +21,6 @@ model runs on every mesh; :func:`logical_to_mesh_spec` reports such fallbacks on
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import threading
@@ -177,21 +176,6 @@ def state_shardings(state: Any, mesh: Mesh, rules) -> Any:
     return mapped.to_pure_dict() if hasattr(mapped, "to_pure_dict") else mapped
 
 
-def logical_specs(state: Any) -> Any:
-    """Pure-dict pytree of the logical axis names of every variable in an NNX ``State``."""
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    mapped = jax.tree.map(lambda v: _LogicalAxes(_logical_axes_of(v)), state,
-                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return jax.tree.map(lambda x: x.names, mapped.to_pure_dict(),
-                        is_leaf=lambda x: isinstance(x, _LogicalAxes))
-
-
-@dataclasses.dataclass(frozen=True)
-class _LogicalAxes:
-    names: tuple | None
-
-
 # -------------------------------------------------------------------------------------------
 # Activation sharding constraints.
 # -------------------------------------------------------------------------------------------
@@ -229,11 +213,6 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
                          f"{x.shape}.")
     spec = logical_to_mesh_spec(logical, _CTX.rules, x.shape, _CTX.mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(_CTX.mesh, spec))
-
-
-def current_mesh() -> Mesh | None:
-    """The mesh of the active :func:`sharding_context`, if any."""
-    return _CTX.mesh
 
 
 # -------------------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     config_json = json.loads(config_lib.to_json(config))
     total = config.total_steps
     start = int(state["step"])
-    progress = _progress(start, total, enabled=is_main)
+    progress = _Progress(start, total, enabled=is_main)
     results: dict[str, float] = {}
     t0, t0_step = time.perf_counter(), start
     for step in range(start, total):
@@ -299,7 +299,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = Non
     return results
 
 
-class _progress:
+class _Progress:
     """tqdm progress bar with loss, images/s and ETA (process 0 only)."""
 
     def __init__(self, start: int, total: int, enabled: bool):
