@@ -131,3 +131,13 @@ def test_unwritable_workdir_is_a_config_error(repo_root, tmp_path):
     with pytest.raises(config_lib.ConfigError, match="not writable"):
         train.train_and_evaluate(config, str(blocker / "run"))
     assert blocker.read_text() == "not a directory"  # Nothing existing was touched.
+
+
+def test_resume_with_changed_model_is_refused(repo_root, tmp_path):
+    config = _config(repo_root)
+    saved = config.to_dict()
+    saved["model"]["image"]["width"] = 64  # The checkpoint was written by a wider model.
+    now = json.loads(config_lib.to_json(config))
+    with pytest.raises(config_lib.ConfigError, match=r"model.image.width: checkpoint 64 -> now 32"):
+        train._check_resume_config(saved, now, tmp_path)
+    train._check_resume_config(now, now, tmp_path)  # Unchanged config: accepted.

@@ -180,10 +180,10 @@ def _check_workdir(workdir: epath.Path) -> None:
             from e
 
 
-def _check_resume_config(saved: dict | None, config: ConfigDict, workdir: epath.Path) -> None:
+def _check_resume_config(saved: dict | None, config_json: dict, workdir: epath.Path) -> None:
     if not saved:
         return
-    changed = [d for d in config_lib.diff(saved, json.loads(config_lib.to_json(config)))
+    changed = [d for d in config_lib.diff(saved, config_json)
                if any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_CRITICAL_KEYS)]
     if changed:
         lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in changed[:10])
@@ -205,9 +205,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
                                  save_every_steps=config.checkpoint.every_steps,
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
+    config_json = json.loads(config_lib.to_json(config))
     latest = ckpt.latest_step()
     if latest is not None:
-        _check_resume_config(ckpt.saved_config(latest), config, workdir)
+        _check_resume_config(ckpt.saved_config(latest), config_json, workdir)
 
     data = data_lib.prepare(config)
     train_iter = data.train_iterator()
@@ -231,7 +232,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     train_step = make_train_step(s, batch_shapes)
     writer = metrics_lib.MetricWriter(workdir)
     flops_per_example = models.flops_per_example(config.model)
-    config_json = json.loads(config_lib.to_json(config))
     total = config.total_steps
     start = int(state["step"])
     progress = _Progress(start, total, enabled=is_main)
