@@ -6,9 +6,10 @@ there), which must hold the TFDS files and the caption tokenizer
 (encoded bytes or uint8 array), ``caption`` and ``label``. Nothing is built here: for the
 default dataset call :func:`input_pipeline.shapes.prepare` first.
 
-Every process reads only its own shard of the records; per-process batches of
+Every process reads only its own share of each global batch; per-process batches of
 ``global_batch_size // process_count`` examples are what
-``jax.make_array_from_process_local_data`` assembles into the global batch.
+``jax.make_array_from_process_local_data`` assembles into the global batch, which is the same
+whatever the number of processes (see :func:`create_train_iterator`).
 """
 
 from __future__ import annotations
@@ -88,13 +89,21 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
                           global_batch_size: int, seed: int, context_length: int,
                           process_index: int | None = None, process_count: int | None = None,
                           worker_count: int = 0, num_epochs: int | None = None,
-                          image_size: int | None = None) -> grain.DataLoaderIterator:
+                          image_size: int | None = None) -> grain.DatasetIterator:
     """Shuffled, sharded, batched iterator over a split for this process.
 
     Yields dicts ``{'image': float32 [B, S, S, 3], 'text': int32 [B, L], 'label': int32 [B]}``
-    with ``B = global_batch_size // process_count``. The order is fixed by ``seed``; the
-    iterator's ``get_state()`` / ``set_state()`` restore the exact position (store the state in
-    the checkpoint).
+    with ``B = global_batch_size // process_count``. The iterator's ``get_state()`` /
+    ``set_state()`` restore the exact position (the train loop stores the state in every
+    checkpoint).
+
+    The *global* batch of step ``t`` does not depend on the number of processes: the records
+    form one stream, reshuffled each epoch from ``seed``; global batch ``t`` is positions
+    ``[t * G, (t + 1) * G)`` of that stream (``G = global_batch_size``) and process ``i`` of
+    ``n`` reads the positions ``p`` with ``p % n == i``, so it loads (and decodes) only its own
+    ``G / n`` examples of each batch. A run on 2 hosts therefore trains on exactly the batches
+    of a run on 1 host (rows in another order, which no batch-mean loss sees), and a run can
+    resume on a different number of hosts.
 
     Args:
         data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets).
@@ -107,12 +116,13 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
         process_index: this process; default ``jax.process_index()``.
         process_count: number of processes; default ``jax.process_count()``.
         worker_count: grain worker processes (0 = in the main process).
-        num_epochs: epochs before the iterator ends; None = forever.
+        num_epochs: epochs before the iterator ends (the last incomplete global batch is
+            dropped); None = forever.
         image_size: resize and centre-crop images to this side; None keeps the stored size.
 
     Raises:
         DataError: missing dataset/tokenizer/split, a batch size not divisible by the process
-            count, or a shard too small for one batch.
+            count, or a split too small for one batch.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -121,25 +131,23 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
                         f"process count {process_count}; choose a multiple of {process_count}.")
     local_batch_size = global_batch_size // process_count
     source, _ = _data_source(data_dir, dataset, config_name, split)
-    shard_size = len(source) // process_count
-    if shard_size < local_batch_size:
-        raise DataError(f"Split {split!r} of {dataset}/{config_name} has {len(source)} records: "
-                        f"{shard_size} per process, fewer than one batch of {local_batch_size}. "
-                        "Lower the batch size or build a larger split.")
+    if len(source) < global_batch_size:
+        raise DataError(f"Split {split!r} of {dataset}/{config_name} has {len(source)} records, "
+                        f"fewer than one global batch of {global_batch_size}. Lower the batch "
+                        "size or build a larger split.")
     tokenizer = tokenizer_for(data_dir, dataset, config_name, context_length)
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardOptions(
-            shard_index=process_index, shard_count=process_count, drop_remainder=True),
-        shuffle=True,
-        seed=seed,
-        num_epochs=num_epochs,
-    )
-    operations = [*example_transforms(tokenizer, image_size),
-                  grain.transforms.Batch(local_batch_size, drop_remainder=True)]
-    loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                              worker_count=worker_count, read_options=_read_options())
-    return iter(loader)
+    # One global stream, reshuffled per epoch (grain reseeds each repetition).
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    if num_epochs is not None:  # Whole global batches only, so every process stops together.
+        ds = ds[:len(ds) // global_batch_size * global_batch_size]
+    ds = ds[process_index::process_count]
+    for op in example_transforms(tokenizer, image_size):
+        ds = ds.map(op)
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(_read_options())
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
 
 
 def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shapes",

@@ -208,6 +208,26 @@ def test_processes_read_disjoint_shards_covering_the_epoch(tiny_data_dir,  # noq
     assert _epoch_ids(tiny_data_dir, index, seed=1) != single, "another seed, another order"
 
 
+def test_global_batch_does_not_depend_on_process_count(tiny_data_dir,  # noqa: F811
+                                                       train_reference):
+    """Step t's global batch is the same records on 1, 2 or 4 hosts (each reads only its part)."""
+    _, index = train_reference
+
+    def steps(count, n=12):
+        its = [_train_iterator(tiny_data_dir, process_index=i, process_count=count)
+               for i in range(count)]
+        return [[index[row.tobytes()] for it_batch in (next(it) for it in its)
+                 for row in it_batch["image"]] for _ in range(n)]
+
+    single = steps(1)
+    # 12 batches of 20 cross the epoch boundary of the 200 records (reshuffled per epoch).
+    assert sorted(i for b in single[:10] for i in b) == list(range(200))
+    for count in (2, 4):
+        multi = steps(count)
+        assert [len(b) for b in multi] == [20] * 12
+        assert [sorted(b) for b in multi] == [sorted(b) for b in single]
+
+
 def test_resume_from_iterator_state(tiny_data_dir):  # noqa: F811
     it = _train_iterator(tiny_data_dir, seed=3)
     batches, state = [], None
@@ -226,7 +246,7 @@ def test_resume_from_iterator_state(tiny_data_dir):  # noqa: F811
 def test_train_iterator_errors(tiny_data_dir, tmp_path):  # noqa: F811
     with pytest.raises(DataError, match="not divisible"):
         _train_iterator(tiny_data_dir, global_batch_size=21, process_count=2)
-    with pytest.raises(DataError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         _train_iterator(tiny_data_dir, global_batch_size=2 * TINY_NUM_TRAIN)
     with pytest.raises(DataError, match="no split 'dev'"):
         _train_iterator(tiny_data_dir, split="dev")

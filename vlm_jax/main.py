@@ -75,8 +75,9 @@ def _init_distributed(args) -> None:
     import jax  # pylint: disable=import-outside-toplevel
 
     if args.coordinator_address or args.num_processes:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives of the CPU backend (local multi-process runs); the setting
+        # does not affect TPU/GPU backends. No backend may be initialised before this point.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()  # Multi-host Cloud TPU: topology from the environment.

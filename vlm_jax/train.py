@@ -172,7 +172,7 @@ def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
 def _check_workdir(workdir: epath.Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test.{jax.process_index()}"  # One per process: no race.
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
