@@ -34,11 +34,14 @@ def get_config(arg=None):
                   context_length=24, eos_id=3, act="gelu"),
         logit_scale_init=math.log(1 / 0.07),
         logit_scale_max=math.log(100.0),
+        logit_bias_init=None,  # a float adds SigLIP's learned bias (experiments/siglip_tiny.py)
         dtype="float32",
         remat="none",
         scan_layers=False,
     )
-    c.loss = dict(variant="gather")
+    # softmax (CLIP) or sigmoid (SigLIP); variant: how the loss is distributed over devices
+    # (gather | ring | chunked; chunk_size for chunked, 0 = default). See vlm_jax/losses.py.
+    c.loss = dict(name="softmax", variant="gather", chunk_size=0)
     c.optim = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
                    warmup_steps=100, schedule="cosine", end_lr_factor=0.0, grad_clip_norm=1.0,
                    grad_accum_steps=1)

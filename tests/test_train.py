@@ -44,23 +44,59 @@ def _losses(config, mesh, batches):
     return np.array(losses), state
 
 
-@pytest.mark.parametrize("mesh_shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 8},
-                                        {"data": 4, "tensor": 2}])
-def test_sharded_steps_match_one_device(repo_root, mesh_shape):
-    config = _config(repo_root, "model.text.num_heads=2", "model.image.num_heads=2")
+SIGLIP = ("loss.name=sigmoid", "model.logit_bias_init=-10.0", "model.logit_scale_init=2.302585")
+
+# (mesh, overrides of both runs, overrides of the mesh run only). The reference is one device,
+# no remat, the all-gather loss: remat policies and loss algorithms must not change the numbers.
+PARALLEL_CASES = {
+    "dp2-fsdp2-tp2": ({"data": 2, "fsdp": 2, "tensor": 2}, (), ()),
+    "fsdp8-remat-full": ({"fsdp": 8}, (), ("model.remat=full",)),
+    "dp4-tp2-dots-scan": ({"data": 4, "tensor": 2}, ("model.scan_layers=true",),
+                          ("model.remat=dots_saveable",)),
+    "fsdp4-tp2-ring": ({"fsdp": 4, "tensor": 2}, (), ("loss.variant=ring",)),
+    "dp2-fsdp4-chunked": ({"data": 2, "fsdp": 4}, (),
+                          ("loss.variant=chunked", "loss.chunk_size=3")),
+    "siglip-dp2-fsdp2-tp2-ring": ({"data": 2, "fsdp": 2, "tensor": 2}, SIGLIP,
+                                  ("loss.variant=ring", "model.remat=full")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARALLEL_CASES))
+def test_sharded_steps_match_one_device(repo_root, case):
+    mesh_shape, both, mesh_only = PARALLEL_CASES[case]
+    base = ("model.text.num_heads=2", "model.image.num_heads=2", "model.text.depth=2", *both)
+    if "loss.name=sigmoid" in both:
+        base += ("loss.variant=gather",)
+    config = _config(repo_root, *base)
     batches = _batches(config, 3)
     one = parallel.create_mesh({}, devices=jax.devices()[:1])
     ref, ref_state = _losses(config, one, batches)
-    got, state = _losses(config, parallel.create_mesh(mesh_shape), batches)
+    got, state = _losses(_config(repo_root, *base, *mesh_only), parallel.create_mesh(mesh_shape),
+                         batches)
     assert np.all(np.diff(ref) != 0)  # The steps really update the model.
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     # Parameters are sharded as the rules say (fsdp / tensor split the big kernels).
     shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
-    if mesh_shape.get("fsdp", 1) > 1 or mesh_shape.get("tensor", 1) > 1:
-        assert any(("fsdp" in sp or "tensor" in sp) for sp in shardings), shardings
-    np.testing.assert_allclose(
-        np.asarray(state["params"]["logit_scale"]),
-        np.asarray(ref_state["params"]["logit_scale"]), atol=1e-5)
+    if mesh_shape.get("fsdp", 1) > 1:
+        assert any("fsdp" in sp for sp in shardings), shardings
+    if mesh_shape.get("tensor", 1) > 1:
+        assert any("tensor" in sp for sp in shardings), shardings
+    for name in ("logit_scale", "logit_bias"):
+        if name in ref_state["params"]:
+            np.testing.assert_allclose(np.asarray(state["params"][name]),
+                                       np.asarray(ref_state["params"][name]), atol=1e-5)
+
+
+def test_sigmoid_loss_without_bias_is_a_config_error(repo_root):
+    config = _config(repo_root, "loss.name=sigmoid", "loss.variant=ring")
+    with pytest.raises(config_lib.ConfigError, match="logit_bias_init"):
+        _losses(config, parallel.create_mesh({"data": 8}), _batches(config, 1))
+
+
+def test_unknown_loss_variant_is_a_config_error(repo_root):
+    config = _config(repo_root, "loss.variant=allreduce")
+    with pytest.raises(config_lib.ConfigError, match="config.loss.variant.*gather"):
+        _losses(config, parallel.create_mesh({"data": 8}), _batches(config, 1))
 
 
 def _cli(repo_root, workdir, *extra, wait=True):

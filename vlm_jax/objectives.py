@@ -12,14 +12,52 @@ from vlm_jax import losses
 from vlm_jax.config import ConfigError
 
 
+LOSSES = ("softmax", "sigmoid")
+
+
 def clip_objective(model, batch, config, mesh):
-    """CLIP: symmetric InfoNCE between image and text embeddings, across all devices."""
+    """Dual-encoder contrastive training, across all devices (the global B x B logits are never
+    built on one device).
+
+    ``config.loss.name``: ``'softmax'`` (CLIP's symmetric InfoNCE,
+    :func:`vlm_jax.losses.contrastive_loss`) or ``'sigmoid'`` (SigLIP,
+    :func:`vlm_jax.losses.sigmoid_loss`; needs ``model.logit_bias_init``).
+    ``config.loss.variant`` picks the distributed algorithm (``gather``, ``ring``, ``chunked``
+    for softmax; ``ring``, ``gather`` for sigmoid).
+    """
+    name = config.loss.get("name", "softmax")
+    if name not in LOSSES:
+        raise ConfigError(f"config.loss.name={name!r}; valid: {list(LOSSES)}.")
     out = model(batch["image"], batch["text"])
-    loss, metrics = losses.contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
-                                            mesh=mesh, variant=config.loss.variant)
+    try:
+        if name == "sigmoid":
+            if "logit_bias" not in out:
+                raise ConfigError("config.loss.name='sigmoid' needs a learned bias: set "
+                                  "config.model.logit_bias_init (SigLIP: -10.0).")
+            loss, metrics = losses.sigmoid_loss(
+                out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"],
+                mesh=mesh, variant=config.loss.variant)
+        else:
+            loss, metrics = losses.contrastive_loss(
+                out["image_emb"], out["text_emb"], out["logit_scale"], mesh=mesh,
+                **_variant_kwargs(config.loss))
+    except ValueError as e:
+        if "variant" in str(e):
+            raise ConfigError(f"config.loss.variant: {e}") from e
+        raise
     metrics = {f"train/{k}": v for k, v in metrics.items()}
     metrics["train/logit_scale"] = out["logit_scale"]
+    if "logit_bias" in out:
+        metrics["train/logit_bias"] = out["logit_bias"]
     return loss, metrics
+
+
+def _variant_kwargs(loss_config) -> dict:
+    """Keyword arguments of :func:`vlm_jax.losses.contrastive_loss` from ``config.loss``."""
+    kwargs = {"variant": loss_config.variant}
+    if loss_config.get("chunk_size"):
+        kwargs["chunk_size"] = loss_config.chunk_size
+    return kwargs
 
 
 OBJECTIVES: dict[str, Callable] = {"clip": clip_objective}

@@ -66,7 +66,7 @@ def check_keys(cfg: Mapping, allowed: set[str], where: str) -> None:
 
 
 _TOP_KEYS = {"name", "embed_dim", "image", "text", "logit_scale_init", "logit_scale_max",
-             "dtype", "remat", "scan_layers"}
+             "logit_bias_init", "dtype", "remat", "scan_layers"}
 _SHARED = ("dtype", "remat", "scan_layers")
 
 
@@ -102,13 +102,16 @@ class CLIP(nnx.Module):
 
     Parameters: ``image.*`` (ViT), ``text.*`` (TextTransformer), ``image_projection.kernel
     [image_width, embed_dim]``, ``text_projection.kernel [text_width, embed_dim]`` (logical
-    names ``('embed', 'proj')``), ``logit_scale`` (scalar, log of the inverse temperature).
+    names ``('embed', 'proj')``), ``logit_scale`` (scalar, log of the inverse temperature) and,
+    when ``logit_bias_init`` is set (SigLIP: ``logit_scale_init=log(10)``,
+    ``logit_bias_init=-10``), a learned scalar ``logit_bias`` for the sigmoid loss.
     """
 
     def __init__(self, *, embed_dim: int, image: Mapping, text: Mapping,
                  logit_scale_init: float = math.log(1 / 0.07),
-                 logit_scale_max: float = math.log(100.0), dtype: layers.Dtype = "float32",
-                 remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs):
+                 logit_scale_max: float = math.log(100.0), logit_bias_init: float | None = None,
+                 dtype: layers.Dtype = "float32", remat: str = "none", scan_layers: bool = False,
+                 rngs: nnx.Rngs):
         shared = dict(dtype=dtype, remat=remat, scan_layers=scan_layers)
         self.embed_dim = int(embed_dim)
         self.logit_scale_max = float(logit_scale_max)
@@ -123,6 +126,8 @@ class CLIP(nnx.Module):
             tw, self.embed_dim, ("embed", "proj"), use_bias=False,
             kernel_init=nnx.initializers.normal(tw ** -0.5), dtype=dtype, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32), out_sharding=())
+        self.logit_bias = (None if logit_bias_init is None else
+                           nnx.Param(jnp.asarray(logit_bias_init, jnp.float32), out_sharding=()))
 
     @classmethod
     def from_config(cls, cfg: Any, *, rngs: nnx.Rngs) -> "CLIP":
@@ -149,10 +154,14 @@ class CLIP(nnx.Module):
                                 self.logit_scale_max))
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-        """Returns ``dict(image_emb [B, D], text_emb [B, D], logit_scale ())``; embeddings are
-        normalised float32 and ``logit_scale`` is already clamped and exponentiated."""
-        return dict(image_emb=self.encode_image(images), text_emb=self.encode_text(tokens),
-                    logit_scale=self.temperature())
+        """Returns ``dict(image_emb [B, D], text_emb [B, D], logit_scale ())`` (plus
+        ``logit_bias ()`` when the model has one); embeddings are normalised float32 and
+        ``logit_scale`` is already clamped and exponentiated."""
+        out = dict(image_emb=self.encode_image(images), text_emb=self.encode_text(tokens),
+                   logit_scale=self.temperature())
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias[...].astype(jnp.float32)
+        return out
 
 
 def clip_flops(cfg: Any, batch_size: int | None = None) -> float:
