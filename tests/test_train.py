@@ -62,7 +62,7 @@ PARALLEL_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(PARALLEL_CASES))
-def test_sharded_steps_match_one_device(repo_root, case):
+def test_parallel_train_steps_match_one_device(repo_root, case):
     mesh_shape, both, mesh_only = PARALLEL_CASES[case]
     base = ("model.text.num_heads=2", "model.image.num_heads=2", "model.text.depth=2", *both)
     if "loss.name=sigmoid" in both:
