@@ -187,6 +187,86 @@ def test_sigmoid_sharded_matches_dense(mesh_name, variant):
         _assert_close(got, want, f"{mesh_name}/{variant}/scale={scale}")
 
 
+@pytest.mark.parametrize("mesh_name", ["data2_fsdp4", "data2_fsdp2_tensor2", "one_device"])
+def test_chunked_matches_dense_for_any_chunk_size(mesh_name):
+    """Blocks that divide the gathered batch, that do not (a padded last block), of one column,
+    and larger than the batch (clamped): always the dense value, gradients and accuracies."""
+    mesh = get_mesh(mesh_name)
+    img, txt = embeddings(64, seed=21)
+    for chunk in (1, 7, 16, 64, 1000):
+        fn = jax.jit(jax.value_and_grad(
+            functools.partial(losses.contrastive_loss, mesh=mesh, variant="chunked",
+                              chunk_size=chunk), argnums=(0, 1, 2), has_aux=True))
+        for scale in SCALES:
+            s = jnp.float32(scale)
+            _assert_close(fn(*_put(mesh, img, txt), s), dense_clip_vg(img, txt, s),
+                          f"{mesh_name}/chunk={chunk}/scale={scale}")
+
+
+def test_chunked_bfloat16_inputs_and_tied_scores():
+    """bf16 features (upcast inside) and duplicated rows, whose equal logits must resolve the
+    accuracy argmax to the smaller index as the dense argmax does."""
+    mesh = get_mesh("data2_fsdp4")
+    img, txt = embeddings(32, seed=23)
+    img[5], txt[5] = img[4], txt[4]  # Two identical pairs: ties across a block boundary.
+    img, txt = (jnp.asarray(a, jnp.bfloat16) for a in (img, txt))
+    fn = jax.jit(jax.value_and_grad(
+        functools.partial(losses.contrastive_loss, mesh=mesh, variant="chunked", chunk_size=5),
+        argnums=(0, 1, 2), has_aux=True))
+    (loss, metrics), grads = fn(*_put(mesh, img, txt), jnp.float32(100.0))
+    (w_loss, w_metrics), w_grads = dense_clip_vg(img, txt, jnp.float32(100.0))
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, w_loss, rtol=1e-5)
+    for k in w_metrics:
+        np.testing.assert_allclose(metrics[k], w_metrics[k], err_msg=k)
+    # Gradients come back in the inputs' bf16, and the gathered copies' cotangents are summed
+    # over the 8 shards in bf16 by the reduce-scatter: a few bf16 ulps of the largest entry.
+    for g, w in zip(grads, w_grads):
+        assert g.dtype == w.dtype
+        w = np.float32(w)
+        np.testing.assert_allclose(np.float32(g), w, rtol=0, atol=2 ** -6 * np.abs(w).max())
+
+
+def test_chunked_loss_memory_grows_with_chunk_not_global_batch():
+    """Compiled per-device temporaries of loss + gradients at B=8192 on 8 devices (b=1024):
+    'gather' holds several [b, B] f32 logit buffers; 'chunked' only [b, chunk] blocks plus the
+    O(B x D) gathered features and their gradients that every all-gather loss has."""
+    mesh = get_mesh("data8")
+    batch, dim, b = 8192, 64, 1024
+    x = jax.ShapeDtypeStruct((batch, dim), jnp.float32,
+                             sharding=NamedSharding(mesh, batch_spec(2)))
+    scale = jax.ShapeDtypeStruct((), jnp.float32)
+
+    def temp_bytes(variant, **kw):
+        fn = jax.value_and_grad(
+            lambda a, t, s: losses.contrastive_loss(a, t, s, mesh=mesh, variant=variant,
+                                                    **kw)[0], argnums=(0, 1, 2))
+        return jax.jit(fn).lower(x, x, scale).compile().memory_analysis().temp_size_in_bytes
+
+    gather = temp_bytes("gather")
+    small, large = temp_bytes("chunked", chunk_size=256), temp_bytes("chunked", chunk_size=1024)
+    logits_row_block = b * batch * 4  # One [b, B] f32 buffer: 32 MiB.
+    assert gather >= 2 * logits_row_block  # Calibration: gather really holds [b, B] logits.
+    features = batch * dim * 4  # One gathered [B, D] f32 buffer: 2 MiB.
+    for chunk, got in ((256, small), (1024, large)):
+        bound = 8 * features + 8 * b * chunk * 4
+        assert got <= bound, (chunk, got, bound)
+    assert small * 4 < gather, (small, gather)
+    assert small < large  # The block size, not the batch, sets the logit memory.
+
+
+@pytest.mark.parametrize("chunk_size,match", [(0, "positive int"), (-3, "positive int"),
+                                              (2.5, "positive int"), (True, "positive int")])
+def test_bad_chunk_size_raises(chunk_size, match):
+    mesh = get_mesh("data8")
+    img, txt = embeddings(32)
+    with pytest.raises(ValueError, match=match):
+        losses.contrastive_loss(img, txt, 14.3, mesh=mesh, variant="chunked",
+                                chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="only applies to variant='chunked'"):
+        losses.contrastive_loss(img, txt, 14.3, mesh=mesh, variant="gather", chunk_size=64)
+
+
 def test_tensor_axis_replicas_do_not_change_result():
     """Only tensor replicas (one batch shard) and mixed meshes agree exactly with each other."""
     img, txt = embeddings(32, seed=7)
@@ -200,7 +280,7 @@ def test_tensor_axis_replicas_do_not_change_result():
     np.testing.assert_allclose(ref, losses.dense_contrastive_loss(img, txt, 14.3)[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["gather", "ring"])
+@pytest.mark.parametrize("variant", ["gather", "ring", "chunked"])
 def test_slice_axis_is_a_batch_axis(variant):
     """slice x data x fsdp = 2 x 2 x 2 (built directly: CPU devices have no slice_index)."""
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2, 1), MESH_AXES)
@@ -253,15 +333,17 @@ def test_dense_hlo_does_materialise_bxb():
                                                   img, txt, jnp.float32(14.3))
 
 
-@pytest.mark.parametrize("variant,local_block", [("gather", "f32[8,64]"), ("ring", "f32[8,8]")])
+@pytest.mark.parametrize("variant,local_block", [("gather", "f32[8,64]"), ("ring", "f32[8,8]"),
+                                                 ("chunked", "f32[8,4]")])
 def test_sharded_contrastive_hlo_has_no_global_matrix(variant, local_block):
     mesh = get_mesh("data8")
     img, txt = _put(mesh, *embeddings(64))
-    fn = _vg(functools.partial(losses.contrastive_loss, mesh=mesh, variant=variant), 3)
+    kw = {"chunk_size": 4} if variant == "chunked" else {}
+    fn = _vg(functools.partial(losses.contrastive_loss, mesh=mesh, variant=variant, **kw), 3)
     shapes = _compiled_f32_matrices(fn, img, txt, jnp.float32(14.3))
     assert local_block in shapes, shapes
     assert "f32[64,64]" not in shapes, shapes
-    if variant == "ring":
+    if variant in ("ring", "chunked"):
         assert "f32[8,64]" not in shapes, shapes
 
 
@@ -326,7 +408,7 @@ def test_batch_not_divisible_names_the_mesh_shape():
 def test_unknown_variant_lists_valid_ones():
     mesh = get_mesh("data8")
     x = np.zeros((32, 16), np.float32)
-    with pytest.raises(ValueError, match=r"'chunky'.*\['gather', 'ring'\]"):
+    with pytest.raises(ValueError, match=r"'chunky'.*\['chunked', 'gather', 'ring'\]"):
         losses.contrastive_loss(x, x, 14.3, mesh=mesh, variant="chunky")
     with pytest.raises(ValueError, match="sigmoid_loss"):
         losses.contrastive_loss(x, x, 14.3, mesh=mesh, variant="sigmoid")

@@ -19,19 +19,23 @@ The batch-sharded functions take *global* ``jax.Array``s whose leading dimension
 the batch axes ``('slice', 'data', 'fsdp')`` of the mesh (``n`` shards of ``b = B / n`` rows;
 the ``tensor`` axis only holds replicas and does not change the result). Inside ``shard_map``
 each shard only ever builds ``[b, B]`` (``'gather'``) or ``[b, b]`` (``'ring'``) blocks of
-logits; the global ``[B, B]`` matrix is never materialised on any device. Every function
+logits (``'chunked'``: ``[b, chunk]``); the global ``[B, B]`` matrix is never materialised on any
+device. Every function
 computes in float32 whatever the input dtype and returns ``(loss, metrics)`` where ``metrics``
 holds the in-batch top-1 retrieval accuracies ``'i2t_acc'`` and ``'t2i_acc'``.
 
-Variants are looked up by name in a registry (:data:`CONTRASTIVE_VARIANTS`,
-:data:`SIGMOID_VARIANTS`), so further algorithms (e.g. a ``'chunked'`` variant with a
-``custom_vjp`` online log-sum-exp that never keeps ``[b, B]`` residuals) can be added next to the
-existing ones without touching the public functions.
+Variants are looked up by name in a registry (:data:`CONTRASTIVE_VARIANTS`: ``'gather'``,
+``'ring'``, ``'chunked'``; :data:`SIGMOID_VARIANTS`: ``'ring'``, ``'gather'``), so further
+algorithms can be added next to the existing ones without touching the public functions.
+``'chunked'`` builds only ``[b, chunk]`` blocks of logits, in the forward and in the backward
+pass (a ``jax.custom_vjp`` with an online log-sum-exp): its loss memory grows with the local
+batch, not the global one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -433,12 +437,145 @@ def _contrastive_ring(img: jax.Array, txt: jax.Array, scale: jax.Array,
 
 
 # -------------------------------------------------------------------------------------------
+# Softmax contrastive: 'chunked' (custom_vjp, blockwise forward and backward).
+# -------------------------------------------------------------------------------------------
+
+DEFAULT_CHUNK_SIZE = 4096
+
+
+def _blocks(keys: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """``[B, D] -> [B_pad / chunk, chunk, D]`` zero-padded blocks, and the ``[n, chunk]`` mask of
+    real (not padding) columns."""
+    n_keys = keys.shape[0]
+    n_blocks = -(-n_keys // chunk)
+    pad = n_blocks * chunk - n_keys
+    blocks = jnp.pad(keys, ((0, pad), (0, 0))).reshape(n_blocks, chunk, keys.shape[1])
+    valid = (jnp.arange(n_blocks * chunk) < n_keys).reshape(n_blocks, chunk)
+    return blocks, valid
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blockwise_lse(query: jax.Array, keys: jax.Array, scale: jax.Array, chunk: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """``(sum_r logsumexp_c(scale * query_r . keys_c), argmax_c)`` over all ``B`` keys, computed
+    ``chunk`` keys at a time. ``query [b, D]``, ``keys [B, D]`` float32; the argmax (int32
+    ``[b]``, ties to the smaller index) is returned for the accuracy metrics."""
+    out, _ = _blockwise_lse_fwd(query, keys, scale, chunk)
+    return out
+
+
+def _scan_blocks(body, init_fn, xs):
+    """``lax.scan(body, init, xs)`` whose initial carry is ``init_fn`` of the first block (so it
+    has the same per-shard type as the loop's output under ``shard_map``); returns the final
+    carry and the stacked per-block outputs of all blocks."""
+    first = jax.tree.map(lambda x: x[0], xs)
+    carry, y0 = body(init_fn(first), first)
+    rest = jax.tree.map(lambda x: x[1:], xs)
+    carry, ys = jax.lax.scan(body, carry, rest)
+    stacked = None if y0 is None else jnp.concatenate([y0[None], ys], axis=0)
+    return carry, stacked
+
+
+def _blockwise_lse_fwd(query, keys, scale, chunk):
+    blocks, valid = _blocks(keys, chunk)
+
+    def logits(k, ok):
+        return jnp.where(ok[None, :], scale * (query @ k.T), _NEG_INF)  # [b, chunk]
+
+    def body(carry, xs):
+        lse_state, top = carry
+        k, ok, start = xs
+        block = logits(k, ok)
+        lse_state = _lse_update(lse_state, block, 1)
+        top = _top1_update(top, block, start + jnp.arange(chunk), 1)
+        return (lse_state, top), None
+
+    def init(xs):  # Running max of the first block: finite (its first column is real).
+        block = jax.lax.stop_gradient(logits(xs[0], xs[1]))
+        m = jnp.max(block, axis=1)
+        return (m, jnp.zeros_like(m)), (jnp.full_like(m, _NEG_INF),
+                                        jnp.full(m.shape, keys.shape[0], jnp.int32))
+
+    starts = jnp.arange(blocks.shape[0], dtype=jnp.int32) * chunk
+    (lse_state, top), _ = _scan_blocks(body, init, (blocks, valid, starts))
+    lse = _lse_final(lse_state)
+    return (jnp.sum(lse), top[1]), (query, keys, scale, lse)
+
+
+def _blockwise_lse_bwd(chunk, residuals, cotangents):
+    """``d sum_r lse_r / d logits_rc = softmax_rc = exp(logit_rc - lse_r)``, one block at a time:
+    ``dQ = g s sum_c P_c K_c``, ``dK_c = g s P_c^T Q``, ``ds = g sum_c <P_c, Q K_c^T>``."""
+    query, keys, scale, lse = residuals
+    g = cotangents[0]  # The argmax output has no cotangent (integer).
+    blocks, valid = _blocks(keys, chunk)
+
+    def body(carry, xs):
+        d_query, d_scale = carry
+        k, ok = xs
+        raw = query @ k.T  # [b, chunk]
+        p = jnp.where(ok[None, :], jnp.exp(scale * raw - lse[:, None]), 0.0) * g
+        d_query = d_query + scale * (p @ k)
+        d_scale = d_scale + jnp.sum(p * raw)
+        return (d_query, d_scale), scale * (p.T @ query)  # dK of this block [chunk, D]
+
+    init = lambda _: (jnp.zeros_like(query), jnp.zeros_like(lse[0]))  # noqa: E731
+    (d_query, d_scale), d_blocks = _scan_blocks(body, init, (blocks, valid))
+    d_keys = d_blocks.reshape(-1, keys.shape[1])[:keys.shape[0]]
+    return d_query, d_keys, d_scale.astype(jnp.result_type(scale))
+
+
+_blockwise_lse.defvjp(_blockwise_lse_fwd, _blockwise_lse_bwd)
+
+
+@_register(CONTRASTIVE_VARIANTS, "chunked")
+def _contrastive_chunked(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: ShardContext,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, jax.Array]:
+    """The 'gather' loss with O(b x chunk) instead of O(b x B) logit memory (Inf-CL's idea).
+
+    Shard ``i`` all-gathers both modalities (``[B, D]`` each, as ``'gather'``) but never forms
+    its ``[b, B]`` logit rows. :func:`_blockwise_lse`, a ``jax.custom_vjp``, walks the gathered
+    features in blocks of ``chunk_size`` columns with the online log-sum-exp recurrence::
+
+        m' = max(m, max_c L_c)      l' = l * exp(m - m') + sum_c exp(L_c - m')     lse = m + log l
+
+    keeping only the per-row ``lse`` ``[b]`` as residual. Its backward pass recomputes each
+    ``[b, chunk]`` block ``L = s Q K_c^T`` and uses ``dlse_r / dL_rc = exp(L_rc - lse_r)`` (the
+    softmax) to accumulate ``dQ`` (carried, ``[b, D]``), ``dK_c`` (emitted per block) and ``ds``.
+    The positive logit ``s I_r . T_r`` is a plain local dot product, differentiated by JAX. So
+    neither pass holds more than one ``[b, chunk]`` block of logits (times a small constant for
+    the exp / mask temporaries), whatever the global batch; the ``[B, D]`` gathered features and
+    their gradients are the only O(B) buffers, as in every all-gather loss. Gradients of the
+    gathered copies return to their owners through the all-gather's transpose (reduce-scatter),
+    so the result equals the dense loss exactly as ``'gather'`` does. ``chunk_size`` need not
+    divide ``B``: the last block is zero-padded and its padding masked out of the softmax.
+    """
+    all_txt = _f32(ctx.all_gather(txt))
+    all_img = _f32(ctx.all_gather(img))
+    img, txt = _f32(img), _f32(txt)
+    chunk = max(1, min(int(chunk_size), all_txt.shape[0]))
+    # The custom_vjp's scale cotangent differs per shard: mark the replicated scale as varying
+    # over the batch axes, whose transpose psums those cotangents, as autodiff does for 'gather'.
+    scale_v = jax.lax.pcast(scale, ctx.axes, to="varying") if ctx.axes else scale
+    lse_i2t, top_i2t = _blockwise_lse(img, all_txt, scale_v, chunk)
+    lse_t2i, top_t2i = _blockwise_lse(txt, all_img, scale_v, chunk)
+    positives = jnp.sum(scale * jnp.sum(img * txt, axis=1))
+    labels = ctx.row_ids()
+    return {
+        "i2t_nll": lse_i2t - positives,
+        "t2i_nll": lse_t2i - positives,
+        "i2t_correct": jnp.sum((top_i2t == labels).astype(jnp.float32)),
+        "t2i_correct": jnp.sum((top_t2i == labels).astype(jnp.float32)),
+    }
+
+
+# -------------------------------------------------------------------------------------------
 # Public sharded losses.
 # -------------------------------------------------------------------------------------------
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array | float,
-                     *, mesh: Mesh, variant: str = "gather") -> tuple[jax.Array, Metrics]:
+                     *, mesh: Mesh, variant: str = "gather", chunk_size: int | None = None
+                     ) -> tuple[jax.Array, Metrics]:
     """CLIP's symmetric softmax contrastive loss over a batch sharded on ``mesh``.
 
     Equal (to float tolerance) to :func:`dense_contrastive_loss` on the gathered batch, value and
@@ -452,8 +589,12 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
       logit_scale: scalar multiplicative scale ``s`` (``exp`` of the learned log-temperature,
         clamped by the caller), replicated.
       mesh: the global mesh; its ``tensor`` axis (and any non-batch axis) holds replicas.
-      variant: ``'gather'`` (default; open_clip's ``local_loss=True, gather_with_grad=True``) or
-        ``'ring'`` (text blocks ``ppermute``-d around the batch shards, online log-sum-exp).
+      variant: ``'gather'`` (default; open_clip's ``local_loss=True, gather_with_grad=True``),
+        ``'ring'`` (text blocks ``ppermute``-d around the batch shards, online log-sum-exp) or
+        ``'chunked'`` (all-gather, then a ``custom_vjp`` online log-sum-exp over blocks of
+        ``chunk_size`` columns, recomputed in the backward pass: ``b x chunk`` logit memory).
+      chunk_size: columns per block of ``'chunked'`` (default :data:`DEFAULT_CHUNK_SIZE`,
+        clamped to ``B``; need not divide ``B``). Only valid with ``variant='chunked'``.
 
     Math of ``'gather'``: with ``n`` batch shards of ``b = B / n`` rows, shard ``i`` (rows
     ``R_i = i*b + arange(b)``) all-gathers the other modality and computes its own rows of both
@@ -486,6 +627,14 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
     shape = _check_pair(fn, image_emb, text_emb)
     _check_scalar(fn, "logit_scale", logit_scale)
     _check_mesh(fn, mesh, shape, tuple(jnp.shape(text_emb)))
+    if chunk_size is not None:
+        if variant != "chunked":
+            raise ValueError(f"{fn}: chunk_size={chunk_size} only applies to variant='chunked', "
+                             f"not {variant!r}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"{fn}: chunk_size must be a positive int (columns of logits per "
+                             f"block), got {chunk_size!r}.")
+        body = functools.partial(body, chunk_size=chunk_size)
     combine = lambda sums, bsz: (sums["i2t_nll"] + sums["t2i_nll"]) / (2 * bsz)  # noqa: E731
     return _run_sharded(body, mesh, image_emb, text_emb, (jnp.asarray(logit_scale),), combine)
 
