@@ -1,7 +1,8 @@
-"""Command line: ``vlm-jax train | eval | data``.
+"""Command line: ``vlm-jax train | eval | compile | data``.
 
     vlm-jax train --config experiments/clip_tiny.py --workdir runs/tiny [--config.key=value ...]
     vlm-jax eval  --workdir runs/tiny [--config experiments/clip_tiny.py] [--step N]
+    vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
     vlm-jax data prepare --config experiments/clip_tiny.py
 
 ``train`` on a workdir that holds checkpoints resumes from the latest one. ``eval`` without
@@ -43,6 +44,15 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     common(p, config_required=False)
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None)
+    p = sub.add_parser("compile", help="compile the train step for a TPU topology (no TPU "
+                                       "needed): per-chip memory, FLOPs, predicted step time")
+    common(p)
+    p.add_argument("--topology", required=True,
+                   help="TPU slice, <generation>:<chips per dim>: v4:8x8x4, v5e:16x16, "
+                        "v5p:4x4x8, v6e:8x8")
+    p.add_argument("--num_slices", type=int, default=1,
+                   help="multi-slice: number of such slices (config.mesh.slice spans them)")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p = sub.add_parser("data", help="dataset tools")
     p.add_argument("action", choices=["prepare"], help="prepare: build the config's dataset")
     common(p)
@@ -98,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.FLAGS(sys.argv[:1], known_only=True)
     try:
         config = _load(args, overrides)  # Fails on a bad key before anything else happens.
-        _init_distributed(args)
+        if args.command != "compile":  # Compiling for a TPU topology needs no distributed runtime.
+            _init_distributed(args)
         if args.command == "train":
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 
@@ -107,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 
             train.evaluate_checkpoint(config, args.workdir, args.step)
+        elif args.command == "compile":
+            from vlm_jax import aot  # pylint: disable=import-outside-toplevel
+
+            return aot.run(config, args.topology, args.num_slices, args.json)
         elif args.command == "data":
             from vlm_jax import data  # pylint: disable=import-outside-toplevel
 

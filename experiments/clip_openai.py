@@ -1,0 +1,66 @@
+r"""OpenAI CLIP pre-training (Radford et al., 2021, "Learning Transferable Visual Models From
+Natural Language Supervision"), one config per image tower.
+
+    vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
+    vlm-jax train   --config experiments/clip_openai.py:B/32 --workdir gs://$BUCKET/runs/b32
+
+The argument names a CLIP preset (``B/32`` default, ``B/16``, ``L/14``; ``H/14`` and ``g/14``
+are open_clip's LAION towers, for planning at the same recipe). Hyper-parameters are the paper's
+Table 20 (ViT rows): global batch 32,768; 32 epochs over the 400M-pair WIT dataset
+(= 390,625 steps); AdamW b1 0.9, b2 0.98, eps 1e-6, decoupled weight decay 0.2 on weights
+only (not gains, biases, embeddings' scale or the temperature); learning rate 5e-4 (B/32, B/16)
+or 4e-4 (L/14) with 2,000 warm-up steps and a cosine decay; learnable temperature initialised
+at 0.07 and clipped at 100; context length 77 with the 49,408-token BPE vocabulary; 224 px.
+Published zero-shot ImageNet top-1: B/32 63.2 %, B/16 68.6 %, L/14 75.3 %.
+
+Scale settings (not in the paper; chosen with `vlm-jax compile`, see docs/benchmarks.md):
+bfloat16 compute with float32 parameters, parameters and optimizer state sharded over every
+chip (``fsdp=-1``), the layer stack scanned (compile time independent of depth) and the
+all-gather contrastive loss. ``--config.model.remat=full`` and ``--config.loss.variant=chunked``
+trade compute for memory where a setting does not fit.
+
+WIT is not public; the data section names a webdataset of (image, caption) pairs such as
+LAION-400M (experiments/clip_laion400m.py).
+"""
+
+import math
+
+import ml_collections
+
+from vlm_jax import parallel
+from vlm_jax.models.clip import clip_config
+
+# Table 20 of the paper: learning rate per tower.
+LEARNING_RATES = {"B/32": 5e-4, "B/16": 5e-4, "L/14": 4e-4, "H/14": 4e-4, "g/14": 4e-4}
+PUBLISHED_ZERO_SHOT_TOP1 = {"B/32": 0.632, "B/16": 0.686, "L/14": 0.753}
+
+
+def get_config(arg=None):
+    tower = arg or "B/32"
+    if tower not in LEARNING_RATES:
+        raise ValueError(f"clip_openai.py: unknown tower {tower!r}; use one of "
+                         f"{sorted(LEARNING_RATES)}.")
+    c = ml_collections.ConfigDict()
+    c.name = f"clip_openai_{tower.replace('/', '')}"
+    c.seed = 0
+    c.batch_size = 32768
+    c.total_steps = 32 * 400_000_000 // c.batch_size  # 390,625
+    c.log_every_steps = 100
+
+    c.data = dict(name="wit400m", config_name="", data_dir="", num_train=0, worker_count=16)
+
+    c.model = clip_config(f"ViT-{tower}")
+    c.model.update(dtype="bfloat16", scan_layers=True, remat="none",
+                   logit_scale_init=math.log(1 / 0.07), logit_scale_max=math.log(100.0),
+                   logit_bias_init=None)
+    c.loss = dict(name="softmax", variant="gather", chunk_size=0)
+    c.optim = dict(name="adamw", lr=LEARNING_RATES[tower], b1=0.9, b2=0.98, eps=1e-6,
+                   weight_decay=0.2, warmup_steps=2000, schedule="cosine", end_lr_factor=0.0,
+                   grad_clip_norm=0.0, grad_accum_steps=1)
+    c.mesh = dict(slice=1, data=1, fsdp=-1, tensor=1)
+    c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
+    c.checkpoint = dict(every_steps=2000, keep=3, async_save=True)
+    c.eval = dict(every_steps=10000, evaluators=["zeroshot", "retrieval"], split="validation",
+                  batch_size=1024, max_examples=0)
+    c.published = dict(imagenet_zero_shot_top1=PUBLISHED_ZERO_SHOT_TOP1.get(tower, 0.0))
+    return c

@@ -1,0 +1,110 @@
+"""`vlm-jax compile`: ahead-of-time compilation for TPU topologies with libtpu (no TPU)."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlm_jax import aot
+from vlm_jax import config as config_lib
+from vlm_jax.config import ConfigError
+
+
+def _libtpu_available() -> bool:
+    try:
+        aot.topology_devices("v5e:2x2")
+        return True
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+needs_libtpu = pytest.mark.skipif(not _libtpu_available(),
+                                  reason="libtpu is not installed (pip install -e '.[test]')")
+
+
+def test_parse_topology():
+    assert aot.parse_topology("v5e:16x16") == ("v5e", (16, 16))
+    assert aot.parse_topology("v4:8x8x4") == ("v4", (8, 8, 4))
+    with pytest.raises(ValueError, match=r"unknown TPU generation 'v9'.*v4.*v5e.*v5p.*v6e"):
+        aot.parse_topology("v9:2x2")
+    with pytest.raises(ValueError, match="expected <generation>:<chips per dimension>"):
+        aot.parse_topology("v5e-256")
+
+
+@needs_libtpu
+def test_topology_device_counts():
+    for spec, slices, chips in (("v5e:4x4", 1, 16), ("v4:2x2x2", 1, 8), ("v5e:2x2", 2, 8)):
+        devices, chip, n = aot.topology_devices(spec, slices)
+        assert n == chips and len(devices) == chips, (spec, len(devices))  # One per chip.
+    devices, _, _ = aot.topology_devices("v5e:2x2", 2)
+    assert sorted({d.slice_index for d in devices}) == [0, 1]
+
+
+@needs_libtpu
+def test_tiny_config_report_matches_hand_computation(repo_root):
+    config = config_lib.load_config(f"{repo_root / 'experiments/clip_tiny.py'}",
+                                    ["mesh.data=1", "mesh.fsdp=4"])
+    r = aot.plan(config, "v5e:2x2")
+    assert r.fits and r.stage == "compiled" and r.devices == 4
+    # Reference: every parameter of the model, from its config, sharded over fsdp=4 where the
+    # rules shard it: an upper bound of all-replicated and a lower bound of all-sharded.
+    from flax import nnx
+    from vlm_jax import models
+    abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
+    leaves = [x for x in nnx.state(abstract).flat_state()]
+    sizes = [math.prod(v.get_value().shape) for _, v in leaves]
+    n_params = sum(sizes)
+    assert r.n_params == n_params
+    assert n_params * 4 / 4 <= r.param_bytes < n_params * 4
+    # AdamW keeps two float32 moments per parameter (+ scalar counts).
+    assert 2 * r.param_bytes <= r.opt_bytes <= 2 * r.param_bytes + 1024
+    # The compiled step holds the state and the batch as arguments.
+    batch = config.batch_size // 4 * (64 * 64 * 3 * 4 + config.model.text.context_length * 4)
+    assert r.argument_bytes >= r.param_bytes + r.opt_bytes + batch
+    assert r.temp_bytes > 0 and r.peak_bytes < r.hbm_bytes
+    # XLA's FLOP count of the unscanned step is the analytic 3 x forward within a factor 2.
+    per_device = r.model_flops_per_step / r.devices
+    assert 0.5 < r.compiled_flops_per_device / per_device < 2.0
+    text = r.to_text()
+    assert "FITS" in text and "step time at 100% MFU" in text
+
+
+def _cli(repo_root, *args):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "vlm_jax.main", "compile", *args],
+                          capture_output=True, text=True, cwd=repo_root, timeout=300, env=env)
+
+
+@needs_libtpu
+def test_impossible_setting_exits_nonzero_with_suggestion(repo_root, tmp_path):
+    """ViT-g/14 at batch 1M, no remat, on 4 v5e chips: rejected by the pre-check, no compile."""
+    out = tmp_path / "report.json"
+    proc = _cli(repo_root, "--config", "experiments/clip_openai.py:g/14", "--topology",
+                "v5e:2x2", "--config.batch_size=1048576", "--config.model.remat=none",
+                "--json", str(out))
+    assert proc.returncode == aot.EXIT_DOES_NOT_FIT, proc.stdout + proc.stderr
+    assert "DOES NOT FIT" in proc.stdout and "Suggestions" in proc.stdout
+    assert "larger slice" in proc.stdout or "fsdp" in proc.stdout
+    import json
+    report = json.loads(out.read_text())
+    assert report["fits"] is False and report["stage"] == "precheck"
+
+
+@needs_libtpu
+def test_compile_oom_is_reported_with_suggestions(repo_root):
+    """Fits the pre-check but not the compiler: activations of 1k images per chip."""
+    proc = _cli(repo_root, "--config", "experiments/clip_tiny.py", "--topology", "v5e:2x2",
+                "--config.batch_size=65536", "--config.model.dtype=float32")
+    assert proc.returncode == aot.EXIT_DOES_NOT_FIT, proc.stdout + proc.stderr
+    assert "DOES NOT FIT" in proc.stdout
+    assert "--config.model.remat=full" in proc.stdout
+
+
+def test_bad_topology_is_a_config_error(repo_root):
+    config = config_lib.load_config(f"{repo_root / 'experiments/clip_tiny.py'}:test")
+    with pytest.raises(ConfigError, match="unknown TPU generation"):
+        aot.plan(config, "v9:2x2")
+    proc = _cli(repo_root, "--config", "experiments/clip_tiny.py:test", "--topology", "tpu256")
+    assert proc.returncode == 2 and "--topology 'tpu256'" in proc.stderr
