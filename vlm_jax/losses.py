@@ -458,7 +458,8 @@ def _blocks(keys: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
 def _blockwise_lse(query: jax.Array, keys: jax.Array, scale: jax.Array, chunk: int
                    ) -> tuple[jax.Array, jax.Array]:
     """``(sum_r logsumexp_c(scale * query_r . keys_c), argmax_c)`` over all ``B`` keys, computed
-    ``chunk`` keys at a time. ``query [b, D]``, ``keys [B, D]`` float32; the argmax (int32
+    ``chunk`` keys at a time. ``query [b, D]`` float32, ``keys [B, D]`` any float dtype (upcast
+    one block at a time); the argmax (int32
     ``[b]``, ties to the smaller index) is returned for the accuracy metrics."""
     out, _ = _blockwise_lse_fwd(query, keys, scale, chunk)
     return out
@@ -479,8 +480,8 @@ def _scan_blocks(body, init_fn, xs):
 def _blockwise_lse_fwd(query, keys, scale, chunk):
     blocks, valid = _blocks(keys, chunk)
 
-    def logits(k, ok):
-        return jnp.where(ok[None, :], scale * (query @ k.T), _NEG_INF)  # [b, chunk]
+    def logits(k, ok):  # Keys stay in their (e.g. bf16) dtype except one block at a time.
+        return jnp.where(ok[None, :], scale * (query @ _f32(k).T), _NEG_INF)  # [b, chunk]
 
     def body(carry, xs):
         lse_state, top = carry
@@ -512,11 +513,13 @@ def _blockwise_lse_bwd(chunk, residuals, cotangents):
     def body(carry, xs):
         d_query, d_scale = carry
         k, ok = xs
+        k = _f32(k)
         raw = query @ k.T  # [b, chunk]
         p = jnp.where(ok[None, :], jnp.exp(scale * raw - lse[:, None]), 0.0) * g
         d_query = d_query + scale * (p @ k)
         d_scale = d_scale + jnp.sum(p * raw)
-        return (d_query, d_scale), scale * (p.T @ query)  # dK of this block [chunk, D]
+        # dK of this block [chunk, D], in the keys' dtype (the cotangent of a bf16 input is bf16).
+        return (d_query, d_scale), (scale * (p.T @ query)).astype(keys.dtype)
 
     init = lambda _: (jnp.zeros_like(query), jnp.zeros_like(lse[0]))  # noqa: E731
     (d_query, d_scale), d_blocks = _scan_blocks(body, init, (blocks, valid))
@@ -549,8 +552,10 @@ def _contrastive_chunked(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: 
     so the result equals the dense loss exactly as ``'gather'`` does. ``chunk_size`` need not
     divide ``B``: the last block is zero-padded and its padding masked out of the softmax.
     """
-    all_txt = _f32(ctx.all_gather(txt))
-    all_img = _f32(ctx.all_gather(img))
+    # The gathered features keep the input dtype (bf16 halves the O(B x D) buffers); each block
+    # is upcast to float32 inside the loops.
+    all_txt = ctx.all_gather(txt)
+    all_img = ctx.all_gather(img)
     img, txt = _f32(img), _f32(txt)
     chunk = max(1, min(int(chunk_size), all_txt.shape[0]))
     # The custom_vjp's scale cotangent differs per shard: mark the replicated scale as varying
