@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # jax[tpu] brings libtpu, whose compiler the `vlm-jax compile` tests use (no TPU needed).
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "jax[tpu]"],
     "tpu": ["jax[tpu]"],
 }
 
