@@ -108,3 +108,18 @@ def test_bad_topology_is_a_config_error(repo_root):
         aot.plan(config, "v9:2x2")
     proc = _cli(repo_root, "--config", "experiments/clip_tiny.py:test", "--topology", "tpu256")
     assert proc.returncode == 2 and "--topology 'tpu256'" in proc.stderr
+
+
+@needs_libtpu
+def test_multi_slice_mesh_spans_slices(repo_root):
+    """Two v5e:2x2 slices: the mesh's `slice` axis crosses them (hybrid ICI/DCN mesh)."""
+    config = config_lib.load_config(f"{repo_root / 'experiments/clip_tiny.py'}:test",
+                                    ["mesh.slice=2", "mesh.data=1", "mesh.fsdp=-1"])
+    r = aot.plan(config, "v5e:2x2", num_slices=2)
+    assert r.fits and r.devices == 8 and r.chips == 8
+    assert r.mesh == {"slice": 2, "data": 1, "fsdp": 4, "tensor": 1}
+    devices, _, _ = aot.topology_devices("v5e:2x2", 2)
+    from vlm_jax import parallel
+    mesh = parallel.create_mesh(config.mesh, devices)
+    for i in range(2):  # Each index of the slice axis holds the devices of one slice.
+        assert {d.slice_index for d in mesh.devices[i].flat} == {i}
