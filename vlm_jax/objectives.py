@@ -55,7 +55,7 @@ def clip_objective(model, batch, config, mesh):
 def _variant_kwargs(loss_config) -> dict:
     """Keyword arguments of :func:`vlm_jax.losses.contrastive_loss` from ``config.loss``."""
     kwargs = {"variant": loss_config.variant}
-    if loss_config.get("chunk_size"):
+    if loss_config.variant == "chunked" and loss_config.get("chunk_size"):  # 0: the default.
         kwargs["chunk_size"] = loss_config.chunk_size
     return kwargs
 
