@@ -23,7 +23,14 @@ def get_config(arg=None):
     c.batch_size = 128
     c.log_every_steps = 20
 
-    c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0)
+    # name: 'shapes' (embedded, built on first use) or raw image-text shards, 'webdataset' /
+    # 'array_record', read from train_files (brace ranges and globs; local or gs://) and
+    # evaluated on the shapes splits (eval_name, config_name). tokenizer: a sentencepiece model
+    # file for raw shards ('' = the shapes tokenizer). Bad samples are skipped and counted; the
+    # run stops when more than max_skipped_fraction of them are.
+    c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0,
+                  train_files="", tokenizer="", eval_name="shapes", max_skipped_fraction=0.1,
+                  min_side=8)
 
     c.model = dict(
         name="clip",

@@ -8,9 +8,12 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from input_pipeline import pipeline
+from input_pipeline import DataError, pipeline, sources
 from input_pipeline.shapes import builder as shapes_builder
 from vlm_jax.config import ConfigError
+
+
+SOURCES = ("webdataset", "array_record")  # config.data.name for raw image-text shards
 
 
 @dataclasses.dataclass
@@ -20,10 +23,17 @@ class Data:
     config: ConfigDict
     data_dir: str
     tokenizer: Any
+    source: Any = None  # a raw image-text source (webdataset / ArrayRecord), else None
 
     def train_iterator(self):
         """This process's share of the training stream (checkpointable grain iterator)."""
         d = self.config.data
+        if self.source is not None:
+            return pipeline.create_pair_iterator(
+                self.source, tokenizer=self.tokenizer, global_batch_size=self.config.batch_size,
+                seed=self.config.seed, image_size=self.config.model.image.image_size,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                worker_count=d.worker_count, min_side=d.get("min_side", 8))
         return pipeline.create_train_iterator(
             data_dir=self.data_dir, dataset=d.name, config_name=d.config_name, split="train",
             global_batch_size=self.config.batch_size, seed=self.config.seed,
@@ -36,9 +46,11 @@ class Data:
         e = self.config.eval
         d = self.config.data
         return pipeline.load_eval_split(
-            data_dir=self.data_dir, dataset=d.name, config_name=d.config_name, split=e.split,
+            data_dir=self.data_dir, dataset=d.get("eval_name", d.name) if self.source else d.name,
+            config_name=d.config_name, split=e.split,
             context_length=self.config.model.text.context_length,
-            max_examples=e.max_examples or None)
+            max_examples=e.max_examples or None,
+            image_size=self.config.model.image.image_size if self.source else None)
 
     def batch_shapes(self) -> dict[str, tuple]:
         """Global batch shapes of the training batches."""
@@ -47,20 +59,62 @@ class Data:
         return {"image": (b, size, size, 3), "text": (b, self.config.model.text.context_length)}
 
 
+def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
+    """Stops the run when bad samples exceed ``config.data.max_skipped_fraction``.
+
+    Raises:
+        DataError: naming the fraction, the threshold and the commonest reasons.
+    """
+    limit = config.data.get("max_skipped_fraction", 1.0)
+    seen = stats.get("seen", 0)
+    if seen < 100 or not limit or limit >= 1.0:
+        return
+    frac = stats.get("skipped", 0) / seen
+    if frac > limit:
+        reasons = sorted(((v, k.split("/", 1)[1]) for k, v in stats.items()
+                          if k.startswith("skipped/")), reverse=True)
+        listed = ", ".join(f"{r}: {n}" for n, r in reasons[:4])
+        raise DataError(
+            f"{100 * frac:.1f}% of the {seen} samples read were skipped ({listed}), more than "
+            f"config.data.max_skipped_fraction={limit}. Check config.data.train_files "
+            f"({config.data.get('train_files', '')}) or raise the threshold.")
+
+
 def prepare(config: ConfigDict) -> Data:
-    """Builds the dataset if needed (process 0; others wait) and loads its tokenizer."""
+    """Builds the dataset if needed (process 0; others wait) and loads its tokenizer.
+
+    ``config.data.name`` is ``'shapes'`` (the embedded dataset) or a raw image-text source,
+    ``'webdataset'`` / ``'array_record'`` with ``config.data.train_files`` (paths, brace ranges,
+    globs); those are evaluated on the shapes splits named by ``data.eval_name`` /
+    ``data.config_name`` and tokenised with ``data.tokenizer`` (a sentencepiece model file;
+    default: the shapes tokenizer).
+    """
     d = config.data
-    if d.name != "shapes":
-        raise ConfigError(f"config.data.name={d.name!r}: only the embedded 'shapes' dataset is "
-                          "available in this version.")
+    if d.name != "shapes" and d.name not in SOURCES:
+        raise ConfigError(f"config.data.name={d.name!r}: use 'shapes' (embedded) or a source of "
+                          f"image-text shards {list(SOURCES)} with config.data.train_files.")
     data_dir = d.data_dir or shapes_builder.default_data_dir()
+    source = None
+    if d.name in SOURCES:
+        if not d.get("train_files"):
+            raise ConfigError(f"config.data.name={d.name!r} needs config.data.train_files "
+                              "(e.g. 'shards/train-{00000..00009}.tar').")
+        source = sources.open_source(d.name, d.train_files)
+        for path, reason in getattr(source, "skipped_shards", []):
+            print(f"Warning: skipped unreadable shard {path}: {reason}")
+    eval_name = d.get("eval_name", "shapes") if source is not None else d.name
     shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
                            process_index=jax.process_index())
-    tokenizer = pipeline.tokenizer_for(data_dir=data_dir, dataset=d.name,
-                                       config_name=d.config_name,
-                                       context_length=config.model.text.context_length)
+    if source is not None and d.get("tokenizer"):
+        from input_pipeline.tokenizers import SentencePieceTokenizer  # pylint: disable=import-outside-toplevel
+
+        tokenizer = SentencePieceTokenizer(d.tokenizer, config.model.text.context_length)
+    else:
+        tokenizer = pipeline.tokenizer_for(data_dir=data_dir, dataset=eval_name,
+                                           config_name=d.config_name,
+                                           context_length=config.model.text.context_length)
     if tokenizer.vocab_size > config.model.text.vocab_size:
         raise ConfigError(
             f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
             f"tokenizer's vocabulary ({tokenizer.vocab_size}); set it to at least that.")
-    return Data(config, str(data_dir), tokenizer)
+    return Data(config, str(data_dir), tokenizer, source)

@@ -4,6 +4,9 @@
     vlm-jax eval  --workdir runs/tiny [--config experiments/clip_tiny.py] [--step N]
     vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
     vlm-jax data prepare --config experiments/clip_tiny.py
+    vlm-jax data export  --config experiments/clip_tiny.py --split train --output shards/
+    vlm-jax data convert --input 'shards/train-*.tar' --output records/train --num_shards 4
+    vlm-jax data inspect --input 'shards/train-*.tar' --output grid.png
 
 ``train`` on a workdir that holds checkpoints resumes from the latest one. ``eval`` without
 ``--config`` uses the ``config.json`` the run saved. Config errors are reported before any data
@@ -53,9 +56,23 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--num_slices", type=int, default=1,
                    help="multi-slice: number of such slices (config.mesh.slice spans them)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
-    p = sub.add_parser("data", help="dataset tools")
-    p.add_argument("action", choices=["prepare"], help="prepare: build the config's dataset")
-    common(p)
+    p = sub.add_parser(
+        "data", help="dataset tools: prepare | export | convert | inspect",
+        description="prepare: build the config's dataset. export: write a split of it as "
+                    "webdataset tar shards (--output DIR). convert: webdataset tars (--input "
+                    "PATTERN) or an image folder (--input DIR --captions CSV/JSONL) to ArrayRecord "
+                    "shards (--output PREFIX). inspect: counts, bad samples, caption lengths and "
+                    "a PNG grid (--input PATTERN --format webdataset|array_record --output PNG).")
+    p.add_argument("action", choices=["prepare", "export", "convert", "inspect"])
+    common(p, config_required=False)
+    p.add_argument("--input", default=None)
+    p.add_argument("--output", default=None)
+    p.add_argument("--format", default="webdataset", choices=["webdataset", "array_record"])
+    p.add_argument("--captions", default=None, help="convert: CSV (file,caption) or JSONL")
+    p.add_argument("--split", default="train", help="export: split to write")
+    p.add_argument("--shard_size", type=int, default=1000)
+    p.add_argument("--num_shards", type=int, default=1)
+    p.add_argument("--max_scan", type=int, default=None, help="inspect: samples to scan")
 
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
@@ -93,6 +110,42 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize()  # Multi-host Cloud TPU: topology from the environment.
 
 
+def _data_command(args, config) -> int:
+    import json  # pylint: disable=import-outside-toplevel
+
+    from input_pipeline import DataError, tools  # pylint: disable=import-outside-toplevel
+
+    def need(flag, value):
+        if not value:
+            raise DataError(f"vlm-jax data {args.action} needs --{flag}.")
+        return value
+
+    if args.action == "prepare":
+        from vlm_jax import data  # pylint: disable=import-outside-toplevel
+
+        d = data.prepare(config)
+        print(f"Dataset {config.data.name}/{config.data.config_name} ready in {d.data_dir}")
+    elif args.action == "export":
+        from vlm_jax import data  # pylint: disable=import-outside-toplevel
+
+        d = data.prepare(config)
+        paths = tools.export_webdataset(d.data_dir, config.data.get("eval_name", "shapes")
+                                        if config.data.name != "shapes" else "shapes",
+                                        config.data.config_name, args.split,
+                                        need("output", args.output), args.shard_size)
+        print(f"Wrote {len(paths)} tar shard(s): {paths[0]} ... {paths[-1]}")
+    elif args.action == "convert":
+        paths = tools.convert_to_array_record(need("input", args.input),
+                                              need("output", args.output), args.num_shards,
+                                              args.captions)
+        print(f"Wrote {len(paths)} ArrayRecord shard(s): {', '.join(paths[:3])}")
+    else:
+        report = tools.inspect(args.format, need("input", args.input), args.output,
+                               max_scan=args.max_scan)
+        print(json.dumps(report, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
@@ -107,7 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
         flags.FLAGS(sys.argv[:1], known_only=True)
     try:
-        config = _load(args, overrides)  # Fails on a bad key before anything else happens.
+        if args.command == "data" and args.action in ("convert", "inspect"):
+            config = None  # These work on files, not on a config.
+        else:
+            if args.config is None and args.command == "data":
+                raise ConfigError(f"vlm-jax data {args.action} needs --config.")
+            config = _load(args, overrides)  # Fails on a bad key before anything happens.
         if args.command != "compile":  # Compiling for a TPU topology needs no distributed runtime.
             _init_distributed(args)
         if args.command == "train":
@@ -123,10 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return aot.run(config, args.topology, args.num_slices, args.json)
         elif args.command == "data":
-            from vlm_jax import data  # pylint: disable=import-outside-toplevel
-
-            d = data.prepare(config)
-            print(f"Dataset {config.data.name}/{config.data.config_name} ready in {d.data_dir}")
+            return _data_command(args, config)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"vlm-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

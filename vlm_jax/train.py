@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from input_pipeline.transforms import SKIP_STATS
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config as config_lib
 from vlm_jax import data as data_lib
@@ -251,6 +252,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
                 metrics["perf/tflops_per_device"] = (
                     3 * flops_per_example * ips / jax.device_count() / 1e12)
             t0, t0_step = time.perf_counter(), done
+            if data.source is not None:  # Raw shards: bad samples skipped so far, by reason.
+                stats = SKIP_STATS.snapshot()
+                metrics.update({f"data/{k}": v for k, v in stats.items() if k != "seen"})
+                data_lib.check_skipped(stats, config)
             if not np.isfinite(metrics["train/loss"]):
                 raise FloatingPointError(
                     f"Non-finite training loss {metrics['train/loss']} at step {done}; the last "
