@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "array-record>=0.7",
     "ml_collections>=1.0",
     "sentencepiece>=0.2",
+    "regex>=2023.0",  # CLIP BPE's \p{L} / \p{N} pre-tokenisation
     "einops>=0.8",
     "tensorboardX>=2.6",
     "tqdm>=4.60",

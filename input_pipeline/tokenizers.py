@@ -138,6 +138,182 @@ class SentencePieceTokenizer:
         return np.sum(~special, axis=-1)
 
 
+# -------------------------------------------------------------------------------------------
+# CLIP's byte-level BPE (OpenAI CLIP / open_clip ``SimpleTokenizer``).
+# -------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode character map (as GPT-2's)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _clean(text: str) -> str:
+    """CLIP's ``basic_clean`` + ``whitespace_clean`` + lower-casing. ``ftfy.fix_text`` is applied
+    when ftfy is installed (it repairs mojibake; the rest is identical without it)."""
+    import html  # pylint: disable=import-outside-toplevel
+
+    try:
+        import ftfy  # pylint: disable=import-outside-toplevel
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return " ".join(text.split()).lower()
+
+
+class ClipBpeTokenizer:
+    """OpenAI CLIP's BPE tokenizer, read from the standard ``bpe_simple_vocab_16e6.txt.gz``.
+
+    Written out rather than taken from a library because it must reproduce OpenAI's
+    ``simple_tokenizer.py`` token for token (ids of public CLIP checkpoints depend on it) from
+    that one file; HF ``tokenizers`` needs the vocabulary converted to its own JSON first and is
+    not otherwise a dependency. Vocabulary: 256 byte symbols, the same with ``</w>``, one
+    entry per merge, then ``<|startoftext|>`` and ``<|endoftext|>`` (49406 and 49407 for the
+    standard file). Rows are ``[sot] + tokens + [eot]`` padded with 0 and cut to
+    ``context_length`` with ``eot`` last, as open_clip's ``tokenize``.
+    """
+
+    _PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"
+                r"[\p{N}]|[^\s\p{L}\p{N}]+")
+
+    def __init__(self, bpe_path: str | os.PathLike, context_length: int = 77,
+                 max_merges: int = 49152 - 256 - 2):
+        import gzip  # pylint: disable=import-outside-toplevel
+
+        path = epath.Path(bpe_path)
+        if not path.exists():
+            raise DataError(f"CLIP BPE file {path} does not exist (bpe_simple_vocab_16e6.txt.gz "
+                            "ships with OpenAI's CLIP and open_clip).")
+        if context_length < 2:
+            raise DataError(f"context_length={context_length} must be >= 2 (sot and eot).")
+        try:
+            raw = path.read_bytes()
+            lines = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+        except (OSError, UnicodeDecodeError, EOFError) as e:
+            raise DataError(f"{path} is not a CLIP BPE merges file ({e}).") from e
+        merges = [tuple(m.split()) for m in lines.split("\n")[1:max_merges + 1] if m.strip()]
+        if any(len(m) != 2 for m in merges):
+            raise DataError(f"{path}: every line after the header must be one merge 'a b'.")
+        self._path, self._state = str(path), (lines, context_length, max_merges)
+        self._build(merges, context_length)
+
+    def _build(self, merges, context_length):
+        import regex  # pylint: disable=import-outside-toplevel
+
+        self.byte_encoder = _bytes_to_unicode()
+        vocab = list(self.byte_encoder.values())
+        vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {v: i for i, v in enumerate(vocab)}
+        self.decoder = {i: v for v, i in self.encoder.items()}
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self._pattern = regex.compile(self._PATTERN, regex.IGNORECASE)
+        self._cache: dict[str, list[int]] = {}
+        self._context_length = context_length
+
+    def __getstate__(self):
+        return {"path": self._path, "state": self._state}
+
+    def __setstate__(self, d):
+        lines, context_length, max_merges = d["state"]
+        self._path, self._state = d["path"], d["state"]
+        merges = [tuple(m.split()) for m in lines.split("\n")[1:max_merges + 1] if m.strip()]
+        self._build(merges, context_length)
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.encoder)
+
+    @property
+    def bos_id(self) -> int:
+        return self.encoder["<|startoftext|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.encoder["<|endoftext|>"]
+
+    pad_id = 0
+
+    def _bpe(self, token: str) -> list[int]:
+        if token in self._cache:
+            return self._cache[token]
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        while len(word) > 1:
+            pairs = set(zip(word, word[1:]))
+            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if best not in self.bpe_ranks:
+                break
+            first, second = best
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        ids = [self.encoder[w] for w in word]
+        self._cache[token] = ids
+        return ids
+
+    def tokens(self, text: str) -> list[int]:
+        """BPE ids of one text, without sot/eot."""
+        out: list[int] = []
+        for token in self._pattern.findall(_clean(text)):
+            out += self._bpe("".join(self.byte_encoder[b] for b in token.encode("utf-8")))
+        return out
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 [len(texts), context_length]: ``[sot] + tokens + [eot]``, 0-padded, truncated
+        with ``eot`` kept last."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a sequence of strings; wrap a single text in a list.")
+        out = np.zeros((len(texts), self._context_length), np.int32)
+        for row, text in zip(out, texts):
+            ids = [self.bos_id, *self.tokens(text), self.eos_id][: self._context_length]
+            ids[-1] = self.eos_id
+            row[: len(ids)] = ids
+        return out
+
+    def decode(self, tokens) -> str | list[str]:
+        """Text of one row (up to eot; sot and padding dropped) or of a batch of rows."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 2:
+            return [self.decode(r) for r in tokens]
+        ids = tokens.tolist()
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        text = "".join(self.decoder[i] for i in ids if i != self.bos_id)
+        raw = bytearray(self.byte_decoder[c] for c in text)
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+
+def load_tokenizer(path: str | os.PathLike, context_length: int = 77):
+    """A CLIP BPE (``*.txt.gz`` / ``*.txt`` merges file) or sentencepiece (``*.model``)
+    tokenizer, chosen by the file name."""
+    name = os.fspath(path)
+    if name.endswith((".txt.gz", ".txt")):
+        return ClipBpeTokenizer(name, context_length)
+    return SentencePieceTokenizer(name, context_length)
+
+
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike,
                         vocab_size: int) -> str:
     """Trains a BPE sentencepiece model with pad=0, unk=1, bos=2, eos=3.

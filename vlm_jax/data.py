@@ -86,8 +86,9 @@ def prepare(config: ConfigDict) -> Data:
     ``config.data.name`` is ``'shapes'`` (the embedded dataset) or a raw image-text source,
     ``'webdataset'`` / ``'array_record'`` with ``config.data.train_files`` (paths, brace ranges,
     globs); those are evaluated on the shapes splits named by ``data.eval_name`` /
-    ``data.config_name`` and tokenised with ``data.tokenizer`` (a sentencepiece model file;
-    default: the shapes tokenizer).
+    ``data.config_name`` and tokenised with ``data.tokenizer`` (CLIP's BPE merges file
+    ``bpe_simple_vocab_16e6.txt.gz`` or a sentencepiece ``.model``; default: the shapes
+    tokenizer).
     """
     d = config.data
     if d.name != "shapes" and d.name not in SOURCES:
@@ -106,9 +107,9 @@ def prepare(config: ConfigDict) -> Data:
     shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
                            process_index=jax.process_index())
     if source is not None and d.get("tokenizer"):
-        from input_pipeline.tokenizers import SentencePieceTokenizer  # pylint: disable=import-outside-toplevel
+        from input_pipeline.tokenizers import load_tokenizer  # pylint: disable=import-outside-toplevel
 
-        tokenizer = SentencePieceTokenizer(d.tokenizer, config.model.text.context_length)
+        tokenizer = load_tokenizer(d.tokenizer, config.model.text.context_length)
     else:
         tokenizer = pipeline.tokenizer_for(data_dir=data_dir, dataset=eval_name,
                                            config_name=d.config_name,
