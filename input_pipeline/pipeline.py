@@ -26,7 +26,7 @@ from etils import epath
 from input_pipeline import DataError
 from input_pipeline import shapes
 from input_pipeline.tokenizers import SentencePieceTokenizer
-from input_pipeline.transforms import example_transforms, to_str
+from input_pipeline.transforms import example_transforms, pair_transforms, to_str
 
 # Zero-shot prompt templates per dataset; other datasets use the generic CLIP prompt.
 _TEMPLATES: dict[str, tuple[str, ...]] = {"shapes": shapes.ZERO_SHOT_TEMPLATES}
@@ -145,6 +145,46 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
         ds = ds.map(op)
     ds = ds.batch(local_batch_size, drop_remainder=True)
     it_ds = ds.to_iter_dataset(_read_options())
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
+
+
+def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
+                         image_size: int, process_index: int | None = None,
+                         process_count: int | None = None, worker_count: int = 0,
+                         num_epochs: int | None = None, min_side: int = 8,
+                         max_pixels: int = 8192 * 8192) -> grain.DatasetIterator:
+    """Batches of ``{'image', 'text', 'label'}`` from a random-access source of raw image-text
+    records (:mod:`input_pipeline.sources`: webdataset tars, ArrayRecord shards).
+
+    Same stream and sharding as :func:`create_train_iterator` (one shuffled stream, process
+    ``i`` of ``n`` reads positions ``p % n == i``); bad samples are dropped before batching and
+    counted in :data:`input_pipeline.transforms.SKIP_STATS` (with their reason), so a batch is
+    always full. Dropping happens per process, so with bad samples the 1-process and n-process
+    streams differ by the skipped records.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
+                        f"process count {process_count}; choose a multiple of {process_count}.")
+    if len(source) < global_batch_size:
+        raise DataError(f"{source!r} has {len(source)} samples, fewer than one global batch of "
+                        f"{global_batch_size}.")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    for op in pair_transforms(tokenizer, image_size, min_side, max_pixels, train=True):
+        if isinstance(op, grain.transforms.Filter):
+            ds = ds.filter(op)
+        elif isinstance(op, grain.transforms.RandomMap):
+            ds = ds.random_map(op, seed=seed)  # per-element rng from (seed, position)
+        else:
+            ds = ds.map(op)
+    # Sliced last: MapDataset is lazy, so each process still decodes only its own positions,
+    # while the random crop of a record depends on its global position, not the process count.
+    ds = ds[process_index::process_count]
+    it_ds = ds.to_iter_dataset(_read_options()).batch(global_batch_size // process_count,
+                                                      drop_remainder=True)
     if worker_count > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it_ds)

@@ -141,3 +141,142 @@ def example_transforms(tokenizer: SentencePieceTokenizer,
         ops.append(ResizeCenterCrop(image_size))
     ops += [Normalize(), Tokenize(tokenizer), SelectFeatures(MODEL_FEATURES)]
     return ops
+
+
+# -------------------------------------------------------------------------------------------
+# Image-text pairs from the wild (webdataset / ArrayRecord sources): bad samples are skipped.
+# -------------------------------------------------------------------------------------------
+
+SKIP_REASONS = ("missing_image", "missing_caption", "caption_not_utf8", "empty_caption",
+                "corrupt_image", "image_too_small", "image_too_large")
+
+
+class SkipStats:
+    """Counts of examples read and skipped (by reason) in this process.
+
+    grain worker processes keep their own counts; with ``worker_count=0`` (the default) these
+    are the pipeline's. :func:`snapshot` returns ``{'seen': n, 'skipped': m, 'skipped/<reason>':
+    k, ...}``.
+    """
+
+    def __init__(self):
+        self.seen = 0
+        self.skipped: dict[str, int] = {}
+
+    def record(self, reason: str | None) -> None:
+        self.seen += 1
+        if reason is not None:
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        out = {"seen": self.seen, "skipped": sum(self.skipped.values())}
+        out.update({f"skipped/{k}": v for k, v in sorted(self.skipped.items())})
+        return out
+
+    def reset(self) -> None:
+        self.seen, self.skipped = 0, {}
+
+
+SKIP_STATS = SkipStats()
+
+
+class DecodePair(grain.transforms.Map):
+    """A raw record (``image`` bytes, ``caption`` bytes/str) -> ``image`` uint8 [H, W, 3] RGB and
+    ``caption`` str, or ``{'_skip': reason, 'key': ...}`` for a sample that cannot be used.
+
+    Reasons (:data:`SKIP_REASONS`): no image or caption member, caption not UTF-8 or blank,
+    image bytes that do not decode (truncated, corrupt, not an image), smaller than
+    ``min_side`` pixels on a side (1x1 tracking pixels), or more than ``max_pixels`` pixels
+    (checked from the header, before decoding, so a 20000x20000 image costs nothing).
+    """
+
+    def __init__(self, min_side: int = 8, max_pixels: int = 8192 * 8192):
+        self.min_side = min_side
+        self.max_pixels = max_pixels
+
+    def _check(self, example: Example) -> tuple[str | None, Any, str]:
+        image, caption = example.get("image"), example.get("caption")
+        if image is None or (isinstance(image, (bytes, bytearray)) and not image):
+            return "missing_image", None, ""
+        if caption is None:
+            return "missing_caption", None, ""
+        if isinstance(caption, (bytes, bytearray)):
+            try:
+                caption = caption.decode("utf-8")
+            except UnicodeDecodeError:
+                return "caption_not_utf8", None, ""
+        caption = " ".join(str(caption).split())
+        if not caption:
+            return "empty_caption", None, ""
+        try:
+            with Image.open(io.BytesIO(image)) as pil:
+                w, h = pil.size
+                if w * h > self.max_pixels:
+                    return "image_too_large", None, ""
+                if min(w, h) < self.min_side:
+                    return "image_too_small", None, ""
+                pil.load()
+                rgb = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+        except Image.DecompressionBombError:  # PIL's own guard, raised at open for > 2x its cap
+            return "image_too_large", None, ""
+        except Exception:  # pylint: disable=broad-except  # PIL raises many types
+            return "corrupt_image", None, ""
+        return None, rgb, caption
+
+    def map(self, example: Example) -> Example:
+        reason, image, caption = self._check(example)
+        SKIP_STATS.record(reason)
+        if reason is not None:
+            return {"_skip": reason, "key": example.get("key", "")}
+        return {"image": image, "caption": caption, "label": -1, "key": example.get("key", "")}
+
+
+class RandomResizedCrop(grain.transforms.RandomMap):
+    """Training augmentation of open_clip (``RandomResizedCrop(scale=(0.9, 1.0))``, bicubic):
+    a crop of ``scale`` of the area and aspect ratio in ``ratio`` (log-uniform), resized to
+    ``size x size``; after 10 failed draws, the central square crop. Written here rather than
+    taken from torchvision to avoid a torch dependency; grain seeds ``rng`` per element, so the
+    crops are reproducible and survive resumption."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.9, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), key: str = "image"):
+        self.size, self.scale, self.ratio, self.key = size, scale, ratio, key
+
+    def random_map(self, example: Example, rng: np.random.Generator) -> Example:
+        image = example[self.key]
+        h, w = image.shape[:2]
+        box = None
+        for _ in range(10):
+            area = h * w * rng.uniform(*self.scale)
+            aspect = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+            cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+                box = (left, top, left + cw, top + ch)
+                break
+        if box is None:
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            box = (left, top, left + side, top + side)
+        crop = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BICUBIC,
+                                             box=box)
+        return {**example, self.key: np.asarray(crop)}
+
+
+class KeepValid(grain.transforms.Filter):
+    """Drops the examples :class:`DecodePair` marked with ``_skip``."""
+
+    def filter(self, example: Example) -> bool:
+        return "_skip" not in example
+
+
+def pair_transforms(tokenizer, image_size: int, min_side: int = 8,
+                    max_pixels: int = 8192 * 8192, train: bool = True,
+                    crop_scale: tuple[float, float] = (0.9, 1.0)) -> list:
+    """Transforms from a raw image-text record to ``{'image', 'text', 'label'}`` (label -1),
+    skipping bad samples (counted in :data:`SKIP_STATS`): random-resized crop for training,
+    resize + centre crop otherwise; CLIP normalisation; tokenisation."""
+    crop = (RandomResizedCrop(image_size, crop_scale) if train else
+            ResizeCenterCrop(image_size))
+    return [DecodePair(min_side, max_pixels), KeepValid(), crop, Normalize(), Tokenize(tokenizer),
+            SelectFeatures(MODEL_FEATURES)]
