@@ -156,7 +156,8 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
                          num_epochs: int | None = None, min_side: int = 8,
                          max_pixels: int = 8192 * 8192) -> grain.DatasetIterator:
     """Batches of ``{'image', 'text', 'label'}`` from a random-access source of raw image-text
-    records (:mod:`input_pipeline.sources`: webdataset tars, ArrayRecord shards).
+    records (:mod:`input_pipeline.sources`: webdataset tars, ArrayRecord shards), or from a
+    weighted mixture given as a list of ``(source, weight)``.
 
     Same stream and sharding as :func:`create_train_iterator` (one shuffled stream, process
     ``i`` of ``n`` reads positions ``p % n == i``); bad samples are dropped before batching and
@@ -169,10 +170,18 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
     if global_batch_size % process_count:
         raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
                         f"process count {process_count}; choose a multiple of {process_count}.")
-    if len(source) < global_batch_size:
-        raise DataError(f"{source!r} has {len(source)} samples, fewer than one global batch of "
-                        f"{global_batch_size}.")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    parts = source if isinstance(source, (list, tuple)) else [(source, 1.0)]
+    for src, weight in parts:
+        if len(src) < global_batch_size:
+            raise DataError(f"{src!r} has {len(src)} samples, fewer than one global batch of "
+                            f"{global_batch_size}.")
+        if not weight > 0:
+            raise DataError(f"Mixture weight {weight} of {src!r} must be positive.")
+    streams = [grain.MapDataset.source(src).shuffle(seed=seed + i).repeat(num_epochs)
+               for i, (src, _) in enumerate(parts)]
+    # A weighted mixture interleaves the sources' streams deterministically (grain's mix).
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(
+        streams, [float(w) for _, w in parts])
     for op in pair_transforms(tokenizer, image_size, min_side, max_pixels, train=True):
         if isinstance(op, grain.transforms.Filter):
             ds = ds.filter(op)

@@ -227,3 +227,23 @@ def test_two_process_streams_resume_exactly(tmp_path, spm_tokenizer):
         resumed = make(pi)
         resumed.set_state(state)
         assert [digest(next(resumed)) for _ in range(12)] == want, pi
+
+
+def test_weighted_mixture_follows_weights(tmp_path, spm_tokenizer):
+    def shard(name, caption):
+        samples = [(f"{name}{i:04d}", {"png": _image_bytes(i), "txt": caption.encode()})
+                   for i in range(40)]
+        write_shard(tmp_path / f"{name}.tar", samples)
+        return sources.WebDatasetSource(str(tmp_path / f"{name}.tar"))
+
+    a, b = shard("a", "a blue square."), shard("b", "a red circle.")
+    b_tokens = spm_tokenizer.encode(["a red circle."])[0]
+    it = pipeline.create_pair_iterator([(a, 3.0), (b, 1.0)], tokenizer=spm_tokenizer,
+                                       global_batch_size=8, seed=0, image_size=16,
+                                       process_index=0, process_count=1)
+    rows = np.concatenate([next(it)["text"] for _ in range(20)])
+    from_b = int(np.sum(np.all(rows == b_tokens, axis=1)))
+    assert 36 <= from_b <= 44, from_b  # 160 samples at weights 3:1: 40 expected
+    with pytest.raises(DataError, match="weight"):
+        pipeline.create_pair_iterator([(a, 0.0)], tokenizer=spm_tokenizer, global_batch_size=8,
+                                      seed=0, image_size=16, process_index=0, process_count=1)

@@ -97,12 +97,25 @@ def prepare(config: ConfigDict) -> Data:
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     source = None
     if d.name in SOURCES:
-        if not d.get("train_files"):
+        if d.get("mixture"):  # [{'name': ..., 'train_files': ..., 'weight': ...}, ...]
+            parts = []
+            for i, part in enumerate(d.mixture):
+                missing = {"name", "train_files", "weight"} - set(part)
+                if missing or part["name"] not in SOURCES:
+                    raise ConfigError(f"config.data.mixture[{i}] = {dict(part)}: needs name "
+                                      f"(one of {list(SOURCES)}), train_files and weight.")
+                parts.append((sources.open_source(part["name"], part["train_files"]),
+                              float(part["weight"])))
+            source = parts
+        elif not d.get("train_files"):
             raise ConfigError(f"config.data.name={d.name!r} needs config.data.train_files "
-                              "(e.g. 'shards/train-{00000..00009}.tar').")
-        source = sources.open_source(d.name, d.train_files)
-        for path, reason in getattr(source, "skipped_shards", []):
-            print(f"Warning: skipped unreadable shard {path}: {reason}")
+                              "(e.g. 'shards/train-{00000..00009}.tar') or config.data.mixture.")
+        else:
+            source = sources.open_source(d.name, d.train_files)
+        for src in (source if isinstance(source, list) else [source]):
+            src = src[0] if isinstance(src, tuple) else src
+            for path, reason in getattr(src, "skipped_shards", []):
+                print(f"Warning: skipped unreadable shard {path}: {reason}")
     eval_name = d.get("eval_name", "shapes") if source is not None else d.name
     shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
                            process_index=jax.process_index())
