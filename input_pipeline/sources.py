@@ -1,0 +1,227 @@
+"""Random-access sources of image-text pairs: webdataset tar shards and ArrayRecord shards.
+
+Both are grain ``RandomAccessDataSource``s (``len`` and ``__getitem__``), so they go through the
+same grain pipeline (global shuffle, per-process reading, checkpointable iterator) as TFDS
+datasets. A record is a dict::
+
+    {'key': str, 'image': bytes | None, 'caption': bytes | None, 'metadata': bytes | None,
+     'source': str}
+
+``image``/``caption`` are ``None`` when the shard lacks them; deciding what to do with such a
+record (skip and count it) is the transforms' job (:mod:`input_pipeline.transforms`), so one
+bad sample never stops a run.
+
+* :class:`WebDatasetSource` reads tar shards as img2dataset writes them: members
+  ``<key>.jpg|jpeg|png|webp``, ``<key>.txt``, ``<key>.json`` grouped by key. Opening a source
+  indexes every shard (member names and data offsets, no payload is read); a record is then one
+  seek + read. A shard that is not a readable tar, or is truncated, is skipped with its path
+  and the reason in :attr:`WebDatasetSource.skipped_shards`, the members read before the damage
+  are kept.
+* :class:`ArrayRecordSource` reads ArrayRecord shards written by :func:`write_array_record`
+  (one msgpack-encoded record each), the format `vlm-jax data convert` produces.
+
+Paths may be local or remote (``gs://...`` through etils.epath) and may use brace ranges
+(``shard-{00000..00099}.tar``) and globs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tarfile
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgpack
+from etils import epath
+
+from input_pipeline import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+Record = dict[str, Any]
+
+
+def expand_paths(patterns: str | Sequence[str]) -> list[str]:
+    """Expands ``{a..b}`` ranges (zero padding kept), commas and globs into sorted file paths.
+
+    Raises:
+        DataError: a pattern matches no file.
+    """
+    if isinstance(patterns, str):
+        patterns = [p for p in re.split(r"[,\s]+", patterns) if p]
+    out: list[str] = []
+    for pattern in patterns:
+        for expanded in _expand_braces(pattern):
+            if any(c in expanded for c in "*?["):
+                path = epath.Path(expanded)
+                matches = sorted(str(p) for p in path.parent.glob(path.name))
+            else:
+                matches = [expanded] if epath.Path(expanded).exists() else []
+            if not matches:
+                raise DataError(f"No file matches {expanded!r} (from {pattern!r}); check the path "
+                                "in config.data.train_files.")
+            out.extend(matches)
+    return out
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out.extend(_expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():]))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    shard: int
+    offset: int
+    size: int
+
+
+class WebDatasetSource:
+    """Image-text pairs of webdataset tar shards (see module docstring)."""
+
+    def __init__(self, patterns: str | Sequence[str]):
+        self.paths = expand_paths(patterns)
+        self.skipped_shards: list[tuple[str, str]] = []
+        self._records: list[tuple[str, dict[str, _Member]]] = []
+        for shard, path in enumerate(self.paths):
+            self._index(shard, path)
+        if not self._records:
+            raise DataError(f"No samples in {len(self.paths)} tar shard(s) {self.paths[:3]}...; "
+                            f"skipped shards: {self.skipped_shards[:3]}.")
+        self._local = threading.local()
+
+    def _index(self, shard: int, path: str) -> None:
+        groups: dict[str, dict[str, _Member]] = {}
+        order: list[str] = []
+        try:
+            with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    base = os.path.basename(info.name)
+                    key, _, ext = base.partition(".")
+                    key = os.path.join(os.path.dirname(info.name), key)
+                    if key not in groups:
+                        groups[key] = {}
+                        order.append(key)
+                    groups[key][ext.lower()] = _Member(shard, info.offset_data, info.size)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            reason = f"{type(e).__name__}: {e}"
+            self.skipped_shards.append((path, reason))
+            log.warning("Skipping the rest of tar shard %s (%s); %d samples read before it.",
+                        path, reason, len(order))
+        self._records.extend((key, groups[key]) for key in order)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _file(self, shard: int):
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = {}
+        if shard not in files:
+            files[shard] = epath.Path(self.paths[shard]).open("rb")
+        return files[shard]
+
+    def _read(self, member: _Member | None) -> bytes | None:
+        if member is None:
+            return None
+        f = self._file(member.shard)
+        f.seek(member.offset)
+        data = f.read(member.size)
+        return data if len(data) == member.size else None  # truncated payload
+
+    def __getitem__(self, index: int) -> Record:
+        key, members = self._records[index]
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        return {
+            "key": key,
+            "image": self._read(members.get(image_ext)) if image_ext else None,
+            "caption": self._read(members.get("txt")),
+            "metadata": self._read(members.get("json")),
+            "source": self.paths[members[next(iter(members))].shard],
+        }
+
+    def __getstate__(self):  # File handles are reopened in each grain worker.
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"WebDatasetSource({len(self.paths)} shards, {len(self)} samples)"
+
+
+class ArrayRecordSource:
+    """Image-text pairs of ArrayRecord shards written by :func:`write_array_record`."""
+
+    def __init__(self, patterns: str | Sequence[str]):
+        from array_record.python import array_record_data_source  # pylint: disable=import-outside-toplevel
+
+        self.paths = expand_paths(patterns)
+        try:
+            self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+        except Exception as e:  # array_record raises several types for unreadable files.
+            raise DataError(f"Cannot open ArrayRecord shards {self.paths[:3]}: {e}") from e
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Record:
+        record = msgpack.unpackb(self._source[index], raw=False)
+        record.setdefault("source", "array_record")
+        return record
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} samples)"
+
+
+def write_array_record(records: Iterable[Record], path_prefix: str, num_shards: int = 1,
+                       total: int | None = None) -> list[str]:
+    """Writes records (dicts of bytes/str/None) round-robin into ``num_shards`` ArrayRecord
+    files ``<path_prefix>-<i>-of-<n>.array_record``; returns their paths.
+
+    Files are written under a temporary name and renamed when complete, so an interrupted
+    conversion never leaves a shard that looks finished.
+    """
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+    paths = [f"{path_prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+    epath.Path(paths[0]).parent.mkdir(parents=True, exist_ok=True)
+    writers = [array_record_module.ArrayRecordWriter(p + ".tmp", "group_size:1")
+               for p in paths]
+    try:
+        for i, record in enumerate(records):
+            keep = {k: v for k, v in record.items() if k in ("key", "image", "caption",
+                                                              "metadata")}
+            writers[i % num_shards].write(msgpack.packb(keep, use_bin_type=True))
+    finally:
+        for w in writers:
+            w.close()
+    for p in paths:
+        os.replace(p + ".tmp", p)
+    return paths
+
+
+def open_source(kind: str, patterns: str | Sequence[str]):
+    """``kind`` ``'webdataset'`` or ``'array_record'`` -> the source over ``patterns``."""
+    if kind == "webdataset":
+        return WebDatasetSource(patterns)
+    if kind == "array_record":
+        return ArrayRecordSource(patterns)
+    raise DataError(f"Unknown source kind {kind!r}; use 'webdataset' or 'array_record'.")
