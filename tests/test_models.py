@@ -579,3 +579,24 @@ def test_sharded_forward_matches_single_device(clip_model):
     for k in ("image_emb", "text_emb"):
         np.testing.assert_allclose(np.asarray(got[k][:2]), np.asarray(want[k]), atol=1e-5)
         np.testing.assert_allclose(np.asarray(got[k][2:]), np.asarray(want[k]), atol=1e-5)
+
+
+def test_uint8_pixels_are_normalised_on_device_like_the_host_transform():
+    """Raw-pair batches arrive as uint8; the patch embedding normalises them with CLIP's
+    statistics, exactly as input_pipeline.transforms.Normalize does on the host."""
+    from flax import nnx as _nnx
+
+    from input_pipeline.transforms import Normalize
+    from vlm_jax.models import build_model
+    from vlm_jax.models.clip import clip_config
+
+    cfg = clip_config("ViT-B/32")
+    cfg["image"].update(image_size=32, width=32, depth=1, num_heads=2, mlp_dim=64)
+    cfg["text"].update(width=32, depth=1, num_heads=2, mlp_dim=64, vocab_size=64,
+                       context_length=8, eos_id=63)
+    cfg["embed_dim"] = 16
+    model = build_model(cfg, rngs=_nnx.Rngs(0))
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    host = np.stack([Normalize().map({"image": p})["image"] for p in pixels])
+    np.testing.assert_allclose(model.encode_image(jnp.asarray(pixels)),
+                               model.encode_image(jnp.asarray(host)), atol=1e-5)

@@ -366,6 +366,23 @@ class MAPHead(nnx.Module):
         return y[:, 0]
 
 
+# OpenAI CLIP pixel statistics (RGB, on [0, 1] values); the same numbers as
+# input_pipeline.transforms.CLIP_MEAN / CLIP_STD, which normalise on the host.
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 pixels ``[..., 3]`` -> ``(x / 255 - mean) / std`` in ``dtype`` (float input is
+    returned cast, assumed already normalised). Input pipelines ship uint8 batches (4x fewer
+    bytes to copy and transfer than float32) and the device normalises them here."""
+    if not jnp.issubdtype(images.dtype, jnp.integer):
+        return images.astype(dtype)
+    mean = jnp.asarray(PIXEL_MEAN, jnp.float32) * 255
+    inv_std = 1 / (jnp.asarray(PIXEL_STD, jnp.float32) * 255)
+    return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """``x / max(||x||, eps)`` along the last axis, in float32 (as ``F.normalize``)."""
     x = x.astype(jnp.float32)

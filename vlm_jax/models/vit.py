@@ -100,10 +100,11 @@ class PatchEmbed(nnx.Module):
                      if use_bias else None)
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        """``images [B, H, W, C]`` -> ``[B, (H/p) * (W/p), width]``."""
+        """``images [B, H, W, C]`` (normalised floats, or uint8 pixels normalised here with
+        CLIP's statistics) -> ``[B, (H/p) * (W/p), width]``."""
         b, h, w, c = images.shape
         p = self.patch_size
-        x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+        x = layers.normalize_pixels(images, self.dtype).reshape(b, h // p, p, w // p, p, c)
         x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             x = x + self.bias[...].astype(self.dtype)
