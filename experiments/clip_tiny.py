@@ -30,7 +30,8 @@ def get_config(arg=None):
     # run stops when more than max_skipped_fraction of them are.
     c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0,
                   train_files="", tokenizer="", eval_name="shapes", max_skipped_fraction=0.1,
-                  min_side=8, mixture=[])  # mixture: [dict(name, train_files, weight), ...]
+                  min_side=8, mixture=[],  # mixture: [dict(name, train_files, weight), ...]
+                  image_key="image", caption_key="caption")  # name='tfds': feature names
 
     c.model = dict(
         name="clip",

@@ -218,10 +218,75 @@ def write_array_record(records: Iterable[Record], path_prefix: str, num_shards: 
     return paths
 
 
-def open_source(kind: str, patterns: str | Sequence[str]):
-    """``kind`` ``'webdataset'`` or ``'array_record'`` -> the source over ``patterns``."""
+class TfdsPairSource:
+    """Image-text pairs from any prepared TFDS dataset, through ``tfds.data_source``.
+
+    ``spec`` is ``'<name>[/<config>][:<version>]@<split>'`` (e.g. ``'coco_captions@train'``);
+    ``image_key`` and ``caption_key`` name the features (a ``/`` path into nested features, e.g.
+    ``'captions/text'``; a list of captions gives its first). Datasets without captions
+    (``imagenet2012``, ``cifar10``) are captioned from their class names with ``caption_key``
+    ``'label:<template>'``, e.g. ``'label:a photo of a {}.'``. Images may be stored as encoded
+    bytes or decoded arrays; both go through the same checks.
+    """
+
+    def __init__(self, spec: str, data_dir: str | None = None, image_key: str = "image",
+                 caption_key: str = "caption"):
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+        name, _, split = spec.partition("@")
+        try:
+            builder = tfds.builder(name, data_dir=data_dir or None)
+            self._source = tfds.data_source(name, split=split or "train",
+                                            data_dir=data_dir or None)
+        except Exception as e:  # tfds raises many types for a missing dataset/split
+            raise DataError(f"TFDS dataset {spec!r} is not prepared in {data_dir or '$TFDS_DATA_DIR'}"
+                            f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Prepare it "
+                            "with tfds (file_format='array_record') or fix config.data.train_files."
+                            ) from e
+        self.spec, self.image_key, self.caption_key = spec, image_key, caption_key
+        self._names = None
+        if caption_key.startswith("label:"):
+            self._names = list(builder.info.features["label"].names)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    @staticmethod
+    def _get(record, path: str):
+        for part in path.split("/"):
+            record = record[part]
+        return record
+
+    def __getitem__(self, index: int) -> Record:
+        import numpy as np  # pylint: disable=import-outside-toplevel
+
+        r = self._source[index]
+        image = self._get(r, self.image_key)
+        if isinstance(image, np.ndarray) and image.dtype == object:
+            image = image.item()
+        if self._names is not None:
+            caption = self.caption_key[len("label:"):].format(
+                self._names[int(r["label"])].replace("_", " "))
+        else:
+            caption = self._get(r, self.caption_key)
+            if isinstance(caption, np.ndarray):
+                caption = caption.reshape(-1)[0] if caption.size else None
+        return {"key": f"{self.spec}/{index}", "image": image, "caption": caption,
+                "metadata": None, "source": self.spec}
+
+    def __repr__(self) -> str:
+        return f"TfdsPairSource({self.spec}, {len(self)} samples)"
+
+
+def open_source(kind: str, patterns: str | Sequence[str], **kwargs):
+    """``kind`` ``'webdataset'``, ``'array_record'`` or ``'tfds'`` -> the source over
+    ``patterns`` (for ``'tfds'``: ``'<name>@<split>'``, with ``data_dir`` / ``image_key`` /
+    ``caption_key`` keyword arguments)."""
     if kind == "webdataset":
         return WebDatasetSource(patterns)
     if kind == "array_record":
         return ArrayRecordSource(patterns)
-    raise DataError(f"Unknown source kind {kind!r}; use 'webdataset' or 'array_record'.")
+    if kind == "tfds":
+        return TfdsPairSource(patterns, **kwargs)
+    raise DataError(f"Unknown source kind {kind!r}; use 'webdataset', 'array_record' or "
+                    "'tfds'.")

@@ -208,6 +208,12 @@ class DecodePair(grain.transforms.Map):
         caption = " ".join(str(caption).split())
         if not caption:
             return "empty_caption", None, ""
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8:  # already decoded (TFDS)
+            if image.ndim == 3 and image.shape[-1] == 1:
+                image = image[..., 0]
+            if image.ndim not in (2, 3) or min(image.shape[:2]) < self.min_side:
+                return "image_too_small", None, ""
+            return None, np.asarray(Image.fromarray(image).convert("RGB")), caption
         try:
             with Image.open(io.BytesIO(image)) as pil:
                 w, h = pil.size

@@ -247,3 +247,18 @@ def test_weighted_mixture_follows_weights(tmp_path, spm_tokenizer):
     with pytest.raises(DataError, match="weight"):
         pipeline.create_pair_iterator([(a, 0.0)], tokenizer=spm_tokenizer, global_batch_size=8,
                                       seed=0, image_size=16, process_index=0, process_count=1)
+
+
+def test_tfds_source_reads_a_prepared_dataset(tiny_data_dir):  # noqa: F811
+    ref = pipeline.load_eval_split(data_dir=tiny_data_dir, split="train", context_length=16)
+    src = sources.open_source("tfds", "shapes/64px@train", data_dir=tiny_data_dir)
+    assert len(src) == len(ref["label"])
+    out = transforms.DecodePair().map(src[3])
+    assert out["image"].shape == (64, 64, 3) and out["caption"] == ref["caption"][3]
+    by_label = sources.open_source("tfds", "shapes/64px@train", data_dir=tiny_data_dir,
+                                   caption_key="label:a photo of a {}.")
+    caption = by_label[3]["caption"]
+    assert caption.startswith("a photo of a ") and caption.endswith(".")
+    assert ref["class_names"][ref["label"][3]] in caption
+    with pytest.raises(DataError, match="not prepared"):
+        sources.open_source("tfds", "no_such_dataset@train", data_dir=tiny_data_dir)

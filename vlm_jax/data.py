@@ -13,7 +13,7 @@ from input_pipeline.shapes import builder as shapes_builder
 from vlm_jax.config import ConfigError
 
 
-SOURCES = ("webdataset", "array_record")  # config.data.name for raw image-text shards
+SOURCES = ("webdataset", "array_record", "tfds")  # config.data.name for raw image-text data
 
 
 @dataclasses.dataclass
@@ -80,6 +80,14 @@ def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
             f"({config.data.get('train_files', '')}) or raise the threshold.")
 
 
+def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
+    if kind == "tfds":  # files = '<name>@<split>' of a dataset prepared in data_dir
+        return sources.open_source(kind, files, data_dir=data_dir,
+                                   image_key=d.get("image_key", "image"),
+                                   caption_key=d.get("caption_key", "caption"))
+    return sources.open_source(kind, files)
+
+
 def prepare(config: ConfigDict) -> Data:
     """Builds the dataset if needed (process 0; others wait) and loads its tokenizer.
 
@@ -104,14 +112,14 @@ def prepare(config: ConfigDict) -> Data:
                 if missing or part["name"] not in SOURCES:
                     raise ConfigError(f"config.data.mixture[{i}] = {dict(part)}: needs name "
                                       f"(one of {list(SOURCES)}), train_files and weight.")
-                parts.append((sources.open_source(part["name"], part["train_files"]),
+                parts.append((_open(part["name"], part["train_files"], d, data_dir),
                               float(part["weight"])))
             source = parts
         elif not d.get("train_files"):
             raise ConfigError(f"config.data.name={d.name!r} needs config.data.train_files "
                               "(e.g. 'shards/train-{00000..00009}.tar') or config.data.mixture.")
         else:
-            source = sources.open_source(d.name, d.train_files)
+            source = _open(d.name, d.train_files, d, data_dir)
         for src in (source if isinstance(source, list) else [source]):
             src = src[0] if isinstance(src, tuple) else src
             for path, reason in getattr(src, "skipped_shards", []):
