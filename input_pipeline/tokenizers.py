@@ -21,6 +21,12 @@ from input_pipeline import DataError
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+def _before_eos(tokens: np.ndarray, eos_id: int) -> list[int]:
+    """The ids of one row up to (not including) its first eos."""
+    ids = tokens.tolist()
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
 class SentencePieceTokenizer:
     """Sentencepiece tokenizer with bos/eos framing, truncation and padding to a fixed length.
 
@@ -126,9 +132,7 @@ class SentencePieceTokenizer:
         tokens = np.asarray(tokens)
         if tokens.ndim == 2:
             return [self.decode(row) for row in tokens]
-        ids = tokens.tolist()
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
+        ids = _before_eos(tokens, self.eos_id)
         return self._sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
 
     def content_lengths(self, tokens: np.ndarray) -> np.ndarray:
@@ -297,9 +301,7 @@ class ClipBpeTokenizer:
         tokens = np.asarray(tokens)
         if tokens.ndim == 2:
             return [self.decode(r) for r in tokens]
-        ids = tokens.tolist()
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
+        ids = _before_eos(tokens, self.eos_id)
         text = "".join(self.decoder[i] for i in ids if i != self.bos_id)
         raw = bytearray(self.byte_decoder[c] for c in text)
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
