@@ -9,8 +9,8 @@ captions, then measures in one run:
 * baseline: a loop over the same tar members that only does PIL decode + resize to 224 x 224
   (the least any loader must do);
 * the training pipeline (:func:`input_pipeline.pipeline.create_pair_iterator`: global shuffle,
-  decode + checks, random-resized crop, CLIP normalisation, CLIP-style tokenisation to 77,
-  batching), with ``worker_count`` grain worker processes and prefetch.
+  decode + checks, random-resized crop, tokenisation to 77, uint8 batching; CLIP
+  normalisation happens on the device), with ``worker_count`` grain worker processes.
 
 The baseline runs on 1 process and on all cores (a process pool), with the image bytes already
 in memory; the pipeline's overhead is 1 - its images/s over the all-cores baseline.
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
             rate = grain_rate(src, tok, args.n, w)
             how = f"{w} worker processes" if w else "main process, grain read threads"
             print(f"| grain pipeline from tar shards ({how}): read, decode, checks, "
-                  f"random-resized crop, normalise, tokenise, batch | {rate:.0f} | "
+                  f"random-resized crop, tokenise, uint8 batch | {rate:.0f} | "
                   f"{100 * rate / base_all:.0f}% |", flush=True)
 
 if __name__ == "__main__":
