@@ -262,3 +262,33 @@ def test_tfds_source_reads_a_prepared_dataset(tiny_data_dir):  # noqa: F811
     assert ref["class_names"][ref["label"][3]] in caption
     with pytest.raises(DataError, match="not prepared"):
         sources.open_source("tfds", "no_such_dataset@train", data_dir=tiny_data_dir)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_convert_image_folder_with_captions(tmp_path, fmt):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = []
+    for i in range(5):
+        (folder / f"p{i}.png").write_bytes(_image_bytes(i))
+        rows.append({"file": f"p{i}.png", "caption": f"photo {i}, with a comma"})
+    rows.append({"file": "missing.png", "caption": "no such image"})
+    if fmt == "csv":
+        import csv
+        path = tmp_path / "captions.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "caption"])
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        path = tmp_path / "captions.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from input_pipeline import tools
+    tools.convert_to_array_record(str(folder), str(tmp_path / "ar" / "pairs"), 2, str(path))
+    src = sources.ArrayRecordSource(str(tmp_path / "ar" / "pairs-*.array_record"))
+    got = {src[i]["key"]: src[i] for i in range(len(src))}
+    assert len(got) == 6
+    assert got["p3"]["image"] == (folder / "p3.png").read_bytes()
+    assert got["p3"]["caption"] == "photo 3, with a comma"
+    # The missing image is kept as a record and skipped (and counted) by the pipeline.
+    assert transforms.DecodePair().map(got["missing"])["_skip"] == "missing_image"
