@@ -443,87 +443,83 @@ def _contrastive_ring(img: jax.Array, txt: jax.Array, scale: jax.Array,
 DEFAULT_CHUNK_SIZE = 4096
 
 
-def _blocks(keys: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """``[B, D] -> [B_pad / chunk, chunk, D]`` zero-padded blocks, and the ``[n, chunk]`` mask of
-    real (not padding) columns."""
-    n_keys = keys.shape[0]
-    n_blocks = -(-n_keys // chunk)
-    pad = n_blocks * chunk - n_keys
-    blocks = jnp.pad(keys, ((0, pad), (0, 0))).reshape(n_blocks, chunk, keys.shape[1])
-    valid = (jnp.arange(n_blocks * chunk) < n_keys).reshape(n_blocks, chunk)
-    return blocks, valid
+def _block_starts(n_keys: int, chunk: int) -> jax.Array:
+    """Nominal first column of each of the ``ceil(B / chunk)`` blocks."""
+    return jnp.arange(-(-n_keys // chunk), dtype=jnp.int32) * chunk
+
+
+def _block(keys: jax.Array, start: jax.Array, chunk: int):
+    """The ``[chunk, D]`` block of ``keys`` at nominal column ``start``, as a slice (no copy of
+    ``keys``). When ``chunk`` does not divide ``B`` the last block is shifted back to end at
+    column ``B``; its columns before ``start`` belong to the previous block and are masked.
+    Returns ``(block, first column, global column ids [chunk], mask of new columns [chunk])``."""
+    first = jnp.minimum(start, keys.shape[0] - chunk)
+    ids = first + jnp.arange(chunk, dtype=jnp.int32)
+    return jax.lax.dynamic_slice_in_dim(keys, first, chunk, axis=0), first, ids, ids >= start
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _blockwise_lse(query: jax.Array, keys: jax.Array, scale: jax.Array, chunk: int
                    ) -> tuple[jax.Array, jax.Array]:
-    """``(sum_r logsumexp_c(scale * query_r . keys_c), argmax_c)`` over all ``B`` keys, computed
-    ``chunk`` keys at a time. ``query [b, D]`` float32, ``keys [B, D]`` any float dtype (upcast
-    one block at a time); the argmax (int32
-    ``[b]``, ties to the smaller index) is returned for the accuracy metrics."""
+    """``(logsumexp_c(scale * query_r . keys_c), argmax_c)`` per row ``r`` over all ``B`` keys,
+    computed ``chunk`` keys at a time. ``query [b, D]`` float32, ``keys [B, D]`` any float dtype
+    (upcast one block at a time); both outputs are ``[b]``: the float32 lse, and the int32 argmax
+    (ties to the smaller index) for the accuracy metrics. The lse is returned per row, not
+    summed, so that the caller subtracts each row's positive logit before summing: both are
+    ``O(s)`` (up to 100) while their difference is ``O(log B)``, and subtracting two sums of
+    ``b`` such values would lose ``log2(b)`` bits of the loss."""
     out, _ = _blockwise_lse_fwd(query, keys, scale, chunk)
     return out
 
 
-def _scan_blocks(body, init_fn, xs):
-    """``lax.scan(body, init, xs)`` whose initial carry is ``init_fn`` of the first block (so it
-    has the same per-shard type as the loop's output under ``shard_map``); returns the final
-    carry and the stacked per-block outputs of all blocks."""
-    first = jax.tree.map(lambda x: x[0], xs)
-    carry, y0 = body(init_fn(first), first)
-    rest = jax.tree.map(lambda x: x[1:], xs)
-    carry, ys = jax.lax.scan(body, carry, rest)
-    stacked = None if y0 is None else jnp.concatenate([y0[None], ys], axis=0)
-    return carry, stacked
-
-
 def _blockwise_lse_fwd(query, keys, scale, chunk):
-    blocks, valid = _blocks(keys, chunk)
-
-    def logits(k, ok):  # Keys stay in their (e.g. bf16) dtype except one block at a time.
-        return jnp.where(ok[None, :], scale * (query @ _f32(k).T), _NEG_INF)  # [b, chunk]
-
-    def body(carry, xs):
+    def body(carry, start):
         lse_state, top = carry
-        k, ok, start = xs
-        block = logits(k, ok)
-        lse_state = _lse_update(lse_state, block, 1)
-        top = _top1_update(top, block, start + jnp.arange(chunk), 1)
-        return (lse_state, top), None
+        k, _, ids, new = _block(keys, start, chunk)
+        # Keys stay in their (e.g. bf16) dtype except one block at a time.
+        block = jnp.where(new[None, :], scale * (query @ _f32(k).T), _NEG_INF)  # [b, chunk]
+        return (_lse_update(lse_state, block, 1), _top1_update(top, block, ids, 1)), None
 
-    def init(xs):  # Running max of the first block: finite (its first column is real).
-        block = jax.lax.stop_gradient(logits(xs[0], xs[1]))
-        m = jnp.max(block, axis=1)
-        return (m, jnp.zeros_like(m)), (jnp.full_like(m, _NEG_INF),
-                                        jnp.full(m.shape, keys.shape[0], jnp.int32))
-
-    starts = jnp.arange(blocks.shape[0], dtype=jnp.int32) * chunk
-    (lse_state, top), _ = _scan_blocks(body, init, (blocks, valid, starts))
-    lse = _lse_final(lse_state)
-    return (jnp.sum(lse), top[1]), (query, keys, scale, lse)
+    row = query[:, 0]  # The carries are built from the query: same per-shard type as the loop's.
+    neg_inf = jnp.full_like(row, _NEG_INF)
+    init = ((neg_inf, jnp.zeros_like(row)),
+            (neg_inf, jnp.full_like(row, keys.shape[0], dtype=jnp.int32)))
+    ((m, total), top), _ = jax.lax.scan(body, init, _block_starts(keys.shape[0], chunk))
+    # Residuals beyond the (already live) inputs: the row max and the sum of exp(L - max), [b].
+    return (m + jnp.log(total), top[1]), (query, keys, scale, m, total)
 
 
 def _blockwise_lse_bwd(chunk, residuals, cotangents):
-    """``d sum_r lse_r / d logits_rc = softmax_rc = exp(logit_rc - lse_r)``, one block at a time:
-    ``dQ = g s sum_c P_c K_c``, ``dK_c = g s P_c^T Q``, ``ds = g sum_c <P_c, Q K_c^T>``."""
-    query, keys, scale, lse = residuals
-    g = cotangents[0]  # The argmax output has no cotangent (integer).
-    blocks, valid = _blocks(keys, chunk)
+    """``d lse_r / d logits_rc = softmax_rc = exp(logit_rc - m_r) / l_r``, one block at a time:
+    with the row cotangents ``g [b]`` and ``P_c = g[:, None] * softmax`` of block ``c``,
+    ``dQ = s sum_c P_c K_c``, ``dK_c = s P_c^T Q``, ``ds = sum_c <P_c, Q K_c^T>``.
 
-    def body(carry, xs):
-        d_query, d_scale = carry
-        k, ok = xs
+    The softmax uses the forward pass's row max ``m`` and sum ``l`` rather than
+    ``exp(logit - lse)``, which would add the rounding error of ``lse`` (about ``s``, up to 100:
+    one ulp is 8e-6) to every exponent. ``dK`` is written block by block into one ``[B, D]``
+    buffer in the keys' dtype (the cotangent of a bf16 input is bf16)."""
+    query, keys, scale, m, total = residuals
+    # [b, 1] row factors g_r / l_r; the argmax output has no cotangent (integer).
+    g = (cotangents[0] / total)[:, None]
+
+    def body(carry, start):
+        d_query, d_keys, d_scale = carry
+        k, first, _, new = _block(keys, start, chunk)
         k = _f32(k)
         raw = query @ k.T  # [b, chunk]
-        p = jnp.where(ok[None, :], jnp.exp(scale * raw - lse[:, None]), 0.0) * g
+        p = jnp.where(new[None, :], jnp.exp(scale * raw - m[:, None]), 0.0) * g
         d_query = d_query + scale * (p @ k)
         d_scale = d_scale + jnp.sum(p * raw)
-        # dK of this block [chunk, D], in the keys' dtype (the cotangent of a bf16 input is bf16).
-        return (d_query, d_scale), (scale * (p.T @ query)).astype(keys.dtype)
+        d_k = (scale * (p.T @ query)).astype(keys.dtype)  # [chunk, D]
+        # Columns already written by the previous block (shifted last block) keep their value.
+        old = jax.lax.dynamic_slice_in_dim(d_keys, first, chunk, axis=0)
+        d_keys = jax.lax.dynamic_update_slice_in_dim(
+            d_keys, jnp.where(new[:, None], d_k, old), first, axis=0)
+        return (d_query, d_keys, d_scale), None
 
-    init = lambda _: (jnp.zeros_like(query), jnp.zeros_like(lse[0]))  # noqa: E731
-    (d_query, d_scale), d_blocks = _scan_blocks(body, init, (blocks, valid))
-    d_keys = d_blocks.reshape(-1, keys.shape[1])[:keys.shape[0]]
+    init = (jnp.zeros_like(query), jnp.zeros_like(keys), jnp.zeros_like(m[0]))
+    (d_query, d_keys, d_scale), _ = jax.lax.scan(body, init,
+                                                 _block_starts(keys.shape[0], chunk))
     return d_query, d_keys, d_scale.astype(jnp.result_type(scale))
 
 
@@ -541,16 +537,21 @@ def _contrastive_chunked(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: 
 
         m' = max(m, max_c L_c)      l' = l * exp(m - m') + sum_c exp(L_c - m')     lse = m + log l
 
-    keeping only the per-row ``lse`` ``[b]`` as residual. Its backward pass recomputes each
-    ``[b, chunk]`` block ``L = s Q K_c^T`` and uses ``dlse_r / dL_rc = exp(L_rc - lse_r)`` (the
-    softmax) to accumulate ``dQ`` (carried, ``[b, D]``), ``dK_c`` (emitted per block) and ``ds``.
-    The positive logit ``s I_r . T_r`` is a plain local dot product, differentiated by JAX. So
+    keeping only the per-row ``m`` and ``l`` (``[b]`` each) as residuals. The image->text rows
+    use ``(Q, K) = (I[R_i], T_all)``, the text->image rows ``(T[R_i], I_all)``. With
+    ``loss = (sum_r lse_i2t_r - L_rr + sum_r lse_t2i_r - L_rr) / (2B)``, the loss's derivative
+    w.r.t. a row of logits is ``(softmax(row) - onehot(label)) / (2B)``: the backward pass
+    recomputes each ``[b, chunk]`` block ``L = s Q K_c^T``, forms its softmax
+    ``exp(L - m) / l`` and accumulates ``dQ`` (carried, ``[b, D]``), ``dK_c`` (written into a
+    ``[B, D]`` buffer) and ``ds``; the ``-onehot`` part is the gradient of the positive logit
+    ``s I_r . T_r``, a plain local dot product differentiated by JAX. So
     neither pass holds more than one ``[b, chunk]`` block of logits (times a small constant for
     the exp / mask temporaries), whatever the global batch; the ``[B, D]`` gathered features and
     their gradients are the only O(B) buffers, as in every all-gather loss. Gradients of the
     gathered copies return to their owners through the all-gather's transpose (reduce-scatter),
     so the result equals the dense loss exactly as ``'gather'`` does. ``chunk_size`` need not
-    divide ``B``: the last block is zero-padded and its padding masked out of the softmax.
+    divide ``B``: the last block is shifted back to end at column ``B`` and its columns that the
+    previous block already covered are masked out.
     """
     # The gathered features keep the input dtype (bf16 halves the O(B x D) buffers); each block
     # is upcast to float32 inside the loops.
@@ -563,11 +564,11 @@ def _contrastive_chunked(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: 
     scale_v = jax.lax.pcast(scale, ctx.axes, to="varying") if ctx.axes else scale
     lse_i2t, top_i2t = _blockwise_lse(img, all_txt, scale_v, chunk)
     lse_t2i, top_t2i = _blockwise_lse(txt, all_img, scale_v, chunk)
-    positives = jnp.sum(scale * jnp.sum(img * txt, axis=1))
+    positives = scale * jnp.sum(img * txt, axis=1)  # [b]
     labels = ctx.row_ids()
     return {
-        "i2t_nll": lse_i2t - positives,
-        "t2i_nll": lse_t2i - positives,
+        "i2t_nll": jnp.sum(lse_i2t - positives),
+        "t2i_nll": jnp.sum(lse_t2i - positives),
         "i2t_correct": jnp.sum((top_i2t == labels).astype(jnp.float32)),
         "t2i_correct": jnp.sum((top_t2i == labels).astype(jnp.float32)),
     }
