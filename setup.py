@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # jax[tpu] brings libtpu, whose compiler the `vlm-jax compile` tests use (no TPU needed).
     "test": ["pytest>=8", "pytest-xdist>=3.5", "jax[tpu]"],
-    "tpu": ["jax[tpu]"],
+    "tpu": ["jax[tpu]", "gcsfs"],  # gcsfs: gs:// data paths (etils.epath through fsspec)
 }
 
 setuptools.setup(

@@ -25,6 +25,6 @@ def get_config(arg=None):
     c = clip_openai.get_config(tower)
     c.name = f"clip_laion400m_{tower.replace('/', '')}"
     c.total_steps = 32 * 407_000_000 // c.batch_size  # 32 epochs of LAION-400M (~407M pairs).
-    c.data.name = "laion400m"
+    c.data.train_files = "gs://YOUR_BUCKET/laion400m/{00000..41407}.tar"
     c.published.imagenet_zero_shot_top1 = PUBLISHED_ZERO_SHOT_TOP1[tower]
     return c

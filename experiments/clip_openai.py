@@ -48,7 +48,15 @@ def get_config(arg=None):
     c.total_steps = 32 * 400_000_000 // c.batch_size  # 390,625
     c.log_every_steps = 100
 
-    c.data = dict(name="wit400m", config_name="", data_dir="", num_train=0, worker_count=16)
+    # WIT is not public: point train_files at webdataset shards of (image, caption) pairs (e.g.
+    # LAION-400M as img2dataset writes them, experiments/clip_laion400m.py) and tokenizer at
+    # OpenAI's BPE merges file (bpe_simple_vocab_16e6.txt.gz, shipped with open_clip / CLIP).
+    # Until the ImageNet evaluator is configured, evaluation runs on the shapes splits.
+    c.data = dict(name="webdataset", config_name="64px", data_dir="", num_train=0,
+                  worker_count=16, train_files="gs://YOUR_BUCKET/wit400m/{00000..39999}.tar",
+                  tokenizer="gs://YOUR_BUCKET/bpe_simple_vocab_16e6.txt.gz", eval_name="shapes",
+                  max_skipped_fraction=0.1, min_side=8, mixture=[], image_key="image",
+                  caption_key="caption")
 
     c.model = clip_config(f"ViT-{tower}")
     c.model.update(dtype="bfloat16", scan_layers=True, remat="full",
@@ -60,7 +68,8 @@ def get_config(arg=None):
                    grad_clip_norm=0.0, grad_accum_steps=1)
     c.mesh = dict(slice=1, data=1, fsdp=-1, tensor=1)
     c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
-    c.checkpoint = dict(every_steps=2000, keep=3, async_save=True)
+    c.checkpoint = dict(every_steps=2000, keep=3, keep_every_steps=50000, async_save=True)
+    c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
     c.eval = dict(every_steps=10000, evaluators=["zeroshot", "retrieval"], split="validation",
                   batch_size=1024, max_examples=0)
     c.published = dict(imagenet_zero_shot_top1=PUBLISHED_ZERO_SHOT_TOP1.get(tower, 0.0))

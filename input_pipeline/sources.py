@@ -26,6 +26,7 @@ Paths may be local or remote (``gs://...`` through etils.epath) and may use brac
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -57,11 +58,19 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         for expanded in _expand_braces(pattern):
-            if any(c in expanded for c in "*?["):
-                path = epath.Path(expanded)
-                matches = sorted(str(p) for p in path.parent.glob(path.name))
-            else:
-                matches = [expanded] if epath.Path(expanded).exists() else []
+            try:
+                if any(c in expanded for c in "*?["):
+                    path = epath.Path(expanded)
+                    matches = sorted(str(p) for p in path.parent.glob(path.name))
+                elif "://" in expanded and expanded != pattern:
+                    # One remote stat per shard of a 40k-shard brace range takes minutes; a
+                    # missing remote shard is reported (and skipped) when it is opened.
+                    matches = [expanded]
+                else:
+                    matches = [expanded] if epath.Path(expanded).exists() else []
+            except ImportError as e:  # fsspec names the missing backend (gcsfs, s3fs, ...)
+                raise DataError(f"Cannot read {expanded!r}: {e} (`pip install -e \".[tpu]\"` "
+                                "brings gcsfs for gs:// paths).") from e
             if not matches:
                 raise DataError(f"No file matches {expanded!r} (from {pattern!r}); check the path "
                                 "in config.data.train_files.")
@@ -95,18 +104,27 @@ class WebDatasetSource:
         self.paths = expand_paths(patterns)
         self.skipped_shards: list[tuple[str, str]] = []
         self._records: list[tuple[str, dict[str, _Member]]] = []
-        for shard, path in enumerate(self.paths):
-            self._index(shard, path)
+        # Indexing reads only the tar headers (seeking over the payloads) and is I/O bound:
+        # shards are indexed by a thread pool, records kept in shard order (deterministic).
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            indexed = list(pool.map(self._index, range(len(self.paths)), self.paths))
+        for records, skipped in indexed:
+            self._records.extend(records)
+            if skipped:
+                self.skipped_shards.append(skipped)
         if not self._records:
             raise DataError(f"No samples in {len(self.paths)} tar shard(s) {self.paths[:3]}...; "
                             f"skipped shards: {self.skipped_shards[:3]}.")
         self._local = threading.local()
 
-    def _index(self, shard: int, path: str) -> None:
+    @staticmethod
+    def _index(shard: int, path: str):
+        """(records of one shard, (path, reason) if it is damaged or else None)."""
         groups: dict[str, dict[str, _Member]] = {}
         order: list[str] = []
+        skipped = None
         try:
-            with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for info in tar:
                     if not info.isfile():
                         continue
@@ -119,10 +137,10 @@ class WebDatasetSource:
                     groups[key][ext.lower()] = _Member(shard, info.offset_data, info.size)
         except (tarfile.TarError, OSError, EOFError) as e:
             reason = f"{type(e).__name__}: {e}"
-            self.skipped_shards.append((path, reason))
+            skipped = (path, reason)
             log.warning("Skipping the rest of tar shard %s (%s); %d samples read before it.",
                         path, reason, len(order))
-        self._records.extend((key, groups[key]) for key in order)
+        return [(key, groups[key]) for key in order], skipped
 
     def __len__(self) -> int:
         return len(self._records)
