@@ -55,7 +55,13 @@ def get_config(arg=None):
                    grad_accum_steps=1)
     c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
     c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
-    c.checkpoint = dict(every_steps=200, keep=3, async_save=True)
+    # Saved every every_steps (and on SIGTERM, at the end); the newest `keep` are kept, plus every
+    # keep_every_steps-th (0 = none) for later evaluation.
+    c.checkpoint = dict(every_steps=200, keep=3, keep_every_steps=0, async_save=True)
+    # A NaN/Inf loss or gradient: 'stop' the run (the last good checkpoint is kept) or 'skip'
+    # the step (parameters and optimizer state unchanged), stopping after
+    # max_consecutive_skips bad steps in a row.
+    c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
     c.eval = dict(every_steps=400, evaluators=["zeroshot", "retrieval"], split="test",
                   batch_size=256, max_examples=0)
 

@@ -10,7 +10,11 @@ Each step directory has three items:
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -19,9 +23,38 @@ from etils import epath
 
 log = logging.getLogger(__name__)
 
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a checkpoint still being written
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not match the config."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True if ``e`` or an exception it was raised from is 'no space left on device'."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def check_free_space(directory: epath.Path, needed_bytes: int, what: str) -> None:
+    """Raises CheckpointError if the local filesystem of ``directory`` has less than
+    ``needed_bytes`` free (remote paths, ``gs://``, are not checked)."""
+    if "://" in str(directory):
+        return
+    probe = epath.Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(str(probe)).free
+    if free < needed_bytes:
+        raise CheckpointError(
+            f"Not enough disk space for {what} in {directory}: {free / 2**20:.1f} MiB free, "
+            f"{needed_bytes / 2**20:.1f} MiB needed. Free space there, choose another --workdir "
+            "or lower config.checkpoint.keep.")
 
 
 class Checkpointer:
@@ -32,6 +65,16 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         if "://" not in str(directory):  # orbax wants absolute paths; runs often pass relative.
             self.directory = self.directory.resolve()
+        # A save interrupted by a kill leaves '<step>.orbax-checkpoint-tmp-<t>': never restored
+        # (latest_step only sees committed steps) and removed by orbax on start
+        # (cleanup_tmp_directories); say so, so that nobody wonders where it went.
+        self.removed_partial = []
+        if jax.process_index() == 0 and self.directory.exists():
+            self.removed_partial = sorted(p.name for p in self.directory.iterdir()
+                                          if TMP_MARK in p.name)
+            for name in self.removed_partial:
+                print(f"Removing unfinished checkpoint {self.directory / name} (its save was "
+                      "interrupted); the complete checkpoints are kept.")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_every_steps or None,
@@ -61,7 +104,18 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # An async save's error surfaces at the next save.
+            self._raise_write_error(e, step)
+            raise
+
+    def _raise_write_error(self, e: BaseException, step: int | str) -> None:
+        if is_disk_full(e):
+            raise CheckpointError(
+                f"Disk full while writing checkpoint {step} in {self.directory} ({e}). The "
+                f"complete checkpoints are intact (latest: step {self.latest_step()}); free "
+                "space and run the same command to resume from it.") from e
 
     def restore(self, step: int | None, abstract_state: Any, *, data_iter: Any = None) -> Any:
         """Restores the train state (onto the shardings of ``abstract_state``) and data iterator.
@@ -71,7 +125,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"No checkpoint in {self.directory}.")
-        self._check_shapes(step, abstract_state)
+        self.check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None and (self.directory / str(step) / "data").exists():
             import grain  # pylint: disable=import-outside-toplevel
@@ -88,32 +142,95 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
             "config"]
 
-    def _check_shapes(self, step: int, abstract_state: Any) -> None:
-        meta = self.manager.item_metadata(step)
-        saved = meta["state"] if meta is not None and "state" in meta else None
-        if saved is None:
-            return
-        saved_flat = {jax.tree_util.keystr(p): v for p, v in
-                      jax.tree_util.tree_flatten_with_path(saved)[0]}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
-            key = jax.tree_util.keystr(path)
-            if key not in saved_flat:
+    def check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointError naming the first entry of ``abstract_state`` that checkpoint
+        ``step`` lacks or holds with another shape (reads metadata only, no arrays).
+
+        Parameters are compared before optimizer state, so the message names a model weight.
+        """
+        path = self.directory / str(step) / "state"
+        try:
+            meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+        except (FileNotFoundError, ValueError) as e:
+            raise CheckpointError(f"Checkpoint {path} is unreadable ({e}); restore an earlier "
+                                  "step or use a new --workdir.") from e
+        tree = getattr(meta, "tree", meta)
+        saved = {_dotted(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+        leaves.sort(key=lambda pl: not _dotted(pl[0]).startswith("params."))
+        for p, leaf in leaves:
+            key = _dotted(p)
+            if key not in saved:
                 raise CheckpointError(
-                    f"Checkpoint {self.directory / str(step)} has no entry {key} that the config's "
-                    "model needs: it was written by a different model config. Use a new --workdir "
-                    "or the config the checkpoint was written with.")
-            shape = tuple(getattr(saved_flat[key], "shape", ()) or ())
+                    f"Checkpoint {path.parent} has no entry {key} that the config's model needs: "
+                    "it was written by a different model config. Use a new --workdir or the "
+                    "config the checkpoint was written with.")
+            shape = tuple(getattr(saved[key], "shape", ()) or ())
             if shape != tuple(leaf.shape):
                 raise CheckpointError(
-                    f"Checkpoint {self.directory / str(step)}: parameter {key} has shape {shape} "
-                    f"but the config builds {tuple(leaf.shape)}. Use the config the checkpoint "
-                    "was written with, or a new --workdir.")
+                    f"Checkpoint {path.parent}: parameter {key} has shape {shape} but the "
+                    f"config builds {tuple(leaf.shape)}. Use the config the checkpoint was "
+                    "written with, or a new --workdir.")
 
     def wait(self) -> None:
         """Blocks until pending async saves are committed."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._raise_write_error(e, "in flight")
+            raise
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def _dotted(path: tuple) -> str:
+    """A pytree path as ``params.image.cls_token`` (dict keys, attributes and indices alike)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+class PreemptionWatcher:
+    """Tells the train loop when to save and stop because the VM is being preempted (SIGTERM).
+
+    Cloud TPU VMs get SIGTERM before preemption, and on a pod the hosts may get it at different
+    steps. With several processes the decision goes through JAX's preemption sync manager
+    (started by ``jax.distributed.initialize``, which catches SIGTERM), so that every process
+    sees ``reached(step)`` true at the same step and all save that step together. A single
+    process catches SIGTERM (and SIGINT) itself.
+    """
+
+    def __init__(self):
+        self.signal_name = None
+        self._flag = threading.Event()
+        self._multi = jax.process_count() > 1
+        self._previous = {}
+        if not self._multi:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        self.signal_name = signal.Signals(signum).name
+        self._flag.set()
+
+    def reached(self, step: int) -> bool:
+        """True once a preemption notice has arrived (at the same step on every process)."""
+        if self._multi:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+            try:
+                hit = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # Preemption service disabled: nothing to watch.
+                return False
+            if hit:
+                self.signal_name = "SIGTERM"
+            return hit
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        """Restores the previous signal handlers."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

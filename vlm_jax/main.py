@@ -171,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 
-            train.train_and_evaluate(config, args.workdir)
+            try:
+                train.train_and_evaluate(config, args.workdir)
+            except train.TrainingDiverged as e:
+                print(f"vlm-jax train: TrainingDiverged: {e}", file=sys.stderr)
+                return 3
         elif args.command == "eval":
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 

@@ -21,6 +21,12 @@ class MetricWriter:
         self._tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
+            path = self.workdir / "metrics.jsonl"
+            if path.exists() and path.stat().st_size:
+                with open(path, "rb+") as f:  # A line cut short by a kill or a full disk:
+                    f.seek(-1, 2)            # end it, so the next record starts on its own.
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
             if tensorboard:
                 from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
@@ -49,7 +55,13 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # A line cut short by a kill or a full disk.
+            continue
+    return records
 
 
 def plot_metrics(workdir: str | pathlib.Path, filename: str = "metrics.png") -> pathlib.Path | None:

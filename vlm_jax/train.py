@@ -31,7 +31,7 @@ from vlm_jax import config as config_lib
 from vlm_jax import data as data_lib
 from vlm_jax import evaluators as evaluators_lib
 from vlm_jax import metrics as metrics_lib
-from vlm_jax import models, objectives, optim, parallel
+from vlm_jax import faults, models, objectives, optim, parallel
 from vlm_jax.config import ConfigError
 from vlm_jax.evaluators.common import FeatureExtractor
 
@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 # Config keys whose change makes a checkpoint unusable or silently changes the run on resume.
 RESUME_CRITICAL_KEYS = ("model", "batch_size", "seed", "data.name", "data.config_name", "optim")
+GUARD_DEFAULTS = {"nonfinite": "stop", "max_consecutive_skips": 10}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/Inf (``config.guard``); the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass
@@ -103,16 +108,23 @@ def make_train_step(s: TrainSetup, batch_shapes: dict[str, tuple]) -> Callable:
     config, mesh, rules = s.config, s.mesh, s.rules
     objective = objectives.get_objective(config.model.name)
 
+    nan_step = faults.nan_loss_step()  # Reliability battery only; None otherwise.
+
     def train_step(state, batch):
         def loss_fn(params):
             with parallel.sharding_context(mesh, rules):
                 model = nnx.merge(s.graphdef, params)
-                return objective(model, batch, config, mesh)
+                loss, aux = objective(model, batch, config, mesh)
+            if nan_step is not None:
+                loss = loss * jnp.where(state["step"] + 1 == nan_step, jnp.nan, 1.0)
+            return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        # The optimizer is wrapped in optax.apply_if_finite: a non-finite step changes nothing.
         updates, opt_state = s.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+        grad_norm = optax.global_norm(grads)
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                    "train/lr": s.schedule(state["step"]), **aux}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -193,23 +205,92 @@ def _check_resume_config(saved: dict | None, config_json: dict, workdir: epath.P
             f"that break resume:\n{lines}\nUse a new --workdir, or the original values.")
 
 
+def _guard_config(config: ConfigDict) -> dict:
+    guard = dict(GUARD_DEFAULTS, **(config.get("guard") or {}))
+    if guard["nonfinite"] not in ("stop", "skip"):
+        raise ConfigError(f"config.guard.nonfinite={guard['nonfinite']!r}: use 'stop' (end the "
+                          "run, keeping the last good checkpoint) or 'skip' (drop the step).")
+    return guard
+
+
+def _state_bytes(abstract_state) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(abstract_state))
+
+
+class _StepChecker:
+    """Checks the per-step loss and gradient norm for NaN/Inf (``config.guard``).
+
+    The metrics of each step stay on the device until a log step, a checkpoint or the end of the
+    run; then they are fetched together (one host transfer) and checked step by step, so a bad
+    step is named exactly and nothing that follows it is saved.
+    """
+
+    def __init__(self, guard: dict, workdir: epath.Path, progress: "_Progress"):
+        self.guard, self.workdir, self.progress = guard, workdir, progress
+        self.pending: list[tuple[int, Any]] = []
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def add(self, step: int, metrics) -> None:
+        self.pending.append((step, {k: metrics[k] for k in ("train/loss", "train/grad_norm")}))
+
+    def check(self, last_saved: int | None) -> None:
+        """Raises TrainingDiverged at the first bad step (stop) or too many in a row (skip)."""
+        pending, self.pending = jax.device_get(self.pending), []
+        for step, m in pending:
+            bad = [f"{k}={float(m[k])}" for k in ("train/loss", "train/grad_norm")
+                   if not np.isfinite(m[k])]
+            if not bad:
+                self.in_a_row = 0
+                continue
+            where = (f"the last good checkpoint, step {last_saved}, is kept in "
+                     f"{self.workdir / 'checkpoints'}" if last_saved is not None else
+                     "no checkpoint had been written yet")
+            if self.guard["nonfinite"] == "stop":
+                raise TrainingDiverged(
+                    f"Non-finite {', '.join(bad)} at step {step}; the run stops "
+                    f"(config.guard.nonfinite='stop') and {where}. Lower config.optim.lr, enable "
+                    "config.optim.grad_clip_norm, or set config.guard.nonfinite=skip.")
+            self.skipped += 1
+            self.in_a_row += 1
+            self.progress.write(f"step {step}: non-finite {', '.join(bad)}; update skipped "
+                                f"(config.guard.nonfinite='skip'; {self.skipped} skipped so far)")
+            if self.in_a_row > self.guard["max_consecutive_skips"]:
+                raise TrainingDiverged(
+                    f"{self.in_a_row} steps in a row up to step {step} had non-finite "
+                    f"{', '.join(bad)} (more than config.guard.max_consecutive_skips="
+                    f"{self.guard['max_consecutive_skips']}); {where}.")
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
 
-    Returns the final evaluation metrics.
+    Every check that can fail without compute runs first: workdir writable, free disk space for a
+    checkpoint, the saved config and parameter shapes compatible with this config. On SIGTERM
+    (preemption) every process saves the same step and the function returns
+    ``{'preempted_at_step': step}``; run the same command to resume. Otherwise returns the final
+    evaluation metrics.
     """
     workdir = epath.Path(workdir)
     _check_workdir(workdir)
+    guard = _guard_config(config)
     s = setup(config)
     is_main = jax.process_index() == 0
+    faults.install_kill_in_save()  # Reliability battery only; no-op otherwise.
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                  save_every_steps=config.checkpoint.every_steps,
                                  keep=config.checkpoint.keep,
+                                 keep_every_steps=config.checkpoint.get("keep_every_steps", 0),
                                  async_save=config.checkpoint.async_save)
     config_json = json.loads(config_lib.to_json(config))
     latest = ckpt.latest_step()
     if latest is not None:
         _check_resume_config(ckpt.saved_config(latest), config_json, workdir)
+        ckpt.check_shapes(latest, s.abstract_state)
+    state_bytes = _state_bytes(s.abstract_state)
+    ckpt_lib.check_free_space(ckpt.directory, int(1.1 * state_bytes) + 2**24,
+                              f"a checkpoint of {state_bytes / 2**20:.1f} MiB")
 
     data = data_lib.prepare(config)
     train_iter = data.train_iterator()
@@ -236,41 +317,72 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     total = config.total_steps
     start = int(state["step"])
     progress = _Progress(start, total, enabled=is_main)
+    checker = _StepChecker(guard, workdir, progress)
+    preemption = ckpt_lib.PreemptionWatcher()
     results: dict[str, float] = {}
     t0, t0_step = time.perf_counter(), start
-    for step in range(start, total):
-        local = next(train_iter)
-        batch = parallel.make_global_batch({k: local[k] for k in batch_shapes}, s.mesh)
-        state, metrics = train_step(state, batch)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == total:
-            metrics = jax.device_get(metrics)
-            dt = time.perf_counter() - t0
-            if done - t0_step > 0 and step > start:  # Exclude the compile of the first step.
-                ips = (done - t0_step) * config.batch_size / dt
-                metrics["perf/images_per_sec"] = ips
-                metrics["perf/tflops_per_device"] = (
-                    3 * flops_per_example * ips / jax.device_count() / 1e12)
-            t0, t0_step = time.perf_counter(), done
-            if data.source is not None:  # Raw shards: bad samples skipped so far, by reason.
-                stats = SKIP_STATS.snapshot()
-                metrics.update({f"data/{k}": v for k, v in stats.items() if k != "seen"})
-                data_lib.check_skipped(stats, config)
-            if not np.isfinite(metrics["train/loss"]):
-                raise FloatingPointError(
-                    f"Non-finite training loss {metrics['train/loss']} at step {done}; the last "
-                    f"good checkpoint is kept in {workdir / 'checkpoints'}. Lower "
-                    "config.optim.lr or enable gradient clipping.")
-            writer.write(done, metrics)
-            progress.update(done, metrics)
-        ckpt.save(done, state, data_iter=train_iter, config=config_json, force=done == total)
-        if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
-            results = evaluate(s, state["params"], eval_data, data.tokenizer)
-            writer.write(done, {f"eval/{k}": v for k, v in results.items()})
-            progress.write(f"step {done}: " + ", ".join(f"{k}={v:.3f}" for k, v in
-                                                       results.items()))
-    progress.close()
-    ckpt.close()
+    try:
+        for step in range(start, total):
+            local = next(train_iter)
+            batch = parallel.make_global_batch({k: local[k] for k in batch_shapes}, s.mesh)
+            state, metrics = train_step(state, batch)
+            done = step + 1
+            checker.add(done, metrics)
+            preempted = preemption.reached(done)
+            log_now = done % config.log_every_steps == 0 or done == total
+            save_now = done == total or preempted or ckpt.manager.should_save(done)
+            if log_now or save_now:
+                checker.check(ckpt.latest_step())  # Nothing after a bad step is saved.
+            if log_now:
+                metrics = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                if done - t0_step > 0 and step > start:  # Exclude the compile of the first step.
+                    ips = (done - t0_step) * config.batch_size / dt
+                    metrics["perf/images_per_sec"] = ips
+                    metrics["perf/tflops_per_device"] = (
+                        3 * flops_per_example * ips / jax.device_count() / 1e12)
+                t0, t0_step = time.perf_counter(), done
+                if checker.skipped:
+                    metrics["train/skipped_steps"] = checker.skipped
+                if data.source is not None:  # Raw shards: bad samples skipped so far, by reason.
+                    stats = SKIP_STATS.snapshot()
+                    metrics.update({f"data/{k}": v for k, v in stats.items() if k != "seen"})
+                    data_lib.check_skipped(stats, config)
+                writer.write(done, metrics)
+                progress.update(done, metrics)
+            if save_now:
+                ckpt.save(done, state, data_iter=train_iter, config=config_json,
+                          force=done == total or preempted)
+            if preempted:
+                ckpt.wait()
+                progress.close()
+                if is_main:
+                    print(f"Preempted ({preemption.signal_name}) at step {done}: checkpoint "
+                          f"saved in {ckpt.directory / str(done)}. Run the same command to "
+                          "resume from it.")
+                ckpt.close()
+                writer.close()
+                return {"preempted_at_step": done}
+            if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
+                results = evaluate(s, state["params"], eval_data, data.tokenizer)
+                writer.write(done, {f"eval/{k}": v for k, v in results.items()})
+                progress.write(f"step {done}: " + ", ".join(f"{k}={v:.3f}" for k, v in
+                                                           results.items()))
+        progress.close()
+        ckpt.close()
+    except Exception as e:
+        if ckpt_lib.is_disk_full(e):
+            raise ckpt_lib.CheckpointError(
+                f"Disk full while writing to {workdir} ({e}). The complete checkpoints are "
+                f"intact (latest: step {ckpt.latest_step()}); free space and run the same "
+                "command to resume.") from e
+        try:  # Commit the saves still in flight: they hold states from before the failure.
+            ckpt.wait()
+        except Exception:  # pylint: disable=broad-except
+            log.exception("A checkpoint save in flight failed while stopping.")
+        raise
+    finally:
+        preemption.close()
     if not results:  # No periodic eval ran (eval.every_steps=0, or training was complete).
         results = evaluate(s, state["params"], eval_data, data.tokenizer)
     if results:
