@@ -1,8 +1,16 @@
 """Test configuration: 8 simulated CPU devices for every test (set before jax is imported)."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the session, inherited by the `vlm-jax` subprocesses
+# of the end-to-end tests: the same small config is compiled once, not once per run (a run of
+# the test config takes 12 s instead of 27 s). Cached executables are the same code, so the
+# bitwise comparisons between runs are unaffected.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"vlm_jax_tests_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 

@@ -196,8 +196,13 @@ def _check_workdir(workdir: epath.Path) -> None:
 def _check_resume_config(saved: dict | None, config_json: dict, workdir: epath.Path) -> None:
     if not saved:
         return
-    changed = [d for d in config_lib.diff(saved, config_json)
+    diffs = config_lib.diff(saved, config_json)
+    changed = [d for d in diffs
                if any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_CRITICAL_KEYS)]
+    schedule = [d for d in diffs if d[0] == "total_steps"]
+    if schedule and jax.process_index() == 0:  # Allowed (extending a run), but not silently.
+        print(f"Note: total_steps changed since the checkpoints were written ({schedule[0][1]} "
+              f"-> {schedule[0][2]}): the learning-rate schedule changes from here on.")
     if changed:
         lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in changed[:10])
         raise ConfigError(
