@@ -290,12 +290,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
                                  async_save=config.checkpoint.async_save)
     config_json = json.loads(config_lib.to_json(config))
     latest = ckpt.latest_step()
-    if latest is not None:
-        _check_resume_config(ckpt.saved_config(latest), config_json, workdir)
-        ckpt.check_shapes(latest, s.abstract_state)
-    state_bytes = _state_bytes(s.abstract_state)
-    ckpt_lib.check_free_space(ckpt.directory, int(1.1 * state_bytes) + 2**24,
-                              f"a checkpoint of {state_bytes / 2**20:.1f} MiB")
+    try:
+        if latest is not None:
+            _check_resume_config(ckpt.saved_config(latest), config_json, workdir)
+            ckpt.check_shapes(latest, s.abstract_state)
+        state_bytes = _state_bytes(s.abstract_state)
+        ckpt_lib.check_free_space(ckpt.directory, int(1.1 * state_bytes) + 2**24,
+                                  f"a checkpoint of {state_bytes / 2**20:.1f} MiB")
+    except Exception:
+        ckpt.close()  # Stop orbax's background threads: the error is the last word printed.
+        raise
 
     data = data_lib.prepare(config)
     train_iter = data.train_iterator()
