@@ -144,3 +144,27 @@ def test_resume_with_changed_model_is_refused(repo_root, tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"model.image.width: checkpoint 64 -> now 32"):
         train._check_resume_config(saved, now, tmp_path)
     train._check_resume_config(now, now, tmp_path)  # Unchanged config: accepted.
+
+
+def test_nonfinite_step_leaves_state_unchanged(repo_root, monkeypatch):
+    """A NaN in the loss of step 2 (data=2 x fsdp=2 x tensor=2): params and optimizer state
+    after it equal those after step 1 bit for bit, and step 3 then equals an unpoisoned run's
+    step 2 on the same batch (the state really did not move)."""
+    config = _config(repo_root)
+    mesh = parallel.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    batches = _batches(config, 3)
+    monkeypatch.setenv("VLM_JAX_FAULTS", "nan_loss@2")
+    s = train.setup(config, mesh)
+    step = train.make_train_step(s, {k: v.shape for k, v in batches[0].items()})
+    state = s.init_fn()
+    state, m1 = step(state, parallel.make_global_batch(batches[0], mesh))
+    after_one = jax.device_get({k: state[k] for k in ("params", "opt_state")})
+    state, m2 = step(state, parallel.make_global_batch(batches[1], mesh))
+    assert np.isnan(float(m2["train/loss"])) and np.isnan(float(m2["train/grad_norm"]))
+    after_two = jax.device_get({k: state[k] for k in ("params", "opt_state")})
+    jax.tree.map(np.testing.assert_array_equal, after_two, after_one)
+    assert int(state["step"]) == 2  # The data position still advances.
+    state, m3 = step(state, parallel.make_global_batch(batches[2], mesh))
+    monkeypatch.delenv("VLM_JAX_FAULTS")
+    clean, _ = _losses(config, mesh, [batches[0], batches[2]])
+    assert float(m3["train/loss"]) == pytest.approx(clean[1], abs=1e-6)

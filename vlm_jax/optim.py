@@ -59,10 +59,9 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
     ``weight_decay``, ``warmup_steps``, ``schedule``, ``end_lr_factor``, ``grad_clip_norm``
     (0 = off), ``grad_accum_steps`` (1 = off).
 
-    The update is wrapped in ``optax.apply_if_finite``: a step whose gradients hold a NaN or Inf
-    leaves parameters and optimizer state unchanged (the train loop then skips or stops, by
-    ``config.guard.nonfinite``), so a bad step can never poison the state or a checkpoint. With
-    accumulation, ``optax.MultiSteps`` drops non-finite micro-batches (``skip_not_finite``).
+    With accumulation, ``optax.MultiSteps`` drops non-finite micro-batches
+    (``skip_not_finite``); a non-finite step is kept out of the state by the train step
+    (:func:`vlm_jax.train.make_train_step`).
     """
     if cfg.name != "adamw":
         raise ConfigError(f"config.optim.name={cfg.name!r}: only 'adamw' is available.")
@@ -72,9 +71,7 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
-    # max_consecutive_errors: apply_if_finite would apply a non-finite update after that many
-    # in a row; the train loop stops long before (config.guard.max_consecutive_skips).
-    tx = optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
+    tx = optax.chain(*parts)
     accum = int(cfg.get("grad_accum_steps", 1))
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum,
