@@ -311,18 +311,27 @@ class Battery:
                             "mount not permitted here")]
             rows.append(self._refused("disk too small for a checkpoint", small,
                                       self.args(small / "run"), "Not enough disk space"))
-        with tmpfs(self.root / "fill_fs", "40m") as mnt:
+        with tmpfs(self.root / "fill_fs", "40m") as mnt, contextlib.ExitStack() as stack:
+            if mnt is None:
+                return rows + [Row("disk full during the run", False, None, "not run",
+                                   "mount not permitted here")]
             workdir = mnt / "run"
             proc = self.start(self.args(workdir))
-            while proc.poll() is None and latest_checkpoint(workdir) != EVERY:
+            stack.callback(lambda: proc.poll() is None and proc.kill())  # Before the unmount.
+            while proc.poll() is None and (latest_checkpoint(workdir) or 0) < EVERY:
                 time.sleep(0.02)
+            if latest_checkpoint(workdir) != EVERY:  # Died first, or went past before the fill.
+                out, _ = proc.communicate(timeout=300)
+                return rows + [Row("disk full during the run", False, None, "not checked",
+                                   f"no checkpoint {EVERY} to fill after (exit {proc.returncode}, "
+                                   f"latest {latest_checkpoint(workdir)}): {out[-1500:]}")]
             before = digest(workdir / "checkpoints" / str(EVERY))
-            fill(mnt / "filler")
+            filled = fill(mnt / "filler")
             out, _ = proc.communicate(timeout=300)
             kept = latest_checkpoint(workdir)
             intact = digest(workdir / "checkpoints" / str(kept)) == before if kept == EVERY \
                 else kept is not None
-            (mnt / "filler").unlink()
+            (mnt / "filler").unlink(missing_ok=True)
             logged = max(losses(workdir))
             again = self.run(self.args(workdir))
             start = resumed_from(again)
@@ -330,8 +339,8 @@ class Battery:
                 "disk full during the run", proc.returncode == 2 and again.returncode == 0,
                 None if start is None else logged - start,
                 self.compare(workdir, start or 0) if intact else "checkpoint damaged",
-                f"filled after checkpoint {EVERY}; stopped with checkpoint {kept}; "
-                f"resumed from {start}",
+                f"filled after checkpoint {EVERY} ({filled}); stopped with checkpoint {kept}; "
+                f"resumed from {start}" + ("" if proc.returncode == 2 else f": {out[-1500:]}"),
                 {"says disk full": "Disk full" in out or "Not enough disk space" in out,
                  "exit 2": proc.returncode == 2}))
         return rows
@@ -392,27 +401,38 @@ def digest(path) -> str | None:
 
 @contextlib.contextmanager
 def tmpfs(mountpoint: pathlib.Path, size: str):
-    """A tmpfs of ``size`` at ``mountpoint`` (yields None where mounting is not permitted)."""
+    """A tmpfs of ``size`` at ``mountpoint``; yields None where mounting is not permitted.
+
+    The mount is checked (another device than the parent directory, about ``size`` in total)
+    before anything is written to it: the disk-full scenario must never fill a real disk.
+    """
     mountpoint.mkdir(parents=True, exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
-                        capture_output=True, check=False).returncode == 0 if shutil.which(
-                            "mount") else False
+    ok = shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+        capture_output=True, check=False).returncode == 0
     try:
-        yield mountpoint if ok else None
+        wanted = int(size[:-1]) * {"k": 2**10, "m": 2**20}[size[-1]]
+        st = os.statvfs(mountpoint)
+        real = (os.stat(mountpoint).st_dev != os.stat(mountpoint.parent).st_dev
+                and wanted / 2 <= st.f_blocks * st.f_frsize <= wanted * 2)
+        yield mountpoint if ok and real else None
     finally:
         if ok:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
 
 
-def fill(path: pathlib.Path) -> None:
-    """Writes ``path`` until the filesystem is full."""
-    with open(path, "wb") as f:
-        try:
+def fill(path: pathlib.Path) -> str:
+    """Writes ``path`` until its filesystem is full; returns how that went (for the table)."""
+    written = 0
+    try:
+        with open(path, "wb") as f:
             while True:
                 f.write(b"\0" * 2**16)
                 f.flush()
-        except OSError:
-            pass
+                written += 2**16
+    except OSError as e:  # ENOSPC: full, as wanted (also when not even the file could be made).
+        st = os.statvfs(path.parent)
+        return f"{written >> 20} MiB more, then {e.strerror}; {st.f_bavail * st.f_frsize} B free"
 
 
 def table(rows: list[Row]) -> str:

@@ -62,7 +62,7 @@ def test_changed_config_and_bad_workdir_refused_before_compute(battery):
 
 def test_full_disk(battery):
     rows = battery.disk_full()
-    if rows[0].data_lost == "not run":
+    if any(row.data_lost == "not run" for row in rows):
         pytest.skip("mounting a tmpfs is not permitted here")
     for row in rows:  # The save that hit the full disk is lost too: up to two intervals.
         _check(row, max_steps_lost=2 * battery_lib.EVERY)
