@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "etils[epath]>=1.7",
     "absl-py>=2.0",
+    "ftfy>=6.1",  # CLIP BPE cleaning, as OpenAI CLIP / open_clip tokenise
+    "safetensors>=0.4",  # vlm-jax convert: open_clip / OpenAI CLIP weights
 ]
 
 EXTRAS = {
@@ -37,7 +39,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["vlm_jax", "vlm_jax.*", "input_pipeline",
                                                "input_pipeline.*", "experiments"]),
-    package_data={"vlm_jax": ["evaluators/data/*"], "input_pipeline": ["shapes/*.txt"]},
+    package_data={"vlm_jax": ["evaluators/data/*", "evaluators/zeroshot_metadata/*"],
+                  "input_pipeline": ["shapes/*.txt", "assets/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

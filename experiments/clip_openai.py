@@ -49,12 +49,12 @@ def get_config(arg=None):
     c.log_every_steps = 100
 
     # WIT is not public: point train_files at webdataset shards of (image, caption) pairs (e.g.
-    # LAION-400M as img2dataset writes them, experiments/clip_laion400m.py) and tokenizer at
-    # OpenAI's BPE merges file (bpe_simple_vocab_16e6.txt.gz, shipped with open_clip / CLIP).
+    # LAION-400M as img2dataset writes them, experiments/clip_laion400m.py). 'clip_bpe' is
+    # OpenAI's BPE (bpe_simple_vocab_16e6.txt.gz), which ships with vlm_jax.
     # Until the ImageNet evaluator is configured, evaluation runs on the shapes splits.
     c.data = dict(name="webdataset", config_name="64px", data_dir="", num_train=0,
                   worker_count=16, train_files="gs://YOUR_BUCKET/wit400m/{00000..39999}.tar",
-                  tokenizer="gs://YOUR_BUCKET/bpe_simple_vocab_16e6.txt.gz", eval_name="shapes",
+                  tokenizer="clip_bpe", eval_name="shapes",
                   max_skipped_fraction=0.1, min_side=8, mixture=[], image_key="image",
                   caption_key="caption")
 

@@ -17,6 +17,10 @@ from etils import epath
 
 from input_pipeline import DataError
 
+# OpenAI CLIP's BPE merges (MIT licence, as shipped with OpenAI CLIP and open_clip); configs name
+# it ``tokenizer='clip_bpe'``.
+CLIP_BPE_PATH = os.path.join(os.path.dirname(__file__), "assets", "bpe_simple_vocab_16e6.txt.gz")
+
 # Special ids of every sentencepiece model trained by :func:`train_sentencepiece`.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -308,9 +312,11 @@ class ClipBpeTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike, context_length: int = 77):
-    """A CLIP BPE (``*.txt.gz`` / ``*.txt`` merges file) or sentencepiece (``*.model``)
-    tokenizer, chosen by the file name."""
+    """A CLIP BPE (``*.txt.gz`` / ``*.txt`` merges file; ``'clip_bpe'`` for OpenAI's, which
+    ships with vlm_jax) or sentencepiece (``*.model``) tokenizer, chosen by the file name."""
     name = os.fspath(path)
+    if name == "clip_bpe":
+        name = CLIP_BPE_PATH
     if name.endswith((".txt.gz", ".txt")):
         return ClipBpeTokenizer(name, context_length)
     return SentencePieceTokenizer(name, context_length)

@@ -134,6 +134,26 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
+    def restore_params(self, step: int | None, abstract_params: Any) -> Any:
+        """Restores only the model parameters of checkpoint ``step`` (latest by default) onto the
+        shardings of ``abstract_params``: no optimizer state is read, so evaluating needs a third
+        of a training run's memory, and converted checkpoints (``vlm-jax convert``, parameters
+        only) restore the same way."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"No checkpoint in {self.directory}.")
+        self.check_shapes(step, {"params": abstract_params})
+        path = self.directory / str(step) / "state"
+        single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or single,
+                                           global_shape=x.shape, dtype=x.dtype), abstract_params)
+        # partial_restore: the saved tree may also hold opt_state and step; only params are read.
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args},
+            partial_restore=True))
+        return restored["params"]
+
     def saved_config(self, step: int | None = None) -> dict | None:
         """The config saved with ``step`` (latest by default), or None."""
         step = self.latest_step() if step is None else step

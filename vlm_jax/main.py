@@ -1,7 +1,10 @@
-"""Command line: ``vlm-jax train | eval | compile | data``.
+"""Command line: ``vlm-jax train | eval | convert | compile | data``.
 
     vlm-jax train --config experiments/clip_tiny.py --workdir runs/tiny [--config.key=value ...]
     vlm-jax eval  --workdir runs/tiny [--config experiments/clip_tiny.py] [--step N]
+                  [--evaluators zeroshot,retrieval,linear_probe]
+    vlm-jax eval  --checkpoint runs/tiny/checkpoints/1200
+    vlm-jax convert --input ViT-B-32.safetensors --act quick_gelu --workdir runs/openai_b32
     vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
     vlm-jax data prepare --config experiments/clip_tiny.py
     vlm-jax data export  --config experiments/clip_tiny.py --split train --output shards/
@@ -45,8 +48,21 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--workdir", required=True)
     p = sub.add_parser("eval", help="evaluate the latest (or --step) checkpoint of a workdir")
     common(p, config_required=False)
-    p.add_argument("--workdir", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workdir")
+    where.add_argument("--checkpoint", help="a checkpoint directory, <workdir>/checkpoints/<step>")
     p.add_argument("--step", type=int, default=None)
+    p.add_argument("--evaluators", default=None,
+                   help="comma-separated, overrides config.eval.evaluators: zeroshot, retrieval, "
+                        "linear_probe")
+    p = sub.add_parser("convert", help="import OpenAI CLIP / open_clip weights (.safetensors, "
+                                       ".pt/.bin with torch) into a workdir that eval and train use")
+    common(p, config_required=False)
+    p.add_argument("--input", required=True, help="the state dict file")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--act", required=True, choices=["quick_gelu", "gelu"],
+                   help="quick_gelu: OpenAI's models and open_clip's *-quickgelu; gelu: the other "
+                        "open_clip models")
     p = sub.add_parser("compile", help="compile the train step for a TPU topology (no TPU "
                                        "needed): per-chip memory, FLOPs, predicted step time")
     common(p)
@@ -91,6 +107,8 @@ def _load(args, overrides):
     from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
 
     spec = args.config
+    if spec is None and args.command == "convert":
+        spec = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip_openai.py")
     if spec is None:
         spec = str(pathlib.Path(args.workdir) / "config.json")
     if spec.endswith(".json"):
@@ -159,6 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
         flags.FLAGS(sys.argv[:1], known_only=True)
+    if getattr(args, "checkpoint", None):  # eval --checkpoint <workdir>/checkpoints/<step>
+        ckpt_dir = pathlib.Path(args.checkpoint)
+        if not ckpt_dir.name.isdigit() or ckpt_dir.parent.name != "checkpoints":
+            print(f"vlm-jax eval: --checkpoint {ckpt_dir}: expected <workdir>/checkpoints/<step>.",
+                  file=sys.stderr)
+            return 2
+        args.workdir, args.step = str(ckpt_dir.parent.parent), int(ckpt_dir.name)
+    if getattr(args, "evaluators", None):
+        names = [n.strip() for n in args.evaluators.split(",") if n.strip()]
+        overrides.append("eval.evaluators=" + repr(names))
     try:
         if args.command == "data" and args.action in ("convert", "inspect"):
             config = None  # These work on files, not on a config.
@@ -180,6 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 
             train.evaluate_checkpoint(config, args.workdir, args.step)
+        elif args.command == "convert":
+            from vlm_jax import convert  # pylint: disable=import-outside-toplevel
+
+            try:
+                convert.convert(args.input, args.workdir, act=args.act, base_config=config)
+            except convert.ConvertError as e:
+                print(f"vlm-jax convert: ConvertError: {e}", file=sys.stderr)
+                return 2
         elif args.command == "compile":
             from vlm_jax import aot  # pylint: disable=import-outside-toplevel
 

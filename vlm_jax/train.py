@@ -425,9 +425,9 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = Non
         raise ckpt_lib.CheckpointError(
             f"No checkpoint found in {workdir / 'checkpoints'}; train first with "
             f"`vlm-jax train --workdir {workdir}` or pass the workdir of a trained run.")
-    state = ckpt.restore(step, s.abstract_state)
+    params = ckpt.restore_params(step, s.abstract_state["params"])
     data = data_lib.prepare(config)
-    results = evaluate(s, state["params"], data.eval_split(), data.tokenizer)
+    results = evaluate(s, params, data.eval_split(), data.tokenizer)
     write_eval_results(workdir, config, step, results)
     ckpt.close()
     return results

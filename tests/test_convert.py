@@ -1,0 +1,160 @@
+"""``vlm-jax convert`` against real open_clip output (tests/fixtures/open_clip, made by its
+``make_fixture.py`` with open_clip 3.3 / torch 2.14; torch is not needed here).
+
+The fixture holds two small randomly initialised open_clip CLIPs (QuickGELU and GELU), their
+image / text embeddings for fixed inputs, open_clip's tokenisation of 500 strings and the state
+dict shapes of the released ViT-B/32, B/16 and L/14.
+"""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from input_pipeline.tokenizers import CLIP_BPE_PATH, load_tokenizer
+from vlm_jax import checkpoint as ckpt_lib
+from vlm_jax import convert, models
+from vlm_jax.config import load_config
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "open_clip"
+TINY = ["tiny_quickgelu", "tiny_gelu"]
+
+
+def _io(name):
+    return np.load(FIXTURE / f"{name}_io.npz")
+
+
+def _act(name):
+    return "quick_gelu" if bool(_io(name)["quick_gelu"]) else "gelu"
+
+
+def _embeddings(model_cfg, params, io):
+    model = models.build_model(model_cfg, rngs=nnx.Rngs(0))
+    nnx.update(model, params)
+    img = model.encode_image(jnp.asarray(io["images_nchw"].transpose(0, 2, 3, 1)))
+    txt = model.encode_text(jnp.asarray(io["tokens"]))
+    return np.asarray(img), np.asarray(txt), float(model.temperature())
+
+
+def _convert(name, act=None, scan_layers=False):
+    sd = convert.load_state_dict(FIXTURE / f"{name}.safetensors")
+    cfg = convert.infer_model_config(sd, act=act or _act(name))
+    cfg["scan_layers"] = scan_layers
+    abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0))),
+                         nnx.Param)
+    return cfg, convert.to_model_params(convert.convert_state_dict(sd, cfg), abstract)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("name", TINY)
+def test_embeddings_match_open_clip(name, scan_layers):
+    io = _io(name)
+    cfg, params = _convert(name, scan_layers=scan_layers)
+    img, txt, scale = _embeddings(cfg, params, io)
+    np.testing.assert_allclose(img, io["image_embeddings"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(txt, io["text_embeddings"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scale, io["logit_scale"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_wrong_activation_is_visible(name):
+    """The parity check can fail: the other activation moves the embeddings far beyond 1e-4."""
+    io = _io(name)
+    other = "gelu" if _act(name) == "quick_gelu" else "quick_gelu"
+    cfg, params = _convert(name, act=other)
+    img, txt, _ = _embeddings(cfg, params, io)
+    assert np.abs(img - io["image_embeddings"]).max() > 1e-3
+    assert np.abs(txt - io["text_embeddings"]).max() > 1e-3
+
+
+def test_tokenizer_matches_open_clip():
+    fx = np.load(FIXTURE / "tokenizer.npz")
+    ids = load_tokenizer("clip_bpe", 77).encode(list(fx["strings"]))
+    assert ids.shape == fx["ids"].shape == (500, 77)
+    mismatched = [s for s, a, b in zip(fx["strings"], ids, fx["ids"]) if not np.array_equal(a, b)]
+    assert not mismatched, mismatched[:5]
+    assert pathlib.Path(CLIP_BPE_PATH).exists()
+
+
+@pytest.mark.parametrize("name,preset", [("ViT-B-32", "ViT-B/32"), ("ViT-B-16", "ViT-B/16"),
+                                         ("ViT-L-14", "ViT-L/14")])
+def test_released_architectures(name, preset):
+    """Architecture inferred from the released models' shapes equals the published one, and
+    every converted weight lands on a parameter of that shape (checked without memory)."""
+    shapes = json.loads((FIXTURE / "released_shapes.json").read_text())[name]
+    cfg = convert.infer_model_config(shapes, act="quick_gelu")
+    ref = models.clip_config(preset)
+    assert cfg["embed_dim"] == ref["embed_dim"]
+    ref_vit = models.decode_variant(ref["image"]["variant"])
+    for key in ("width", "depth", "num_heads", "mlp_dim", "patch_size"):
+        assert cfg["image"][key] == ref_vit[key], key
+    assert cfg["image"]["image_size"] == 224
+    for key in ("width", "depth", "num_heads", "mlp_dim", "vocab_size", "context_length",
+                "eos_id"):
+        assert cfg["text"][key] == ref["text"][key], key
+    abstract_sd = {k: jax.ShapeDtypeStruct(tuple(v), jnp.float32) for k, v in shapes.items()}
+    abstract_sd.pop("attn_mask", None)
+    cfg["scan_layers"] = True
+    model_params = nnx.state(nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0))),
+                             nnx.Param)
+    out = jax.eval_shape(
+        lambda sd: convert.to_model_params(convert.convert_state_dict(sd, cfg), model_params),
+        abstract_sd)
+    assert models.count_params(out) == sum(int(np.prod(v)) for k, v in shapes.items()
+                                           if k != "attn_mask")
+
+
+def test_convert_command_writes_a_checkpoint_eval_restores(tmp_path):
+    base = load_config(str(pathlib.Path(__file__).parents[1] / "experiments" / "clip_tiny.py"))
+    workdir = convert.convert(str(FIXTURE / "tiny_gelu.safetensors"), str(tmp_path / "run"),
+                              act="gelu", base_config=base)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["image"]["act"] == "gelu"
+    cfg = saved["model"]
+    abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0))),
+                         nnx.Param)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, async_save=False)
+    params = ckpt.restore_params(None, abstract)
+    ckpt.close()
+    io = _io("tiny_gelu")
+    img, txt, _ = _embeddings(cfg, params, io)
+    np.testing.assert_allclose(img, io["image_embeddings"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(txt, io["text_embeddings"], atol=1e-4, rtol=0)
+    with pytest.raises(ckpt_lib.CheckpointError, match="already holds checkpoints"):
+        convert.convert(str(FIXTURE / "tiny_gelu.safetensors"), str(workdir), act="gelu",
+                        base_config=base)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(convert.ConvertError, match="does not exist"):
+        convert.load_state_dict(tmp_path / "missing.safetensors")
+    with pytest.raises(convert.ConvertError, match="unknown format"):
+        (tmp_path / "w.npz").write_bytes(b"")
+        convert.load_state_dict(tmp_path / "w.npz")
+    sd = convert.load_state_dict(FIXTURE / "tiny_gelu.safetensors")
+    with pytest.raises(convert.ConvertError, match="--act"):
+        convert.infer_model_config(sd, act="relu")
+    no_pos = {k: v for k, v in sd.items() if k != "visual.positional_embedding"}
+    with pytest.raises(convert.ConvertError, match="visual.positional_embedding"):
+        convert.infer_model_config(no_pos, act="gelu")
+    cfg = convert.infer_model_config(sd, act="gelu")
+    extra = dict(sd, **{"visual.transformer.resblocks.0.ls_1.gamma": np.ones(64, np.float32)})
+    with pytest.raises(convert.ConvertError, match="ls_1"):
+        convert.convert_state_dict(extra, cfg)
+
+
+def test_torch_state_dict_formats(tmp_path):
+    """open_clip .pt / .bin files (also under 'state_dict' with a DDP 'module.' prefix)."""
+    torch = pytest.importorskip("torch")
+    sd = convert.load_state_dict(FIXTURE / "tiny_gelu.safetensors")
+    torch.save({k: torch.from_numpy(v).half() for k, v in sd.items()}, tmp_path / "a.pt")
+    torch.save({"state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()},
+                "epoch": 3}, tmp_path / "b.bin")
+    for f in ("a.pt", "b.bin"):
+        got = convert.load_state_dict(tmp_path / f)
+        assert sorted(got) == sorted(sd)
+        for k in sd:
+            np.testing.assert_array_equal(got[k], sd[k])

@@ -1,0 +1,303 @@
+"""Import OpenAI CLIP and open_clip weights: ``vlm-jax convert``.
+
+    vlm-jax convert --input ViT-B-32.safetensors --workdir runs/openai_b32 --act quick_gelu
+    vlm-jax eval --workdir runs/openai_b32 --config.eval.dataset=tfds:imagenet2012
+
+Reads a ViT CLIP state dict in OpenAI's key layout, which open_clip keeps for its ``CLIP`` class
+(``visual.conv1.weight``, ``visual.transformer.resblocks.N.attn.in_proj_weight``,
+``token_embedding.weight``, ``text_projection``, ``logit_scale``...), infers the architecture
+from the shapes (as open_clip's ``build_model_from_openai_state_dict`` does: head width 64), and
+writes an orbax checkpoint of ``vlm_jax.models.CLIP`` parameters plus a ``config.json`` so that
+``vlm-jax eval`` (or ``train``, to fine-tune) runs on it.
+
+Formats: ``.safetensors`` (numpy only; float16 / bfloat16 / float32), and with torch installed
+``.pt`` / ``.bin`` / ``.pth`` (open_clip's state dicts, optionally under ``state_dict`` with a
+``module.`` prefix, and OpenAI's TorchScript archives).
+
+The activation is not in the weights: OpenAI's models and open_clip's ``*-quickgelu`` models
+use QuickGELU (``--act quick_gelu``), open_clip's other LAION models exact GELU (``--act gelu``).
+A wrong choice still loads and silently costs accuracy, so the command asks for it.
+
+Covered: the ViT-B/32, B/16, L/14 (and other ViT) families of OpenAI and open_clip. Not covered,
+with an error naming the keys: ModifiedResNet towers (RN50...), timm or Hugging Face towers,
+attentional pooling and layer scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+HEAD_WIDTH = 64  # OpenAI / open_clip ViT CLIPs: heads = width // 64.
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file, the key and the fix."""
+
+
+# -------------------------------------------------------------------------------------------
+# Reading state dicts.
+# -------------------------------------------------------------------------------------------
+
+
+def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Reads a CLIP state dict as ``{key: float32 numpy array}`` (non-tensor entries dropped)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ConvertError(f"{path} does not exist; pass the .safetensors / .pt / .bin file of "
+                           "an OpenAI CLIP or open_clip model with --input.")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+
+        out = {}
+        # The flax framework reads bfloat16 too (numpy has no bfloat16).
+        with safe_open(str(path), framework="flax") as f:
+            for key in f.keys():
+                out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        return _clean(out, path)
+    if path.suffix in (".pt", ".bin", ".pth"):
+        try:
+            import torch  # pylint: disable=import-outside-toplevel
+        except ImportError as e:
+            raise ConvertError(
+                f"{path} is a PyTorch file: install torch (pip install torch) to read it, or "
+                "convert it to .safetensors first.") from e
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:  # OpenAI's releases are TorchScript archives.
+            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        if isinstance(obj, Mapping) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise ConvertError(f"{path} holds a {type(obj).__name__}, not a state dict.")
+        return _clean({k: v.float().numpy() for k, v in obj.items()
+                       if isinstance(v, torch.Tensor) and v.ndim is not None}, path)
+    raise ConvertError(f"{path}: unknown format {path.suffix!r}; use .safetensors, .pt or .bin.")
+
+
+def _clean(sd: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
+    if sd and all(k.startswith("module.") for k in sd):  # Saved from DistributedDataParallel.
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    # OpenAI's archives carry these as 0-d tensors; they are read from the shapes instead.
+    for k in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+        sd.pop(k, None)
+    if not sd:
+        raise ConvertError(f"{path} holds no tensors.")
+    return sd
+
+
+# -------------------------------------------------------------------------------------------
+# Architecture from shapes.
+# -------------------------------------------------------------------------------------------
+
+
+def _num_layers(shapes: Mapping[str, Any], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({int(m.group(1)) for k in shapes if (m := pat.match(k))})
+
+
+def _shape(shapes: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise ConvertError(
+            f"The state dict has no {key!r}: not a ViT CLIP in OpenAI / open_clip layout "
+            "(ModifiedResNet, timm and Hugging Face towers are not supported). Keys present "
+            f"start with: {sorted({k.split('.')[0] for k in shapes})}.")
+    return tuple(int(s) for s in shapes[key])
+
+
+def infer_model_config(shapes: Mapping[str, Any], *, act: str) -> dict:
+    """The ``vlm_jax`` CLIP model config (``model.*``) of a state dict, from its shapes alone.
+
+    Args:
+      shapes: key -> shape (arrays or shape tuples).
+      act: ``'quick_gelu'`` (OpenAI, open_clip ``-quickgelu``) or ``'gelu'`` (open_clip LAION).
+    """
+    if act not in ACTIVATIONS:
+        raise ConvertError(f"--act {act!r}: use one of {ACTIVATIONS} (quick_gelu for OpenAI's "
+                           "models and open_clip's *-quickgelu ones, gelu for the others).")
+    shapes = {k: getattr(v, "shape", v) for k, v in shapes.items()}
+    vw, _, patch, _ = _shape(shapes, "visual.conv1.weight")
+    tokens = _shape(shapes, "visual.positional_embedding")[0]
+    grid = math.isqrt(tokens - 1)
+    if grid * grid != tokens - 1:
+        raise ConvertError(f"visual.positional_embedding has {tokens} rows: not 1 + a square "
+                           "grid of patches.")
+    tw = _shape(shapes, "ln_final.weight")[0]
+    ctx, _ = _shape(shapes, "positional_embedding")
+    vocab, _ = _shape(shapes, "token_embedding.weight")
+    embed_dim = _shape(shapes, "text_projection")[1]
+    vdepth = _num_layers(shapes, "visual.transformer.resblocks.")
+    tdepth = _num_layers(shapes, "transformer.resblocks.")
+    image = dict(width=vw, depth=vdepth, num_heads=max(1, vw // HEAD_WIDTH), patch_size=patch,
+                 mlp_dim=_shape(shapes, "visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
+                 image_size=grid * patch, pool_type="tok", pre_norm=True, patch_bias=False,
+                 act=act)
+    text = dict(width=tw, depth=tdepth, num_heads=max(1, tw // HEAD_WIDTH),
+                mlp_dim=_shape(shapes, "transformer.resblocks.0.mlp.c_fc.weight")[0],
+                vocab_size=vocab, context_length=ctx, eos_id=vocab - 1, act=act)
+    return dict(name="clip", embed_dim=embed_dim, image=image, text=text,
+                logit_scale_init=math.log(1 / 0.07), logit_scale_max=math.log(100.0),
+                dtype="float32", remat="none", scan_layers=False)
+
+
+# -------------------------------------------------------------------------------------------
+# Weights.
+# -------------------------------------------------------------------------------------------
+
+
+def _block(sd: Mapping[str, Any], src: str, dst: str, heads: int, out: dict, used: set) -> None:
+    """One pre-LN residual block: torch ``nn.MultiheadAttention`` + ``c_fc``/``c_proj`` MLP."""
+
+    def get(name):
+        used.add(src + name)
+        return sd[src + name]
+
+    w = get("attn.in_proj_weight")  # [3W, W], rows q | k | v, torch Linear (out, in)
+    b = get("attn.in_proj_bias")
+    width = w.shape[1]
+    hd = width // heads
+    for i, name in enumerate(("query", "key", "value")):
+        out[f"{dst}attn.{name}.kernel"] = w[i * width:(i + 1) * width].T.reshape(width, heads, hd)
+        out[f"{dst}attn.{name}.bias"] = b[i * width:(i + 1) * width].reshape(heads, hd)
+    out[f"{dst}attn.out.kernel"] = get("attn.out_proj.weight").T.reshape(heads, hd, width)
+    out[f"{dst}attn.out.bias"] = get("attn.out_proj.bias")
+    for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+        out[f"{dst}{ours}.scale"] = get(f"{theirs}.weight")
+        out[f"{dst}{ours}.bias"] = get(f"{theirs}.bias")
+    for ours, theirs in (("fc1", "c_fc"), ("fc2", "c_proj")):
+        out[f"{dst}mlp.{ours}.kernel"] = get(f"mlp.{theirs}.weight").T
+        out[f"{dst}mlp.{ours}.bias"] = get(f"mlp.{theirs}.bias")
+
+
+def convert_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dict[str, Any]:
+    """open_clip / OpenAI keys -> flat ``vlm_jax`` parameter paths (``image.encoder.blocks.0.
+    attn.query.kernel``...), one entry per layer. Works on numpy arrays and on jax arrays or
+    tracers alike (``jax.eval_shape`` checks a whole ViT-L/14 without memory).
+
+    Raises ConvertError naming any key that would be left unused (layer scale, attention
+    pooling...), so nothing is silently dropped.
+    """
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+
+    def take(key):
+        used.add(key)
+        return sd[key]
+
+    img, txt = model_config["image"], model_config["text"]
+    out["image.patch_embed.kernel"] = take("visual.conv1.weight").transpose(2, 3, 1, 0)
+    out["image.cls_token"] = take("visual.class_embedding")
+    out["image.pos_embed"] = take("visual.positional_embedding")
+    for ours, theirs in (("pre_norm", "ln_pre"), ("final_norm", "ln_post")):
+        out[f"image.{ours}.scale"] = take(f"visual.{theirs}.weight")
+        out[f"image.{ours}.bias"] = take(f"visual.{theirs}.bias")
+    for i in range(img["depth"]):
+        _block(sd, f"visual.transformer.resblocks.{i}.", f"image.encoder.blocks.{i}.",
+               img["num_heads"], out, used)
+    out["image_projection.kernel"] = take("visual.proj")
+    out["text.token_embed.embedding"] = take("token_embedding.weight")
+    out["text.pos_embed"] = take("positional_embedding")
+    out["text.final_norm.scale"] = take("ln_final.weight")
+    out["text.final_norm.bias"] = take("ln_final.bias")
+    for i in range(txt["depth"]):
+        _block(sd, f"transformer.resblocks.{i}.", f"text.encoder.blocks.{i}.", txt["num_heads"],
+               out, used)
+    out["text_projection.kernel"] = take("text_projection")
+    out["logit_scale"] = take("logit_scale")
+    unused = sorted(set(sd) - used)
+    if unused:
+        raise ConvertError(
+            f"{len(unused)} weights have no counterpart in vlm_jax's CLIP (e.g. {unused[:4]}): "
+            "this model has parts (layer scale, attentional pooling, another text tower...) that "
+            "the converter does not map.")
+    return out
+
+
+def to_model_params(flat: Mapping[str, Any], abstract_params) -> Any:
+    """Arranges ``flat`` (from :func:`convert_state_dict`) as the model's parameter state.
+
+    ``abstract_params``: ``nnx.state(model, nnx.Param)`` of an (abstract) model built from the
+    inferred config; layer-stacked parameters (``scan_layers=True``) are stacked here. Raises
+    ConvertError naming the first parameter whose shape differs.
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    def fill(path, leaf):
+        name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        name = name.removesuffix(".value")
+        if name in flat:
+            value = flat[name]
+        else:  # scanned: 'image.encoder.blocks.attn.query.kernel' stacks blocks.0, blocks.1...
+            head, _, tail = name.partition("encoder.blocks.")
+            n = leaf.shape[0]
+            missing = [f"{head}encoder.blocks.{i}.{tail}" for i in range(n)
+                       if f"{head}encoder.blocks.{i}.{tail}" not in flat]
+            if not tail or missing:
+                raise ConvertError(f"No weight converted for parameter {name}.")
+            value = jnp.stack([jnp.asarray(flat[f"{head}encoder.blocks.{i}.{tail}"])
+                               for i in range(n)])
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise ConvertError(f"Parameter {name}: converted shape {tuple(value.shape)}, the "
+                               f"model has {tuple(leaf.shape)}.")
+        return jnp.asarray(value, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_params)
+
+
+# -------------------------------------------------------------------------------------------
+# The command.
+# -------------------------------------------------------------------------------------------
+
+
+def convert(input_path: str, workdir: str, *, act: str, base_config=None) -> pathlib.Path:
+    """Converts ``input_path`` into ``workdir`` (``checkpoints/0`` + ``config.json``).
+
+    ``base_config``: the run config whose data/eval/optimizer settings the workdir gets (default
+    ``experiments/clip_openai.py``); its ``model`` is replaced by the inferred one, keeping its
+    ``dtype``, ``scan_layers`` and ``remat``. Refuses a workdir that already holds checkpoints.
+    """
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+    from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    from vlm_jax import models  # pylint: disable=import-outside-toplevel
+
+    sd = load_state_dict(input_path)
+    model_cfg = infer_model_config(sd, act=act)
+    if base_config is None:
+        base_config = config_lib.load_config(
+            str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip_openai.py"))
+    config = base_config
+    for key in ("dtype", "scan_layers", "remat"):  # How to run it: the base config's choice.
+        if key in config.get("model", {}):
+            model_cfg[key] = config.model[key]
+    with config.unlocked():
+        config.model = model_cfg
+        config.name = f"converted:{pathlib.Path(input_path).name}"
+    abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
+                                                                   rngs=nnx.Rngs(0))), nnx.Param)
+    params = to_model_params(convert_state_dict(sd, model_cfg), abstract)
+    workdir = epath.Path(workdir)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=1,
+                                 async_save=False)
+    if ckpt.latest_step() is not None:
+        raise ckpt_lib.CheckpointError(
+            f"{workdir} already holds checkpoints; convert into a new --workdir.")
+    ckpt.save(0, {"params": params}, config=json.loads(config_lib.to_json(config)), force=True)
+    ckpt.close()
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+    n = models.count_params(params)
+    print(f"Converted {input_path} ({n / 1e6:.1f}M parameters; image {model_cfg['image']['width']}"
+          f"x{model_cfg['image']['depth']} patch {model_cfg['image']['patch_size']} at "
+          f"{model_cfg['image']['image_size']} px, text {model_cfg['text']['width']}x"
+          f"{model_cfg['text']['depth']}, act {act}) into {workdir}.")
+    return workdir
