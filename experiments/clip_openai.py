@@ -70,7 +70,10 @@ def get_config(arg=None):
     c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
     c.checkpoint = dict(every_steps=2000, keep=3, keep_every_steps=50000, async_save=True)
     c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
+    # With ImageNet prepared for TFDS: --config.eval.dataset=tfds:imagenet2012
+    # --config.eval.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (zero-shot, OpenAI's 80 prompts).
     c.eval = dict(every_steps=10000, evaluators=["zeroshot", "retrieval"], split="validation",
-                  batch_size=1024, max_examples=0)
+                  batch_size=1024, max_examples=0, dataset="", data_dir="",
+                  probe_examples=50000, probe_split="train[:99%]", probe_val_split="train[99%:]")
     c.published = dict(imagenet_zero_shot_top1=PUBLISHED_ZERO_SHOT_TOP1.get(tower, 0.0))
     return c

@@ -62,8 +62,12 @@ def get_config(arg=None):
     # the step (parameters and optimizer state unchanged), stopping after
     # max_consecutive_skips bad steps in a row.
     c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
+    # dataset: '' = the shapes splits; 'tfds:<name>' = a prepared TFDS dataset in data_dir
+    # (imagenet2012, cifar10, coco_captions...). linear_probe fits on probe_examples images of
+    # probe_split and picks its regularisation on probe_val_split.
     c.eval = dict(every_steps=400, evaluators=["zeroshot", "retrieval"], split="test",
-                  batch_size=256, max_examples=0)
+                  batch_size=256, max_examples=0, dataset="", data_dir="", probe_examples=5000,
+                  probe_split="train", probe_val_split="validation")
 
     if arg == "test":  # Seconds on a CPU: the tests' smoke run.
         c.total_steps = 6
@@ -75,7 +79,7 @@ def get_config(arg=None):
         c.model.embed_dim = 32
         c.optim.warmup_steps = 2
         c.checkpoint.every_steps = 3
-        c.eval.update(every_steps=0, batch_size=64, max_examples=128)
+        c.eval.update(every_steps=0, batch_size=64, max_examples=128, probe_examples=256)
     elif arg is not None:
         raise ValueError(f"clip_tiny.py: unknown variant {arg!r} (use 'test' or nothing).")
     return c

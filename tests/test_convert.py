@@ -16,8 +16,8 @@ from flax import nnx
 
 from input_pipeline.tokenizers import CLIP_BPE_PATH, load_tokenizer
 from vlm_jax import checkpoint as ckpt_lib
-from vlm_jax import convert, models
-from vlm_jax.config import load_config
+from vlm_jax import convert, models, train
+from vlm_jax.config import load_config, load_json_config
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "open_clip"
 TINY = ["tiny_quickgelu", "tiny_gelu"]
@@ -111,16 +111,16 @@ def test_convert_command_writes_a_checkpoint_eval_restores(tmp_path):
     base = load_config(str(pathlib.Path(__file__).parents[1] / "experiments" / "clip_tiny.py"))
     workdir = convert.convert(str(FIXTURE / "tiny_gelu.safetensors"), str(tmp_path / "run"),
                               act="gelu", base_config=base)
-    saved = json.loads((workdir / "config.json").read_text())
-    assert saved["model"]["image"]["act"] == "gelu"
-    cfg = saved["model"]
-    abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0))),
-                         nnx.Param)
+    config = load_json_config(str(workdir / "config.json"))
+    assert config.model.image.act == "gelu"
+    s = train.setup(config)  # What `vlm-jax eval` does: the run's abstract state and shardings.
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, async_save=False)
-    params = ckpt.restore_params(None, abstract)
+    params = ckpt.restore_params(None, s.abstract_state["params"])
     ckpt.close()
+    model = nnx.merge(s.graphdef, params)
     io = _io("tiny_gelu")
-    img, txt, _ = _embeddings(cfg, params, io)
+    img = np.asarray(model.encode_image(jnp.asarray(io["images_nchw"].transpose(0, 2, 3, 1))))
+    txt = np.asarray(model.encode_text(jnp.asarray(io["tokens"])))
     np.testing.assert_allclose(img, io["image_embeddings"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(txt, io["text_embeddings"], atol=1e-4, rtol=0)
     with pytest.raises(ckpt_lib.CheckpointError, match="already holds checkpoints"):

@@ -285,7 +285,8 @@ def convert(input_path: str, workdir: str, *, act: str, base_config=None) -> pat
         config.name = f"converted:{pathlib.Path(input_path).name}"
     abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
                                                                    rngs=nnx.Rngs(0))), nnx.Param)
-    params = to_model_params(convert_state_dict(sd, model_cfg), abstract)
+    # The train state's layout: plain nested dicts of arrays (nnx.State.to_pure_dict()).
+    params = to_model_params(convert_state_dict(sd, model_cfg), abstract).to_pure_dict()
     workdir = epath.Path(workdir)
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=1,
                                  async_save=False)

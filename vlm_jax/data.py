@@ -14,6 +14,7 @@ from vlm_jax.config import ConfigError
 
 
 SOURCES = ("webdataset", "array_record", "tfds")  # config.data.name for raw image-text data
+RETRIEVAL_DATASETS = ("coco_captions", "flickr30k", "coco")  # eval.dataset=tfds:<name>: captions
 
 
 @dataclasses.dataclass
@@ -42,15 +43,68 @@ class Data:
             worker_count=d.worker_count)
 
     def eval_split(self) -> dict:
-        """The evaluation split, in memory (images, tokens, labels, class names, templates)."""
+        """The evaluation data, in memory (images, tokens, labels, class names, templates).
+
+        ``config.eval.dataset``: ``''`` for the run's own evaluation data (the shapes splits),
+        ``'tfds:<name>'`` for any prepared TFDS dataset in ``config.eval.data_dir``:
+        classification (imagenet2012, cifar10, ...) or captions (coco_captions: retrieval with
+        several captions per image). Images are brought to the model's size, texts are
+        tokenised with the run's tokenizer. With the ``linear_probe`` evaluator, also
+        ``probe_train`` / ``probe_val`` (``eval.probe_examples`` training images).
+        """
         e = self.config.eval
+        dataset = e.get("dataset", "") or ""
+        max_examples = e.max_examples or None
+        if dataset.startswith("tfds:"):
+            out = self._tfds_split(dataset[len("tfds:"):], e.split, max_examples)
+        elif dataset:
+            raise ConfigError(f"config.eval.dataset={dataset!r}: use '' (the run's own evaluation "
+                              "data) or 'tfds:<name>' (a prepared TFDS dataset, e.g. "
+                              "tfds:imagenet2012, tfds:cifar10, tfds:coco_captions).")
+        else:
+            out = self._shapes_split(e.split, max_examples)
+        if "linear_probe" in e.evaluators and "label" in out:
+            out["probe_train"], out["probe_val"] = self._probe_splits(dataset)
+        return out
+
+    def _shapes_split(self, split: str, max_examples: int | None) -> dict:
         d = self.config.data
-        return pipeline.load_eval_split(
-            data_dir=self.data_dir, dataset=d.get("eval_name", d.name) if self.source else d.name,
-            config_name=d.config_name, split=e.split,
-            context_length=self.config.model.text.context_length,
-            max_examples=e.max_examples or None,
-            image_size=self.config.model.image.image_size if self.source else None)
+        size = self.config.model.image.image_size
+        name = d.get("eval_name", d.name) if d.name != "shapes" else "shapes"
+        native = int(str(d.config_name).removesuffix("px"))
+        out = pipeline.load_eval_split(
+            data_dir=self.data_dir, dataset=name, config_name=d.config_name, split=split,
+            context_length=self.config.model.text.context_length, max_examples=max_examples,
+            image_size=size if size != native or d.name in SOURCES else None)
+        if d.get("tokenizer"):  # The run's tokenizer, not the one shipped with the dataset.
+            out["text"] = self.tokenizer.encode(out["caption"])
+        return out
+
+    def _tfds_split(self, name: str, split: str, max_examples: int | None) -> dict:
+        from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
+
+        e = self.config.eval
+        kw = dict(split=split, data_dir=e.get("data_dir") or None,
+                  image_size=self.config.model.image.image_size, max_examples=max_examples)
+        if name.split("/")[0] in RETRIEVAL_DATASETS:
+            out = eval_data.load_tfds_retrieval(name, **kw)
+            out["text"] = self.tokenizer.encode(out["caption"])
+            return out
+        return eval_data.load_tfds_classification(name, **kw)
+
+    def _probe_splits(self, dataset: str) -> tuple[dict, dict]:
+        """Training and validation images for the linear probe (features are frozen)."""
+        e = self.config.eval
+        n = e.get("probe_examples", 5000) or None
+        splits = (e.get("probe_split", "train"), e.get("probe_val_split", "validation"))
+        out = []
+        for split in splits:
+            if dataset.startswith("tfds:"):
+                part = self._tfds_split(dataset[len("tfds:"):], split, n)
+            else:
+                part = self._shapes_split(split, n)
+            out.append({"image": part["image"], "label": part["label"]})
+        return out[0], out[1]
 
     def batch_shapes(self) -> dict[str, tuple]:
         """Global batch shapes of the training batches."""
@@ -88,7 +142,7 @@ def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
     return sources.open_source(kind, files)
 
 
-def prepare(config: ConfigDict) -> Data:
+def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     """Builds the dataset if needed (process 0; others wait) and loads its tokenizer.
 
     ``config.data.name`` is ``'shapes'`` (the embedded dataset) or a raw image-text source,
@@ -96,7 +150,7 @@ def prepare(config: ConfigDict) -> Data:
     globs); those are evaluated on the shapes splits named by ``data.eval_name`` /
     ``data.config_name`` and tokenised with ``data.tokenizer`` (CLIP's BPE merges file
     ``bpe_simple_vocab_16e6.txt.gz`` or a sentencepiece ``.model``; default: the shapes
-    tokenizer).
+    tokenizer). ``for_eval``: the training data is not opened (``vlm-jax eval``).
     """
     d = config.data
     if d.name != "shapes" and d.name not in SOURCES:
@@ -104,7 +158,7 @@ def prepare(config: ConfigDict) -> Data:
                           f"image-text shards {list(SOURCES)} with config.data.train_files.")
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     source = None
-    if d.name in SOURCES:
+    if d.name in SOURCES and not for_eval:
         if d.get("mixture"):  # [{'name': ..., 'train_files': ..., 'weight': ...}, ...]
             parts = []
             for i, part in enumerate(d.mixture):
@@ -124,10 +178,10 @@ def prepare(config: ConfigDict) -> Data:
             src = src[0] if isinstance(src, tuple) else src
             for path, reason in getattr(src, "skipped_shards", []):
                 print(f"Warning: skipped unreadable shard {path}: {reason}")
-    eval_name = d.get("eval_name", "shapes") if source is not None else d.name
+    eval_name = d.get("eval_name", "shapes") if d.name in SOURCES else d.name
     shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
                            process_index=jax.process_index())
-    if source is not None and d.get("tokenizer"):
+    if d.name in SOURCES and d.get("tokenizer"):
         from input_pipeline.tokenizers import load_tokenizer  # pylint: disable=import-outside-toplevel
 
         tokenizer = load_tokenizer(d.tokenizer, config.model.text.context_length)

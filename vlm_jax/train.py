@@ -148,37 +148,68 @@ def make_train_step(s: TrainSetup, batch_shapes: dict[str, tuple]) -> Callable:
 
 
 def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, float]:
-    """Runs the evaluators named in ``config.eval.evaluators``; keys ``<evaluator>/<metric>``."""
-    extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
-                                 s.config.eval.batch_size)
-    results = {}
-    for name in s.config.eval.evaluators:
+    """Runs the evaluators named in ``config.eval.evaluators``; keys ``<evaluator>/<metric>``.
+
+    Raises ConfigError before any compute when an evaluator does not fit the evaluation data
+    (e.g. zero-shot classification on a captions dataset)."""
+    names = list(s.config.eval.evaluators)
+    dataset = s.config.eval.get("dataset", "") or s.config.data.name
+    for name in names:
         if name not in evaluators_lib.EVALUATORS:
             raise ConfigError(f"config.eval.evaluators: unknown evaluator {name!r}; available: "
                               f"{sorted(evaluators_lib.EVALUATORS)}.")
+        missing = [k for k in evaluators_lib.NEEDS[name] if k not in eval_data]
+        if missing:
+            raise ConfigError(
+                f"Evaluator {name!r} needs {missing} that the evaluation data "
+                f"({dataset}, split {s.config.eval.split!r}) does not have: "
+                f"{evaluators_lib.WHAT[name]}. Choose other evaluators with --evaluators or "
+                "config.eval.evaluators.")
+    extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
+                                 s.config.eval.batch_size)
+    results = {}
+    for name in names:
         for k, v in evaluators_lib.EVALUATORS[name](extractor, tokenizer, eval_data).items():
             results[f"{name}/{k}"] = v
     return results
 
 
+TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
+         "linear_probe": "linear_probe"}  # CLIP_benchmark's task names
+
+
+def eval_dataset_name(config: ConfigDict) -> str:
+    """``<dataset>/<split>`` as the results name it (``shapes/test``, ``tfds:cifar10/test``)."""
+    dataset = config.eval.get("dataset", "") or ""
+    if not dataset:  # The run's own evaluation data.
+        dataset = "shapes" if config.data.name == "shapes" else config.data.get("eval_name",
+                                                                                "shapes")
+    return f"{dataset}/{config.eval.split}"
+
+
 def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
                        results: dict[str, float]) -> epath.Path:
-    """Writes ``eval_results_<split>.json`` (CLIP_benchmark field names), prints a markdown table.
+    """Writes ``eval_results_<split>.json`` (CLIP_benchmark field names: dataset, model, task,
+    metrics), prints a markdown table.
 
-    One file per split, so evaluating another split never overwrites earlier results.
+    One file per dataset and split (``eval_results_test.json`` for the run's own data,
+    ``eval_results_tfds_cifar10_test.json``...), so evaluating another never overwrites earlier
+    results.
     """
-    tasks = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+    dataset = eval_dataset_name(config)
     records = []
-    for name, task in tasks.items():
+    for name, task in TASKS.items():
         m = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(name + "/")}
         if m:
-            records.append({"dataset": f"{config.data.name}/{config.eval.split}",
-                            "model": config.get("name", "vlm_jax"), "step": int(step),
-                            "task": task, "metrics": m})
-    out = workdir / f"eval_results_{config.eval.split}.json"
+            records.append({"dataset": dataset, "model": config.get("name", "vlm_jax"),
+                            "step": int(step), "task": task, "metrics": m})
+    own = not (config.eval.get("dataset", "") or "")
+    stem = config.eval.split if own else (
+        f"{config.eval.dataset.replace(':', '_').replace('/', '_')}_{config.eval.split}")
+    out = workdir / f"eval_results_{stem}.json"
     if jax.process_index() == 0:
         out.write_text(json.dumps(records, indent=2))
-        print(f"\n| metric ({config.data.name}/{config.eval.split}, step {step}) | value |")
+        print(f"\n| metric ({dataset}, step {step}) | value |")
         print("|---|---|")
         for k, v in results.items():
             print(f"| {k} | {100 * v:.2f} |")
@@ -402,13 +433,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         preemption.close()
     if not results:  # No periodic eval ran (eval.every_steps=0, or training was complete).
         results = evaluate(s, state["params"], eval_data, data.tokenizer)
-    if results:
-        write_eval_results(workdir, config, total, results)
+    results_file = write_eval_results(workdir, config, total, results) if results else None
     writer.close()
     plot = metrics_lib.plot_metrics(workdir)
     if is_main and plot:
-        print(f"Wrote {plot}, {workdir / 'metrics.jsonl'}, "
-              f"{workdir / f'eval_results_{config.eval.split}.json'} and checkpoints in "
+        print(f"Wrote {plot}, {workdir / 'metrics.jsonl'}, {results_file} and checkpoints in "
               f"{workdir / 'checkpoints'}.")
     return results
 
@@ -426,7 +455,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = Non
             f"No checkpoint found in {workdir / 'checkpoints'}; train first with "
             f"`vlm-jax train --workdir {workdir}` or pass the workdir of a trained run.")
     params = ckpt.restore_params(step, s.abstract_state["params"])
-    data = data_lib.prepare(config)
+    data = data_lib.prepare(config, for_eval=True)
     results = evaluate(s, params, data.eval_split(), data.tokenizer)
     write_eval_results(workdir, config, step, results)
     ckpt.close()
