@@ -63,7 +63,10 @@ class DecodeImage(grain.transforms.Map):
 class ResizeCenterCrop(grain.transforms.Map):
     """Resizes the shorter side of a uint8 image to ``size`` (bicubic), then centre-crops.
 
-    Images already ``size x size`` pass through unchanged.
+    The arithmetic is torchvision's ``Resize(size)`` + ``CenterCrop(size)``, open_clip's and
+    OpenAI CLIP's evaluation transform: the long side becomes ``int(size * long / short)`` and
+    the crop starts at ``int(round((side - size) / 2))``, so the same pixels are kept. Images
+    already ``size x size`` pass through unchanged.
     """
 
     def __init__(self, size: int, key: str = "image"):
@@ -75,10 +78,12 @@ class ResizeCenterCrop(grain.transforms.Map):
         h, w = image.shape[:2]
         if h == w == self.size:
             return example
-        scale = self.size / min(h, w)
-        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+        short, long = min(h, w), max(h, w)
+        new_long = max(self.size, int(self.size * long / short))
+        nh, nw = (self.size, new_long) if h <= w else (new_long, self.size)
         resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
-        top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        top = int(round((nh - self.size) / 2.0))
+        left = int(round((nw - self.size) / 2.0))
         return {**example,
                 self.key: resized[top:top + self.size, left:left + self.size]}
 

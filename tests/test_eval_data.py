@@ -53,16 +53,22 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def _expected(image: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """Reference eval preprocessing: RGB, shorter side -> size (PIL bicubic), centre crop,
-    (x / 255 - mean) / std with OpenAI CLIP's statistics."""
+    """Reference eval preprocessing, torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop``
+    (open_clip's eval transform) written out: the short side becomes ``size`` and the long side
+    ``int(size * long / short)`` (``_compute_resized_output_size``); the crop starts at
+    ``int(round((side - size) / 2.0))`` (``center_crop``); then (x / 255 - mean) / std with
+    OpenAI CLIP's statistics."""
     pil = Image.fromarray(image).convert("RGB")
     w, h = pil.size
     if (h, w) != (size, size):
-        scale = size / min(h, w)
-        pil = pil.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                         Image.Resampling.BICUBIC)
+        if w <= h:
+            new_w, new_h = size, int(size * h / w)
+        else:
+            new_w, new_h = int(size * w / h), size
+        pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
     pixels = np.asarray(pil, np.float64)
-    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    top = int(round((pixels.shape[0] - size) / 2.0))
+    left = int(round((pixels.shape[1] - size) / 2.0))
     crop = pixels[top:top + size, left:left + size]
     return (crop / 255 - CLIP_MEAN) / CLIP_STD
 

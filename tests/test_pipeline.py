@@ -121,6 +121,13 @@ def test_resize_center_crop():
     out = transforms.ResizeCenterCrop(16).map({"image": image})["image"]
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert out[2:-2, 2:-2].min() >= 250
+    # torchvision's arithmetic (open_clip's eval transform), by hand: 10x17 -> short side 8,
+    # long side int(8 * 17 / 10) = 13 (not round(13.6) = 14); crop left int(round(2.5)) = 2.
+    rng = np.random.default_rng(0)
+    odd = rng.integers(0, 256, (10, 17, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(odd).resize((13, 8), Image.Resampling.BICUBIC))[:, 2:10]
+    np.testing.assert_array_equal(transforms.ResizeCenterCrop(8).map({"image": odd})["image"],
+                                  want)
     same = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
     assert transforms.ResizeCenterCrop(16).map({"image": same})["image"] is same
 
