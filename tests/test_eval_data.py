@@ -9,6 +9,7 @@ of input_pipeline.
 import io
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -18,6 +19,7 @@ from tensorflow_datasets.image_classification import cifar
 
 from input_pipeline import DataError, eval_data
 from vlm_jax.evaluators import metadata
+from vlm_jax.models.layers import normalize_pixels
 
 SIZE = 12
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
@@ -50,6 +52,11 @@ def _png(image: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(image).save(out, format="PNG")  # lossless: decoded pixels are these
     return out.getvalue()
+
+
+def _norm(pixels: np.ndarray) -> np.ndarray:
+    """The loaders keep uint8; the model normalises on the device: that normalisation."""
+    return np.asarray(normalize_pixels(jnp.asarray(pixels)))
 
 
 def _expected(image: np.ndarray, size: int = SIZE) -> np.ndarray:
@@ -181,7 +188,7 @@ def test_classification_shapes_labels_and_names(data_dir):
     data = eval_data.load_tfds_classification(name, split="test", data_dir=data_dir,
                                               image_size=SIZE)
     assert set(data) == {"image", "label", "class_names", "templates"}
-    assert data["image"].dtype == np.float32 and data["image"].shape == (5, SIZE, SIZE, 3)
+    assert data["image"].dtype == np.uint8 and data["image"].shape == (5, SIZE, SIZE, 3)
     assert data["label"].dtype == np.int32 and data["label"].tolist() == CLS_LABELS
     # Not a dataset with curated metadata: the TFDS label names, "_" read as a space.
     assert data["class_names"] == ["red square", "green circle", "blue triangle"]
@@ -193,16 +200,16 @@ def test_classification_pixels_match_reference(data_dir):
                                               data_dir=data_dir, image_size=SIZE,
                                               num_threads=3)
     for got, image in zip(data["image"], CLS_IMAGES):
-        np.testing.assert_allclose(got, _expected(image), atol=1e-5)
+        np.testing.assert_allclose(_norm(got), _expected(image), atol=1e-5)
     # The SIZE x SIZE image is only normalised: check one pixel by hand.
     r, g, b = CLS_IMAGES[2][5, 7]
-    np.testing.assert_allclose(data["image"][2, 5, 7],
+    np.testing.assert_allclose(_norm(data["image"][2])[5, 7],
                                [(r / 255 - 0.48145466) / 0.26862954,
                                 (g / 255 - 0.4578275) / 0.26130258,
                                 (b / 255 - 0.40821073) / 0.27577711], atol=1e-5)
     # The greyscale image became RGB with three equal channels before normalisation.
-    grey = data["image"][3] * CLIP_STD + CLIP_MEAN
-    np.testing.assert_allclose(grey[..., 0], grey[..., 1], atol=1e-5)
+    grey = data["image"][3]
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 1])
 
 
 def test_classification_max_examples(data_dir):
@@ -211,7 +218,7 @@ def test_classification_max_examples(data_dir):
                                               image_size=SIZE, max_examples=2)
     assert data["image"].shape == (2, SIZE, SIZE, 3)
     assert data["label"].tolist() == CLS_LABELS[:2]
-    np.testing.assert_allclose(data["image"][1], _expected(CLS_IMAGES[1]), atol=1e-5)
+    np.testing.assert_allclose(_norm(data["image"][1]), _expected(CLS_IMAGES[1]), atol=1e-5)
     assert len(eval_data.load_tfds_classification(
         name, split="test", data_dir=data_dir, image_size=SIZE, max_examples=99)["label"]) == 5
     sliced = eval_data.load_tfds_classification(name, split="test[3:]", data_dir=data_dir,
@@ -257,12 +264,12 @@ def test_retrieval_flattens_captions(data_dir):
     data = eval_data.load_tfds_retrieval(split="test", data_dir=data_dir, image_size=SIZE,
                                          max_examples=3)
     assert set(data) == {"image", "caption", "text_to_image"}
-    assert data["image"].dtype == np.float32 and data["image"].shape == (3, SIZE, SIZE, 3)
+    assert data["image"].dtype == np.uint8 and data["image"].shape == (3, SIZE, SIZE, 3)
     assert data["caption"] == CAPTIONS[0] + CAPTIONS[1] + CAPTIONS[2]
     assert data["text_to_image"].dtype == np.int32
     assert data["text_to_image"].tolist() == [0, 0, 1, 1, 1, 1, 1, 2]
     for got, image in zip(data["image"], CAP_IMAGES):
-        np.testing.assert_allclose(got, _expected(image), atol=1e-5)
+        np.testing.assert_allclose(_norm(got), _expected(image), atol=1e-5)
 
 
 def test_retrieval_max_examples_tokenizer_and_captionless_image(data_dir):
@@ -338,6 +345,6 @@ def test_shapes_matches_load_eval_split(tmp_path):
                                               image_size=24)
     ref = pipeline.load_eval_split(data_dir=tmp_path, config_name="32px", split="test",
                                    context_length=16, image_size=24)
-    np.testing.assert_array_equal(data["image"], ref["image"])
+    np.testing.assert_allclose(_norm(data["image"]), ref["image"], atol=1e-6)
     np.testing.assert_array_equal(data["label"], ref["label"])
     assert data["class_names"] == ref["class_names"] and data["templates"] == ref["templates"]
