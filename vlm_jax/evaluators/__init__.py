@@ -1,8 +1,23 @@
-"""Evaluators chosen by name: each is ``evaluate(extractor, tokenizer, data) -> {metric: value}``."""
+"""Evaluators chosen by name: each is ``evaluate(extractor, tokenizer, data) -> {metric: value}``.
 
-from vlm_jax.evaluators import retrieval, zeroshot
+``NEEDS[name]``: the keys of the evaluation data an evaluator reads (checked before any compute);
+``WHAT[name]``: what kind of data that is, for the error message.
+"""
+
+from vlm_jax.evaluators import linear_probe, retrieval, zeroshot
 
 EVALUATORS = {
     "zeroshot": zeroshot.evaluate,
     "retrieval": retrieval.evaluate,
+    "linear_probe": linear_probe.evaluate,
+}
+NEEDS = {
+    "zeroshot": ("image", "label", "class_names", "templates"),
+    "retrieval": ("image", "text"),
+    "linear_probe": ("image", "label", "probe_train"),
+}
+WHAT = {
+    "zeroshot": "a classification dataset (labels and class names)",
+    "retrieval": "images with captions",
+    "linear_probe": "a classification dataset with a training split",
 }
