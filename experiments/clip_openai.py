@@ -74,6 +74,7 @@ def get_config(arg=None):
     # --config.eval.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (zero-shot, OpenAI's 80 prompts).
     c.eval = dict(every_steps=10000, evaluators=["zeroshot", "retrieval"], split="validation",
                   batch_size=1024, max_examples=0, dataset="", data_dir="",
-                  probe_examples=50000, probe_split="train[:99%]", probe_val_split="train[99%:]")
+                  probe_examples=50000, probe_split="train[:99%]", probe_val_split="train[99%:]",
+                  fewshot_shots=[1, 5, 10, 25])
     c.published = dict(imagenet_zero_shot_top1=PUBLISHED_ZERO_SHOT_TOP1.get(tower, 0.0))
     return c

@@ -67,7 +67,8 @@ def get_config(arg=None):
     # probe_split and picks its regularisation on probe_val_split.
     c.eval = dict(every_steps=400, evaluators=["zeroshot", "retrieval"], split="test",
                   batch_size=256, max_examples=0, dataset="", data_dir="", probe_examples=5000,
-                  probe_split="train", probe_val_split="validation")
+                  probe_split="train", probe_val_split="validation",
+                  fewshot_shots=[1, 5, 10, 25])
 
     if arg == "test":  # Seconds on a CPU: the tests' smoke run.
         c.total_steps = 6
@@ -79,7 +80,8 @@ def get_config(arg=None):
         c.model.embed_dim = 32
         c.optim.warmup_steps = 2
         c.checkpoint.every_steps = 3
-        c.eval.update(every_steps=0, batch_size=64, max_examples=128, probe_examples=256)
+        c.eval.update(every_steps=0, batch_size=64, max_examples=128, probe_examples=256,
+                      fewshot_shots=[1, 2])
     elif arg is not None:
         raise ValueError(f"clip_tiny.py: unknown variant {arg!r} (use 'test' or nothing).")
     return c

@@ -6,7 +6,10 @@ image / text embeddings for fixed inputs, open_clip's tokenisation of 500 string
 dict shapes of the released ViT-B/32, B/16 and L/14.
 """
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +161,43 @@ def test_torch_state_dict_formats(tmp_path):
         assert sorted(got) == sorted(sd)
         for k in sd:
             np.testing.assert_array_equal(got[k], sd[k])
+
+
+def _cli(repo_root, *args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return subprocess.run([sys.executable, "-m", "vlm_jax.main", *args], capture_output=True,
+                          text=True, cwd=repo_root, env=env, timeout=600)
+
+
+@pytest.mark.e2e
+def test_convert_then_eval_command(repo_root, tmp_path, shapes_data_dir):
+    """The commands a user runs: convert open_clip weights, evaluate them with every evaluator
+    (twice, with different evaluators: the results file keeps both)."""
+    workdir = tmp_path / "imported"
+    config = str(repo_root / "experiments/clip_tiny.py") + ":test"
+    proc = _cli(repo_root, "convert", "--input", str(FIXTURE / "tiny_gelu.safetensors"),
+                "--act", "gelu", "--workdir", str(workdir), "--config", config,
+                f"--config.data.data_dir={shapes_data_dir}")
+    assert proc.returncode == 0, proc.stderr
+    assert "Converted" in proc.stdout and "act gelu" in proc.stdout
+    proc = _cli(repo_root, "eval", "--checkpoint", str(workdir / "checkpoints" / "0"),
+                "--evaluators", "zeroshot,linear_probe")
+    assert proc.returncode == 0, proc.stderr
+    assert "| linear_probe/fewshot_2shot_acc1 |" in proc.stdout
+    proc = _cli(repo_root, "eval", "--workdir", str(workdir), "--evaluators", "retrieval")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((workdir / "eval_results_test.json").read_text())
+    assert {r["task"] for r in records} == {"zeroshot_classification", "linear_probe",
+                                            "zeroshot_retrieval"}
+    for r in records:
+        assert r["dataset"] == "shapes/test" and r["step"] == 0
+        assert all(0.0 <= v <= 1.0 for v in r["metrics"].values())
+    # A captions-only evaluator set on a classification-only need: refused before compute.
+    proc = _cli(repo_root, "eval", "--workdir", str(workdir), "--evaluators", "zeroshot",
+                "--config.eval.dataset=tfds:coco_captions",
+                f"--config.eval.data_dir={tmp_path / 'no_tfds'}")
+    assert proc.returncode == 2
+    assert "coco_captions" in proc.stderr and "tfds build" in proc.stderr
+    proc = _cli(repo_root, "convert", "--input", str(tmp_path / "nope.safetensors"),
+                "--act", "gelu", "--workdir", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -167,9 +167,17 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
                 "config.eval.evaluators.")
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
                                  s.config.eval.batch_size)
+    options = {"linear_probe": dict(shots=tuple(s.config.eval.get("fewshot_shots",
+                                                                  (1, 5, 10, 25))))}
     results = {}
     for name in names:
-        for k, v in evaluators_lib.EVALUATORS[name](extractor, tokenizer, eval_data).items():
+        try:
+            out = evaluators_lib.EVALUATORS[name](extractor, tokenizer, eval_data,
+                                                  **options.get(name, {}))
+        except ValueError as e:  # Data that does not fit the evaluator's settings.
+            raise ConfigError(f"Evaluator {name!r}: {e} (config.eval: probe_examples, "
+                              "fewshot_shots)") from e
+        for k, v in out.items():
             results[f"{name}/{k}"] = v
     return results
 
@@ -208,7 +216,14 @@ def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
         f"{config.eval.dataset.replace(':', '_').replace('/', '_')}_{config.eval.split}")
     out = workdir / f"eval_results_{stem}.json"
     if jax.process_index() == 0:
-        out.write_text(json.dumps(records, indent=2))
+        # Results of other tasks already in the file are kept (evaluated earlier with other
+        # evaluators); a task evaluated again is replaced.
+        new_tasks = {r["task"] for r in records}
+        try:
+            kept = [r for r in json.loads(out.read_text()) if r.get("task") not in new_tasks]
+        except (FileNotFoundError, ValueError, AttributeError):
+            kept = []
+        out.write_text(json.dumps(kept + records, indent=2))
         print(f"\n| metric ({dataset}, step {step}) | value |")
         print("|---|---|")
         for k, v in results.items():
