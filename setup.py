@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
     "ftfy>=6.1",  # CLIP BPE cleaning, as OpenAI CLIP / open_clip tokenise
     "safetensors>=0.4",  # vlm-jax convert: open_clip / OpenAI CLIP weights
+    "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU/CIDEr-D/ROUGE-L; no Java needed for these)
 ]
 
 EXTRAS = {
