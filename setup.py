@@ -22,12 +22,13 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
     "ftfy>=6.1",  # CLIP BPE cleaning, as OpenAI CLIP / open_clip tokenise
     "safetensors>=0.4",  # vlm-jax convert: open_clip / OpenAI CLIP weights
-    "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU/CIDEr-D/ROUGE-L; no Java needed for these)
 ]
 
 EXTRAS = {
     # jax[tpu] brings libtpu, whose compiler the `vlm-jax compile` tests use (no TPU needed).
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "jax[tpu]"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "jax[tpu]", "pycocoevalcap>=1.2"],
+    # COCO caption metrics (BLEU / CIDEr-D / ROUGE-L; no Java needed for these three).
+    "caption": ["pycocoevalcap>=1.2"],
     "tpu": ["jax[tpu]", "gcsfs"],  # gcsfs: gs:// data paths (etils.epath through fsspec)
 }
 

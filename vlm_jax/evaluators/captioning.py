@@ -46,17 +46,25 @@ import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
 # -------------------------------------------------------------------------------------------
 # Tokenisation: Stanford PTBTokenizer (CoreNLP 3.4.1, -preserveLines -lowerCase) as
 # pycocoevalcap applies it, in Python because Java is not available on TPU VMs / in CI.
 # -------------------------------------------------------------------------------------------
 
-_PUNCTUATIONS = frozenset(PUNCTUATIONS)  # pycocoevalcap's own list, imported, not copied.
+def _pycocoevalcap():
+    """The pycocoevalcap modules, imported on first use: the package (104 MB, mostly the Java
+    METEOR / SPICE files) is an optional extra, ``pip install 'vlm_jax[caption]'``."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=import-outside-toplevel
+        from pycocoevalcap.cider.cider import Cider  # pylint: disable=import-outside-toplevel
+        from pycocoevalcap.rouge.rouge import Rouge  # pylint: disable=import-outside-toplevel
+        from pycocoevalcap.tokenizer.ptbtokenizer import (  # pylint: disable=import-outside-toplevel
+            PUNCTUATIONS)
+    except ImportError as e:
+        raise ImportError("Captioning metrics need pycocoevalcap: pip install 'vlm_jax[caption]' "
+                          "(or pip install pycocoevalcap).") from e
+    return Bleu, Cider, Rouge, frozenset(PUNCTUATIONS)  # pycocoevalcap's own list, not copied.
 
 # Abbreviations whose final period stays on the word (PTBLexer's ABBREV1 / ABBREV2: months,
 # days, states, company words, titles, ...), lower-case.
@@ -170,7 +178,8 @@ def tokenize(text: str) -> str:
         raise TypeError(f"tokenize: expected a str caption, got {type(text).__name__}: "
                         f"{text!r}.")
     # pycocoevalcap: " ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS).
-    return " ".join(t for t in ptb_tokens(text) if t not in _PUNCTUATIONS)
+    punctuation = _pycocoevalcap()[3]
+    return " ".join(t for t in ptb_tokens(text) if t not in punctuation)
 
 
 # -------------------------------------------------------------------------------------------
@@ -254,6 +263,7 @@ def caption_metrics(predictions: Mapping[Hashable, str] | Sequence[str],
     if not any(r for rs in gts.values() for r in rs):
         raise ValueError("caption_metrics: every reference caption is empty after tokenisation "
                          "(punctuation only?); check the references.")
+    Bleu, Cider, Rouge, _ = _pycocoevalcap()  # pylint: disable=invalid-name
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
