@@ -322,6 +322,21 @@ class _StepChecker:
                     f"{self.guard['max_consecutive_skips']}); {where}.")
 
 
+def _compile_then_meet(step_fn, state, batch):
+    """Multi-process runs: compiles the train step, then waits for every process before its
+    first execution, so that all reach the first collective together. Otherwise a process whose
+    compile is slower (a busy host, a cold compilation cache) arrives late: the CPU backend's
+    gloo transport gives up connecting after its fixed timeout ("Gloo context initialization
+    failed: Connect timeout"), and accelerator hosts wait idle inside the collective."""
+    compiled = step_fn.lower(state, batch).compile()
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
+    client = distributed.global_state.client
+    if client is not None:  # The coordination service's barrier: no device collective.
+        client.wait_at_barrier("vlm_jax_train_step_compiled", 60 * 60 * 1000)
+    return compiled
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
 
@@ -388,6 +403,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         for step in range(start, total):
             local = next(train_iter)
             batch = parallel.make_global_batch({k: local[k] for k in batch_shapes}, s.mesh)
+            if step == start and jax.process_count() > 1:
+                train_step = _compile_then_meet(train_step, state, batch)
             state, metrics = train_step(state, batch)
             done = step + 1
             checker.add(done, metrics)
