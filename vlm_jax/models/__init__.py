@@ -3,6 +3,7 @@
 ``build_model(cfg, rngs=...)`` dispatches on ``cfg.name``:
 
 * ``'clip'``: :class:`~vlm_jax.models.clip.CLIP` (see that module for the config layout).
+* ``'coca'``: :class:`~vlm_jax.models.coca.CoCa` (see that module for the config layout).
 * ``'vit'``: :class:`~vlm_jax.models.vit.ViT`; every other key of the config is a ViT argument,
   e.g. ``dict(name='vit', variant='B/16', image_size=224, num_classes=1000)``.
 """
@@ -19,12 +20,17 @@ from flax import nnx
 from vlm_jax.models import layers  # noqa: F401  (imported first: the towers use it)
 from vlm_jax.models.clip import (CLIP, CLIP_PRESETS, accepted_keys, check_keys, clip_config,
                                  clip_flops, to_plain_dict)
+from vlm_jax.models.coca import CoCa, coca_flops
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.vit import VARIANTS, ViT, decode_variant, vit_flops
 
 
 def _build_clip(cfg: dict, rngs: nnx.Rngs) -> nnx.Module:
     return CLIP.from_config(cfg, rngs=rngs)
+
+
+def _build_coca(cfg: dict, rngs: nnx.Rngs) -> nnx.Module:
+    return CoCa.from_config(cfg, rngs=rngs)
 
 
 def _build_vit(cfg: dict, rngs: nnx.Rngs) -> nnx.Module:
@@ -44,6 +50,7 @@ def _vit_flops(cfg: dict, batch_size: int | None = None) -> float:
 # name -> (builder, flops function)
 MODELS: dict[str, tuple[Callable[[dict, nnx.Rngs], nnx.Module], Callable[..., float]]] = {
     "clip": (_build_clip, clip_flops),
+    "coca": (_build_coca, coca_flops),
     "vit": (_build_vit, _vit_flops),
 }
 
