@@ -137,7 +137,9 @@ class SentencePieceTokenizer:
         if tokens.ndim == 2:
             return [self.decode(row) for row in tokens]
         ids = _before_eos(tokens, self.eos_id)
-        return self._sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
+        # Ids past the vocabulary (a model's embedding table may be larger) decode to nothing.
+        return self._sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)
+                                and 0 <= i < self.vocab_size])
 
     def content_lengths(self, tokens: np.ndarray) -> np.ndarray:
         """Number of text tokens (not bos/eos/pad) per row of int [..., L]; 0 = empty caption."""
@@ -306,7 +308,7 @@ class ClipBpeTokenizer:
         if tokens.ndim == 2:
             return [self.decode(r) for r in tokens]
         ids = _before_eos(tokens, self.eos_id)
-        text = "".join(self.decoder[i] for i in ids if i != self.bos_id)
+        text = "".join(self.decoder[i] for i in ids if i != self.bos_id and i in self.decoder)
         raw = bytearray(self.byte_decoder[c] for c in text)
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 

@@ -89,6 +89,10 @@ class Data:
         if name.split("/")[0] in RETRIEVAL_DATASETS:
             out = eval_data.load_tfds_retrieval(name, **kw)
             out["text"] = self.tokenizer.encode(out["caption"])
+            per_image: list[list[str]] = [[] for _ in range(len(out["image"]))]
+            for caption, i in zip(out["caption"], out["text_to_image"]):
+                per_image[int(i)].append(caption)
+            out["captions"] = per_image  # references of the captioning evaluator
             return out
         return eval_data.load_tfds_classification(name, **kw)
 

@@ -60,7 +60,31 @@ def _variant_kwargs(loss_config) -> dict:
     return kwargs
 
 
-OBJECTIVES: dict[str, Callable] = {"clip": clip_objective}
+def coca_objective(model, batch, config, mesh):
+    """CoCa (Yu et al. 2022; open_clip's ``CoCaLoss``): ``contrastive_weight`` x the all-gather
+    contrastive loss (any ``config.loss.variant``) + ``caption_weight`` x the captioning
+    cross-entropy (teacher forcing, padding ignored). Defaults 1.0 and 2.0 as open_clip."""
+    from vlm_jax.models import coca  # pylint: disable=import-outside-toplevel
+
+    out = model(batch["image"], batch["text"])
+    try:
+        con, metrics = losses.contrastive_loss(out["image_emb"], out["text_emb"],
+                                               out["logit_scale"], mesh=mesh,
+                                               **_variant_kwargs(config.loss))
+    except ValueError as e:
+        if "variant" in str(e):
+            raise ConfigError(f"config.loss.variant: {e}") from e
+        raise
+    cap = coca.captioning_loss(out["caption_logits"], batch["text"], model.pad_id)
+    w_con = config.loss.get("contrastive_weight", 1.0)
+    w_cap = config.loss.get("caption_weight", 2.0)
+    metrics = {f"train/{k}": v for k, v in metrics.items()}
+    metrics.update({"train/contrastive_loss": con, "train/caption_loss": cap,
+                    "train/logit_scale": out["logit_scale"]})
+    return w_con * con + w_cap * cap, metrics
+
+
+OBJECTIVES: dict[str, Callable] = {"clip": clip_objective, "coca": coca_objective}
 
 
 def get_objective(name: str) -> Callable:

@@ -166,7 +166,8 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
                 f"{evaluators_lib.WHAT[name]}. Choose other evaluators with --evaluators or "
                 "config.eval.evaluators.")
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
-                                 s.config.eval.batch_size)
+                                 s.config.eval.batch_size, tokenizer=tokenizer,
+                                 caption_options=dict(s.config.eval.get("caption", {})))
     options = {"linear_probe": dict(shots=tuple(s.config.eval.get("fewshot_shots",
                                                                   (1, 5, 10, 25))))}
     results = {}
@@ -183,7 +184,7 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
 
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
-         "linear_probe": "linear_probe"}  # CLIP_benchmark's task names
+         "linear_probe": "linear_probe", "captioning": "captioning"}  # CLIP_benchmark's names
 
 
 def eval_dataset_name(config: ConfigDict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,10 +21,13 @@ class FeatureExtractor:
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params, param_shardings, mesh, rules,
-                 batch_size: int):
+                 batch_size: int, tokenizer: Any = None, caption_options: dict | None = None):
         n = parallel.batch_shard_count(mesh)
         self.batch_size = max(n, (batch_size // n) * n)
         self.mesh = mesh
+        self.graphdef, self.rules, self.param_shardings = graphdef, rules, param_shardings
+        self.tokenizer = tokenizer
+        self.caption_options = dict(caption_options or {})
         replicated = NamedSharding(mesh, P())
 
         def make(method: str) -> Callable:
@@ -35,6 +39,36 @@ class FeatureExtractor:
 
         self._fns = {"image": make("encode_image"), "text": make("encode_text")}
         self.params = params
+
+    def _caption_fn(self) -> Callable:
+        if "caption" not in self._fns:
+            from vlm_jax import decoding  # pylint: disable=import-outside-toplevel
+
+            options = dict(self.caption_options)
+            method = options.pop("method", "greedy")
+            graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
+
+            def fn(p, x):
+                with parallel.sharding_context(mesh, rules):
+                    return decoding.generate(graphdef, x, params=p, method=method, jit=False,
+                                             **options)
+
+            self._fns["caption"] = jax.jit(fn, in_shardings=(self.param_shardings, None),
+                                           out_shardings=NamedSharding(mesh, P()))
+        return self._fns["caption"]
+
+    def captions(self, images: np.ndarray) -> list[str]:
+        """Generated captions (``caption_options``: ``method`` greedy / beam / sample and the
+        options of :func:`vlm_jax.decoding.generate`), detokenised; for captioning models."""
+        if not hasattr(nnx.merge(self.graphdef, self.params), "image_context"):
+            raise ValueError("This model has no captioning decoder (captions need a CoCa "
+                             "model, config.model.name='coca').")
+        if self.tokenizer is None:
+            raise ValueError("FeatureExtractor.captions needs the tokenizer to detokenise.")
+        self._caption_fn()
+        tokens = self._run("caption", images).astype(np.int32)
+        out = self.tokenizer.decode(tokens)
+        return [out] if isinstance(out, str) else list(out)
 
     def _run(self, kind: str, array: np.ndarray) -> np.ndarray:
         fn, bs = self._fns[kind], self.batch_size
@@ -48,7 +82,8 @@ class FeatureExtractor:
             local = chunk[pi * bs // pc:(pi + 1) * bs // pc]
             batch = parallel.make_global_batch({"x": local}, self.mesh)["x"]
             out.append(np.asarray(fn(self.params, batch))[:n])
-        return np.concatenate(out).astype(np.float32)
+        out = np.concatenate(out)
+        return out if kind == "caption" else out.astype(np.float32)
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """L2-normalised image embeddings [N, D]."""
