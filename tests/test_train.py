@@ -168,3 +168,18 @@ def test_nonfinite_step_leaves_state_unchanged(repo_root, monkeypatch):
     monkeypatch.delenv("VLM_JAX_FAULTS")
     clean, _ = _losses(config, mesh, [batches[0], batches[2]])
     assert float(m3["train/loss"]) == pytest.approx(clean[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_coca_train_steps_match_one_device(repo_root, mesh_shape):
+    """CoCa's loss (contrastive + captioning) and updates on 8 devices equal one device."""
+    config = config_lib.load_config(
+        str(repo_root / "experiments" / "coca_tiny_shapes.py") + ":test")
+    batches = _batches(config, 2)
+    for b in batches:  # Padding after eos, as the tokenizer writes (the caption loss skips it).
+        after = np.cumsum(b["text"] == config.model.text.eos_id, axis=1) > 0
+        b["text"] = np.where(after & (b["text"] != config.model.text.eos_id), 0, b["text"])
+    ref, _ = _losses(config, parallel.create_mesh({}, devices=jax.devices()[:1]), batches)
+    got, state = _losses(config, parallel.create_mesh(mesh_shape), batches)
+    assert ref[0] != ref[1]
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)

@@ -1,10 +1,11 @@
-"""Command line: ``vlm-jax train | eval | convert | compile | data``.
+"""Command line: ``vlm-jax train | eval | convert | caption | compile | data``.
 
     vlm-jax train --config experiments/clip_tiny.py --workdir runs/tiny [--config.key=value ...]
     vlm-jax eval  --workdir runs/tiny [--config experiments/clip_tiny.py] [--step N]
                   [--evaluators zeroshot,retrieval,linear_probe]
     vlm-jax eval  --checkpoint runs/tiny/checkpoints/1200
     vlm-jax convert --input ViT-B-32.safetensors --act quick_gelu --workdir runs/openai_b32
+    vlm-jax caption --workdir runs/coca_tiny --images photos/ [--method beam --beam_size 3]
     vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
     vlm-jax data prepare --config experiments/clip_tiny.py
     vlm-jax data export  --config experiments/clip_tiny.py --split train --output shards/
@@ -63,6 +64,18 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--act", required=True, choices=["quick_gelu", "gelu"],
                    help="quick_gelu: OpenAI's models and open_clip's *-quickgelu; gelu: the other "
                         "open_clip models")
+    p = sub.add_parser("caption", help="caption a folder of images with a CoCa checkpoint")
+    common(p, config_required=False)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--images", required=True, help="a folder of .jpg / .png / .webp images")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--output", default=None, help="JSONL file (default <workdir>/captions.jsonl)")
+    p.add_argument("--method", default=None, choices=["greedy", "beam", "sample"],
+                   help="default: config.eval.caption")
+    p.add_argument("--beam_size", type=int, default=None)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
     p = sub.add_parser("compile", help="compile the train step for a TPU topology (no TPU "
                                        "needed): per-chip memory, FLOPs, predicted step time")
     common(p)
@@ -215,6 +228,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 convert.convert(args.input, args.workdir, act=args.act, base_config=config)
             except convert.ConvertError as e:
                 print(f"vlm-jax convert: ConvertError: {e}", file=sys.stderr)
+                return 2
+        elif args.command == "caption":
+            from vlm_jax import caption  # pylint: disable=import-outside-toplevel
+
+            options = None
+            if args.method:
+                options = {"method": args.method}
+                for key in ("beam_size", "top_k", "top_p", "temperature"):
+                    if getattr(args, key) is not None:
+                        options[key] = getattr(args, key)
+            try:
+                caption.caption_folder(config, args.workdir, args.images, step=args.step,
+                                       output=args.output, options=options)
+            except ValueError as e:  # Decoding options that do not fit the method.
+                print(f"vlm-jax caption: {e}", file=sys.stderr)
                 return 2
         elif args.command == "compile":
             from vlm_jax import aot  # pylint: disable=import-outside-toplevel

@@ -1,0 +1,91 @@
+"""``vlm-jax caption``: captions for a folder of images from a captioning model's checkpoint.
+
+    vlm-jax caption --workdir runs/coca_tiny --images photos/ [--method beam --beam_size 3]
+
+Writes ``<workdir>/captions.jsonl`` (or ``--output``): one ``{"image", "caption"}`` line per
+image, in file-name order; unreadable images are reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from input_pipeline import DataError
+from input_pipeline.transforms import ResizeCenterCrop
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def read_images(folder: str | pathlib.Path, size: int) -> tuple[list[str], np.ndarray,
+                                                                 list[tuple[str, str]]]:
+    """The images of ``folder`` as uint8 ``[N, size, size, 3]`` (short side resized, centre
+    crop), their file names, and ``(file, reason)`` for each file that could not be read."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--images {folder}: not a directory; pass a folder of images.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    names, arrays, bad = [], [], []
+    crop = ResizeCenterCrop(size)
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("RGB"))
+        except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
+            bad.append((path.name, f"{type(e).__name__}: {e}"))
+            continue
+        names.append(path.name)
+        arrays.append(crop.map({"image": pixels})["image"])
+    if not arrays:
+        raise DataError(f"--images {folder}: no readable image ({', '.join(IMAGE_SUFFIXES)}) "
+                        f"among {len(files)} file(s)" + (f"; e.g. {bad[0][0]}: {bad[0][1]}"
+                                                         if bad else "") + ".")
+    return names, np.stack(arrays), bad
+
+
+def caption_folder(config, workdir: str, images: str, *, step: int | None = None,
+                   output: str | None = None, options: dict | None = None) -> pathlib.Path:
+    """Captions every image of ``images`` with the (latest or ``step``) checkpoint of
+    ``workdir``; ``options``: ``method`` and the options of :func:`vlm_jax.decoding.generate`
+    (default ``config.eval.caption``). Returns the JSONL file written."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+    from vlm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    from vlm_jax import train  # pylint: disable=import-outside-toplevel
+    from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+    from vlm_jax.evaluators.common import FeatureExtractor  # pylint: disable=import-outside-toplevel
+
+    if config.model.name != "coca":
+        raise ConfigError(f"{workdir} holds a {config.model.name!r} model, which has no "
+                          "captioning decoder; captions need a CoCa model (config.model.name="
+                          "'coca', e.g. experiments/coca_tiny_shapes.py).")
+    names, pixels, bad = read_images(images, config.model.image.image_size)
+    for name, reason in bad:
+        print(f"Skipped {name}: {reason}")
+    s = train.setup(config)
+    ckpt = ckpt_lib.Checkpointer(epath.Path(workdir) / "checkpoints", save_every_steps=1,
+                                 keep=10**6, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise ckpt_lib.CheckpointError(f"No checkpoint found in {workdir}/checkpoints; train "
+                                       "first or pass the workdir of a trained run.")
+    params = ckpt.restore_params(step, s.abstract_state["params"])
+    ckpt.close()
+    tokenizer = data_lib.prepare(config, for_eval=True).tokenizer
+    opts = dict(config.eval.get("caption", {}) if options is None else options)
+    extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
+                                 config.eval.batch_size, tokenizer=tokenizer,
+                                 caption_options=opts)
+    captions = extractor.captions(pixels)
+    out = pathlib.Path(output) if output else pathlib.Path(workdir) / "captions.jsonl"
+    with open(out, "w", encoding="utf-8") as f:
+        for name, caption in zip(names, captions):
+            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
+            print(f"{name}: {caption}")
+    print(f"Wrote {len(captions)} captions (step {step}, {opts.get('method', 'greedy')}) to "
+          f"{out}" + (f"; skipped {len(bad)} unreadable file(s)." if bad else "."))
+    return out
