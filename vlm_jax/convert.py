@@ -18,7 +18,8 @@ The activation is not in the weights: OpenAI's models and open_clip's ``*-quickg
 use QuickGELU (``--act quick_gelu``), open_clip's other LAION models exact GELU (``--act gelu``).
 A wrong choice still loads and silently costs accuracy, so the command asks for it.
 
-Covered: the ViT-B/32, B/16, L/14 (and other ViT) families of OpenAI and open_clip. Not covered,
+Covered: the ViT-B/32, B/16, L/14 (and other ViT) families of OpenAI and open_clip, and open_clip's
+CoCa (``coca_ViT-B-32``, ``coca_ViT-L-14``: recognised by its ``text_decoder``). Not covered,
 with an error naming the keys: ModifiedResNet towers (RN50...), timm or Hugging Face towers,
 attentional pooling and layer scale.
 """
@@ -220,6 +221,134 @@ def convert_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dict[str
     return out
 
 
+# -------------------------------------------------------------------------------------------
+# CoCa (open_clip's CoCa class: visual.attn_pool, text.*, text_decoder.*).
+# -------------------------------------------------------------------------------------------
+
+
+class _Tracked(dict):
+    """A state dict that records which keys were read (every key must be used)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        return super().__getitem__(key)
+
+
+def _attn(out, dst, sd, src, heads):
+    """torch ``nn.MultiheadAttention`` (fused ``in_proj_weight``, or ``q|k|v_proj_weight`` when
+    the key width differs, as in CoCa's pooler) -> query / key / value / out kernels."""
+    d = sd[src + "out_proj.weight"].shape[0]
+    hd = d // heads
+    if src + "in_proj_weight" in sd:
+        w = sd[src + "in_proj_weight"]
+        ws = [w[:d], w[d:2 * d], w[2 * d:]]
+    else:
+        ws = [sd[src + f"{n}_proj_weight"] for n in "qkv"]
+    b = sd[src + "in_proj_bias"]
+    for i, name in enumerate(("query", "key", "value")):
+        out[f"{dst}{name}.kernel"] = ws[i].T.reshape(-1, heads, hd)
+        out[f"{dst}{name}.bias"] = b[i * d:(i + 1) * d].reshape(heads, hd)
+    out[f"{dst}out.kernel"] = sd[src + "out_proj.weight"].T.reshape(heads, hd, d)
+    out[f"{dst}out.bias"] = sd[src + "out_proj.bias"]
+
+
+def _ln(out, dst, sd, src):
+    out[dst + ".scale"], out[dst + ".bias"] = sd[src + ".weight"], sd[src + ".bias"]
+
+
+def _resblock(out, dst, sd, src, heads, norms=(("norm1", "ln_1"), ("norm2", "ln_2"))):
+    _attn(out, dst + "attn.", sd, src + "attn.", heads)
+    for ours, theirs in norms:
+        _ln(out, dst + ours, sd, src + theirs)
+    out[dst + "mlp.fc1.kernel"] = sd[src + "mlp.c_fc.weight"].T
+    out[dst + "mlp.fc1.bias"] = sd[src + "mlp.c_fc.bias"]
+    out[dst + "mlp.fc2.kernel"] = sd[src + "mlp.c_proj.weight"].T
+    out[dst + "mlp.fc2.bias"] = sd[src + "mlp.c_proj.bias"]
+
+
+def is_coca(shapes: Mapping[str, Any]) -> bool:
+    """Whether a state dict is an open_clip CoCa (it has a multimodal text decoder)."""
+    return "text_decoder.ln_final.weight" in shapes
+
+
+def infer_coca_config(shapes: Mapping[str, Any], *, act: str = "gelu",
+                      pooler_heads: int = 8) -> dict:
+    """The ``vlm_jax`` CoCa model config of an open_clip CoCa state dict, from its shapes
+    (head width 64 in the towers and the decoder, as open_clip's configs; the pooler's head
+    count is not in the shapes: open_clip's ``attn_pooler_heads``, 8 in its configs)."""
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+    vw, _, patch, _ = _shape(shapes, "visual.conv1.weight")
+    grid = math.isqrt(_shape(shapes, "visual.positional_embedding")[0] - 1)
+    tw = _shape(shapes, "text.ln_final.weight")[0]
+    vocab = _shape(shapes, "text.token_embedding.weight")[0]
+    embed_dim = _shape(shapes, "text.text_projection")[1]
+    image = dict(width=vw, depth=_num_layers(shapes, "visual.transformer.resblocks."),
+                 num_heads=max(1, vw // HEAD_WIDTH), patch_size=patch, image_size=grid * patch,
+                 mlp_dim=_shape(shapes, "visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
+                 pre_norm=True, patch_bias=False, act=act)
+    text = dict(width=tw, depth=_num_layers(shapes, "text.transformer.resblocks."),
+                num_heads=max(1, tw // HEAD_WIDTH),
+                mlp_dim=_shape(shapes, "text.transformer.resblocks.0.mlp.c_fc.weight")[0],
+                vocab_size=vocab, context_length=_shape(shapes, "text.positional_embedding")[0] - 1,
+                bos_id=vocab - 2, eos_id=vocab - 1, pad_id=0, act=act)
+    dw = _shape(shapes, "text_decoder.ln_final.weight")[0]
+    decoder = dict(depth=_num_layers(shapes, "text_decoder.resblocks."),
+                   num_heads=max(1, dw // HEAD_WIDTH),
+                   mlp_dim=_shape(shapes, "text_decoder.resblocks.0.mlp.c_fc.weight")[0])
+    pooler = dict(n_queries=_shape(shapes, "visual.attn_pool.query")[0], num_heads=pooler_heads,
+                  mode="single")
+    return dict(name="coca", embed_dim=embed_dim, image=image, text=text, decoder=decoder,
+                pooler=pooler, logit_scale_init=math.log(1 / 0.07),
+                logit_scale_max=math.log(100.0), dtype="float32", remat="none",
+                scan_layers=False)
+
+
+def convert_coca_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dict[str, Any]:
+    """open_clip CoCa keys -> flat ``vlm_jax`` CoCa parameter paths (one to one; the table is
+    in :mod:`vlm_jax.models.coca`). Raises ConvertError naming any key left unused."""
+    sd = _Tracked(sd)
+    cfg = model_config
+    out = {"image.patch_embed.kernel": sd["visual.conv1.weight"].transpose(2, 3, 1, 0),
+           "image.cls_token": sd["visual.class_embedding"],
+           "image.pos_embed": sd["visual.positional_embedding"],
+           "image.pooler.query": sd["visual.attn_pool.query"],
+           "image_projection.kernel": sd["visual.proj"],
+           "text.token_embed.embedding": sd["text.token_embedding.weight"],
+           "text.cls_token": sd["text.cls_emb"],
+           "text.pos_embed": sd["text.positional_embedding"],
+           "text_projection.kernel": sd["text.text_projection"],
+           "decoder.vocab_projection.kernel": sd["text_decoder.text_projection"],
+           "logit_scale": sd["logit_scale"]}
+    for ours, theirs in (("image.pre_norm", "visual.ln_pre"), ("image.final_norm", "visual.ln_post"),
+                         ("image.pooler.norm_q", "visual.attn_pool.ln_q"),
+                         ("image.pooler.norm_kv", "visual.attn_pool.ln_k"),
+                         ("text.final_norm", "text.ln_final"),
+                         ("decoder.final_norm", "text_decoder.ln_final")):
+        _ln(out, ours, sd, theirs)
+    _attn(out, "image.pooler.attn.", sd, "visual.attn_pool.attn.", cfg["pooler"]["num_heads"])
+    for i in range(cfg["image"]["depth"]):
+        _resblock(out, f"image.encoder.blocks.{i}.", sd, f"visual.transformer.resblocks.{i}.",
+                  cfg["image"]["num_heads"])
+    for i in range(cfg["text"]["depth"]):
+        _resblock(out, f"text.encoder.blocks.{i}.", sd, f"text.transformer.resblocks.{i}.",
+                  cfg["text"]["num_heads"])
+    heads = cfg["decoder"].get("num_heads", cfg["text"]["num_heads"])
+    for i in range(cfg["decoder"].get("depth", cfg["text"]["depth"])):
+        _resblock(out, f"decoder.blocks.{i}.self_block.", sd, f"text_decoder.resblocks.{i}.",
+                  heads)
+        _resblock(out, f"decoder.blocks.{i}.cross_block.", sd, f"text_decoder.cross_attn.{i}.",
+                  heads, norms=(("norm1", "ln_1"), ("norm1_kv", "ln_1_kv"), ("norm2", "ln_2")))
+    unused = sorted(set(sd) - sd.used - {"text.attn_mask", "attn_mask"})
+    if unused:
+        raise ConvertError(f"{len(unused)} CoCa weights have no counterpart in vlm_jax's CoCa "
+                           f"(e.g. {unused[:4]}): a variant the converter does not map.")
+    return out
+
+
 def to_model_params(flat: Mapping[str, Any], abstract_params) -> Any:
     """Arranges ``flat`` (from :func:`convert_state_dict`) as the model's parameter state.
 
@@ -236,14 +365,13 @@ def to_model_params(flat: Mapping[str, Any], abstract_params) -> Any:
         if name in flat:
             value = flat[name]
         else:  # scanned: 'image.encoder.blocks.attn.query.kernel' stacks blocks.0, blocks.1...
-            head, _, tail = name.partition("encoder.blocks.")
+            head, _, tail = name.partition("blocks.")
             n = leaf.shape[0]
-            missing = [f"{head}encoder.blocks.{i}.{tail}" for i in range(n)
-                       if f"{head}encoder.blocks.{i}.{tail}" not in flat]
+            missing = [f"{head}blocks.{i}.{tail}" for i in range(n)
+                       if f"{head}blocks.{i}.{tail}" not in flat]
             if not tail or missing:
                 raise ConvertError(f"No weight converted for parameter {name}.")
-            value = jnp.stack([jnp.asarray(flat[f"{head}encoder.blocks.{i}.{tail}"])
-                               for i in range(n)])
+            value = jnp.stack([jnp.asarray(flat[f"{head}blocks.{i}.{tail}"]) for i in range(n)])
         if tuple(value.shape) != tuple(leaf.shape):
             raise ConvertError(f"Parameter {name}: converted shape {tuple(value.shape)}, the "
                                f"model has {tuple(leaf.shape)}.")
@@ -272,7 +400,8 @@ def convert(input_path: str, workdir: str, *, act: str, base_config=None) -> pat
     from vlm_jax import models  # pylint: disable=import-outside-toplevel
 
     sd = load_state_dict(input_path)
-    model_cfg = infer_model_config(sd, act=act)
+    coca = is_coca(sd)
+    model_cfg = infer_coca_config(sd, act=act) if coca else infer_model_config(sd, act=act)
     if base_config is None:
         base_config = config_lib.load_config(
             str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip_openai.py"))
@@ -286,7 +415,8 @@ def convert(input_path: str, workdir: str, *, act: str, base_config=None) -> pat
     abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
                                                                    rngs=nnx.Rngs(0))), nnx.Param)
     # The train state's layout: plain nested dicts of arrays (nnx.State.to_pure_dict()).
-    params = to_model_params(convert_state_dict(sd, model_cfg), abstract).to_pure_dict()
+    flat = (convert_coca_state_dict if coca else convert_state_dict)(sd, model_cfg)
+    params = to_model_params(flat, abstract).to_pure_dict()
     workdir = epath.Path(workdir)
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=1,
                                  async_save=False)
