@@ -211,7 +211,7 @@ def convert_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dict[str
         _block(sd, f"transformer.resblocks.{i}.", f"text.encoder.blocks.{i}.", txt["num_heads"],
                out, used)
     out["text_projection.kernel"] = take("text_projection")
-    out["logit_scale"] = take("logit_scale")
+    out["logit_scale"] = take("logit_scale").reshape(())  # () or (1,), as the saver wrote it
     unused = sorted(set(sd) - used)
     if unused:
         raise ConvertError(
@@ -322,7 +322,7 @@ def convert_coca_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dic
            "text.pos_embed": sd["text.positional_embedding"],
            "text_projection.kernel": sd["text.text_projection"],
            "decoder.vocab_projection.kernel": sd["text_decoder.text_projection"],
-           "logit_scale": sd["logit_scale"]}
+           "logit_scale": sd["logit_scale"].reshape(())}
     for ours, theirs in (("image.pre_norm", "visual.ln_pre"), ("image.final_norm", "visual.ln_post"),
                          ("image.pooler.norm_q", "visual.attn_pool.ln_q"),
                          ("image.pooler.norm_kv", "visual.attn_pool.ln_k"),
