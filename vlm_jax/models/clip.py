@@ -65,6 +65,18 @@ def check_keys(cfg: Mapping, allowed: set[str], where: str) -> None:
                          f"{sorted(allowed)}.")
 
 
+def from_config_dict(cls: type, cfg: Any, top_keys: set[str], *, rngs: nnx.Rngs):
+    """``cls(**cfg)`` for a dual-tower model config (dict / ConfigDict): unknown keys and a
+    missing ``embed_dim`` / ``image`` / ``text`` raise ValueError naming the key."""
+    cfg = to_plain_dict(cfg)
+    check_keys(cfg, top_keys, "model")
+    cfg.pop("name", None)
+    for k in ("embed_dim", "image", "text"):
+        if k not in cfg:
+            raise ValueError(f"{cls.__name__} config is missing model.{k}.")
+    return cls(**cfg, rngs=rngs)
+
+
 _TOP_KEYS = {"name", "embed_dim", "image", "text", "logit_scale_init", "logit_scale_max",
              "logit_bias_init", "dtype", "remat", "scan_layers"}
 _SHARED = ("dtype", "remat", "scan_layers")
@@ -132,13 +144,7 @@ class CLIP(nnx.Module):
     @classmethod
     def from_config(cls, cfg: Any, *, rngs: nnx.Rngs) -> "CLIP":
         """Builds from a model config dict / ConfigDict (see module docstring)."""
-        cfg = to_plain_dict(cfg)
-        check_keys(cfg, _TOP_KEYS, "model")
-        cfg.pop("name", None)
-        for k in ("embed_dim", "image", "text"):
-            if k not in cfg:
-                raise ValueError(f"CLIP config is missing model.{k}.")
-        return cls(**cfg, rngs=rngs)
+        return from_config_dict(cls, cfg, _TOP_KEYS, rngs=rngs)
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """``images [B, H, W, 3]`` -> L2-normalised ``[B, embed_dim]`` float32."""

@@ -118,8 +118,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm_jax.models import layers
-from vlm_jax.models.clip import accepted_keys, check_keys, to_plain_dict
-from vlm_jax.models.vit import PatchEmbed, _pair, resolve_dims
+from vlm_jax.models.clip import accepted_keys, check_keys, from_config_dict, to_plain_dict
+from vlm_jax.models.vit import PatchEmbed, _pair, resolve_dims, set_geometry
 from vlm_jax.parallel import constrain
 
 POOLER_MODES = ("single", "parallel", "cascade")
@@ -305,15 +305,10 @@ class CoCaVision(nnx.Module):
             raise ValueError(f"model.pooler.n_queries={n_queries}: the 'single' pooler uses "
                              "query 0 for the contrastive feature and the rest as captioning "
                              "context; it needs at least 2.")
-        dims = resolve_dims(variant, width=width, depth=depth, mlp_dim=mlp_dim,
-                            num_heads=num_heads, patch_size=patch_size)
-        self.width, self.depth = dims["width"], dims["depth"]
-        self.mlp_dim, self.num_heads = dims["mlp_dim"], dims["num_heads"]
-        self.patch_size = p = dims["patch_size"]
-        self.image_size = _pair(image_size)
+        set_geometry(self, variant, image_size, width=width, depth=depth, mlp_dim=mlp_dim,
+                     num_heads=num_heads, patch_size=patch_size)
+        p = self.patch_size
         h, w = self.image_size
-        if h % p or w % p:
-            raise ValueError(f"image_size {h}x{w} is not divisible by patch_size {p}.")
         self.num_patches = (h // p) * (w // p)
         self.output_dim = int(output_dim)
         self.pooler_mode = pooler_mode
@@ -710,13 +705,7 @@ class CoCa(nnx.Module):
     @classmethod
     def from_config(cls, cfg: Any, *, rngs: nnx.Rngs) -> "CoCa":
         """Builds from a model config dict / ConfigDict (see the module docstring)."""
-        cfg = to_plain_dict(cfg)
-        check_keys(cfg, _TOP_KEYS, "model")
-        cfg.pop("name", None)
-        for k in ("embed_dim", "image", "text"):
-            if k not in cfg:
-                raise ValueError(f"CoCa config is missing model.{k}.")
-        return cls(**cfg, rngs=rngs)
+        return from_config_dict(cls, cfg, _TOP_KEYS, rngs=rngs)
 
     # Token ids used by decoding.
     @property

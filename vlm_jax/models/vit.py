@@ -84,6 +84,19 @@ def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return x  # type: ignore[return-value]
 
 
+def set_geometry(module: nnx.Module, variant: str | None, image_size, **dims: Any) -> None:
+    """Sets a ViT tower's ``width``, ``depth``, ``mlp_dim``, ``num_heads``, ``patch_size`` and
+    ``image_size`` (h, w) from a variant name and overrides; the image must tile into patches."""
+    d = resolve_dims(variant, **dims)
+    module.width, module.depth = d["width"], d["depth"]
+    module.mlp_dim, module.num_heads = d["mlp_dim"], d["num_heads"]
+    module.patch_size = p = d["patch_size"]
+    module.image_size = _pair(image_size)
+    h, w = module.image_size
+    if h % p or w % p:
+        raise ValueError(f"image_size {h}x{w} is not divisible by patch_size {p}.")
+
+
 class PatchEmbed(nnx.Module):
     """Non-overlapping patch embedding: ``kernel [p, p, 3, width]`` (+ optional ``bias``)."""
 
@@ -142,19 +155,13 @@ class ViT(nnx.Module):
                  ln_eps: float = 1e-6, num_classes: int = 0, pos_embed_std: float = 0.02,
                  cls_std: float = 0.0, dtype: layers.Dtype = "float32", remat: str = "none",
                  scan_layers: bool = False, rngs: nnx.Rngs):
-        dims = resolve_dims(variant, width=width, depth=depth, mlp_dim=mlp_dim,
-                            num_heads=num_heads, patch_size=patch_size)
-        self.width, self.depth = dims["width"], dims["depth"]
-        self.mlp_dim, self.num_heads = dims["mlp_dim"], dims["num_heads"]
-        self.patch_size = p = dims["patch_size"]
-        self.image_size = _pair(image_size)
-        h, w = self.image_size
-        if h % p or w % p:
-            raise ValueError(f"image_size {h}x{w} is not divisible by patch_size {p}.")
+        set_geometry(self, variant, image_size, width=width, depth=depth, mlp_dim=mlp_dim,
+                     num_heads=num_heads, patch_size=patch_size)
+        p = self.patch_size
         if pool_type not in POOL_TYPES:
             raise ValueError(f"Unknown pool_type {pool_type!r}; use one of {POOL_TYPES}.")
         self.pool_type = pool_type
-        self.num_patches = (h // p) * (w // p)
+        self.num_patches = (self.image_size[0] // p) * (self.image_size[1] // p)
         self.num_classes = int(num_classes)
         self.dtype = layers.as_dtype(dtype)
         width = self.width
