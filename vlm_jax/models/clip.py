@@ -101,12 +101,18 @@ def _image_kwargs(image: Mapping, shared: Mapping) -> dict:
     return kw
 
 
-def _text_kwargs(text: Mapping, shared: Mapping) -> dict:
-    kw = dict(text)
-    check_keys(kw, accepted_keys(TextTransformer), "model.text")
+def tower_kwargs(cfg: Mapping, cls: type, where: str, shared: Mapping) -> dict:
+    """A tower's constructor arguments: ``cfg`` (keys checked against ``cls``) with the
+    model-wide ``dtype`` / ``remat`` / ``scan_layers`` as defaults."""
+    kw = dict(cfg)
+    check_keys(kw, accepted_keys(cls), where)
     for k in _SHARED:
         kw.setdefault(k, shared[k])
     return kw
+
+
+def _text_kwargs(text: Mapping, shared: Mapping) -> dict:
+    return tower_kwargs(text, TextTransformer, "model.text", shared)
 
 
 class CLIP(nnx.Module):

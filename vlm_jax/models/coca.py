@@ -118,7 +118,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm_jax.models import layers
-from vlm_jax.models.clip import accepted_keys, check_keys, from_config_dict, to_plain_dict
+from vlm_jax.models.clip import (accepted_keys, check_keys, from_config_dict, to_plain_dict,
+                                 tower_kwargs)
 from vlm_jax.models.vit import PatchEmbed, _pair, resolve_dims, set_geometry
 from vlm_jax.parallel import constrain
 
@@ -646,11 +647,7 @@ def _image_kwargs(image: Mapping, pooler: Mapping, shared: Mapping, embed_dim: i
 
 
 def _text_kwargs(text: Mapping, shared: Mapping) -> dict:
-    kw = dict(text)
-    check_keys(kw, accepted_keys(CoCaText), "model.text")
-    for k in _SHARED:
-        kw.setdefault(k, shared[k])
-    return kw
+    return tower_kwargs(text, CoCaText, "model.text", shared)
 
 
 def _decoder_kwargs(decoder: Mapping, text: Mapping, shared: Mapping) -> dict:
