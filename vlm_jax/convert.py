@@ -153,79 +153,6 @@ def infer_model_config(shapes: Mapping[str, Any], *, act: str) -> dict:
 # -------------------------------------------------------------------------------------------
 
 
-def _block(sd: Mapping[str, Any], src: str, dst: str, heads: int, out: dict, used: set) -> None:
-    """One pre-LN residual block: torch ``nn.MultiheadAttention`` + ``c_fc``/``c_proj`` MLP."""
-
-    def get(name):
-        used.add(src + name)
-        return sd[src + name]
-
-    w = get("attn.in_proj_weight")  # [3W, W], rows q | k | v, torch Linear (out, in)
-    b = get("attn.in_proj_bias")
-    width = w.shape[1]
-    hd = width // heads
-    for i, name in enumerate(("query", "key", "value")):
-        out[f"{dst}attn.{name}.kernel"] = w[i * width:(i + 1) * width].T.reshape(width, heads, hd)
-        out[f"{dst}attn.{name}.bias"] = b[i * width:(i + 1) * width].reshape(heads, hd)
-    out[f"{dst}attn.out.kernel"] = get("attn.out_proj.weight").T.reshape(heads, hd, width)
-    out[f"{dst}attn.out.bias"] = get("attn.out_proj.bias")
-    for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-        out[f"{dst}{ours}.scale"] = get(f"{theirs}.weight")
-        out[f"{dst}{ours}.bias"] = get(f"{theirs}.bias")
-    for ours, theirs in (("fc1", "c_fc"), ("fc2", "c_proj")):
-        out[f"{dst}mlp.{ours}.kernel"] = get(f"mlp.{theirs}.weight").T
-        out[f"{dst}mlp.{ours}.bias"] = get(f"mlp.{theirs}.bias")
-
-
-def convert_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dict[str, Any]:
-    """open_clip / OpenAI keys -> flat ``vlm_jax`` parameter paths (``image.encoder.blocks.0.
-    attn.query.kernel``...), one entry per layer. Works on numpy arrays and on jax arrays or
-    tracers alike (``jax.eval_shape`` checks a whole ViT-L/14 without memory).
-
-    Raises ConvertError naming any key that would be left unused (layer scale, attention
-    pooling...), so nothing is silently dropped.
-    """
-    out: dict[str, Any] = {}
-    used: set[str] = set()
-
-    def take(key):
-        used.add(key)
-        return sd[key]
-
-    img, txt = model_config["image"], model_config["text"]
-    out["image.patch_embed.kernel"] = take("visual.conv1.weight").transpose(2, 3, 1, 0)
-    out["image.cls_token"] = take("visual.class_embedding")
-    out["image.pos_embed"] = take("visual.positional_embedding")
-    for ours, theirs in (("pre_norm", "ln_pre"), ("final_norm", "ln_post")):
-        out[f"image.{ours}.scale"] = take(f"visual.{theirs}.weight")
-        out[f"image.{ours}.bias"] = take(f"visual.{theirs}.bias")
-    for i in range(img["depth"]):
-        _block(sd, f"visual.transformer.resblocks.{i}.", f"image.encoder.blocks.{i}.",
-               img["num_heads"], out, used)
-    out["image_projection.kernel"] = take("visual.proj")
-    out["text.token_embed.embedding"] = take("token_embedding.weight")
-    out["text.pos_embed"] = take("positional_embedding")
-    out["text.final_norm.scale"] = take("ln_final.weight")
-    out["text.final_norm.bias"] = take("ln_final.bias")
-    for i in range(txt["depth"]):
-        _block(sd, f"transformer.resblocks.{i}.", f"text.encoder.blocks.{i}.", txt["num_heads"],
-               out, used)
-    out["text_projection.kernel"] = take("text_projection")
-    out["logit_scale"] = take("logit_scale").reshape(())  # () or (1,), as the saver wrote it
-    unused = sorted(set(sd) - used)
-    if unused:
-        raise ConvertError(
-            f"{len(unused)} weights have no counterpart in vlm_jax's CLIP (e.g. {unused[:4]}): "
-            "this model has parts (layer scale, attentional pooling, another text tower...) that "
-            "the converter does not map.")
-    return out
-
-
-# -------------------------------------------------------------------------------------------
-# CoCa (open_clip's CoCa class: visual.attn_pool, text.*, text_decoder.*).
-# -------------------------------------------------------------------------------------------
-
-
 class _Tracked(dict):
     """A state dict that records which keys were read (every key must be used)."""
 
@@ -268,6 +195,48 @@ def _resblock(out, dst, sd, src, heads, norms=(("norm1", "ln_1"), ("norm2", "ln_
     out[dst + "mlp.fc1.bias"] = sd[src + "mlp.c_fc.bias"]
     out[dst + "mlp.fc2.kernel"] = sd[src + "mlp.c_proj.weight"].T
     out[dst + "mlp.fc2.bias"] = sd[src + "mlp.c_proj.bias"]
+
+
+def convert_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dict[str, Any]:
+    """open_clip / OpenAI keys -> flat ``vlm_jax`` parameter paths (``image.encoder.blocks.0.
+    attn.query.kernel``...), one entry per layer. Works on numpy arrays and on jax arrays or
+    tracers alike (``jax.eval_shape`` checks a whole ViT-L/14 without memory).
+
+    Raises ConvertError naming any key that would be left unused (layer scale, attention
+    pooling...), so nothing is silently dropped.
+    """
+    sd = _Tracked(sd)
+    out: dict[str, Any] = {}
+    img, txt = model_config["image"], model_config["text"]
+    out["image.patch_embed.kernel"] = sd["visual.conv1.weight"].transpose(2, 3, 1, 0)
+    out["image.cls_token"] = sd["visual.class_embedding"]
+    out["image.pos_embed"] = sd["visual.positional_embedding"]
+    _ln(out, "image.pre_norm", sd, "visual.ln_pre")
+    _ln(out, "image.final_norm", sd, "visual.ln_post")
+    for i in range(img["depth"]):
+        _resblock(out, f"image.encoder.blocks.{i}.", sd, f"visual.transformer.resblocks.{i}.",
+                  img["num_heads"])
+    out["image_projection.kernel"] = sd["visual.proj"]
+    out["text.token_embed.embedding"] = sd["token_embedding.weight"]
+    out["text.pos_embed"] = sd["positional_embedding"]
+    _ln(out, "text.final_norm", sd, "ln_final")
+    for i in range(txt["depth"]):
+        _resblock(out, f"text.encoder.blocks.{i}.", sd, f"transformer.resblocks.{i}.",
+                  txt["num_heads"])
+    out["text_projection.kernel"] = sd["text_projection"]
+    out["logit_scale"] = sd["logit_scale"].reshape(())  # () or (1,), as the saver wrote it
+    unused = sorted(set(sd) - sd.used)
+    if unused:
+        raise ConvertError(
+            f"{len(unused)} weights have no counterpart in vlm_jax's CLIP (e.g. {unused[:4]}): "
+            "this model has parts (layer scale, attentional pooling, another text tower...) that "
+            "the converter does not map.")
+    return out
+
+
+# -------------------------------------------------------------------------------------------
+# CoCa (open_clip's CoCa class: visual.attn_pool, text.*, text_decoder.*).
+# -------------------------------------------------------------------------------------------
 
 
 def is_coca(shapes: Mapping[str, Any]) -> bool:
