@@ -51,9 +51,6 @@ def caption_folder(config, workdir: str, images: str, *, step: int | None = None
     """Captions every image of ``images`` with the (latest or ``step``) checkpoint of
     ``workdir``; ``options``: ``method`` and the options of :func:`vlm_jax.decoding.generate`
     (default ``config.eval.caption``). Returns the JSONL file written."""
-    from etils import epath  # pylint: disable=import-outside-toplevel
-
-    from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
     from vlm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     from vlm_jax import train  # pylint: disable=import-outside-toplevel
     from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
@@ -66,15 +63,7 @@ def caption_folder(config, workdir: str, images: str, *, step: int | None = None
     names, pixels, bad = read_images(images, config.model.image.image_size)
     for name, reason in bad:
         print(f"Skipped {name}: {reason}")
-    s = train.setup(config)
-    ckpt = ckpt_lib.Checkpointer(epath.Path(workdir) / "checkpoints", save_every_steps=1,
-                                 keep=10**6, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise ckpt_lib.CheckpointError(f"No checkpoint found in {workdir}/checkpoints; train "
-                                       "first or pass the workdir of a trained run.")
-    params = ckpt.restore_params(step, s.abstract_state["params"])
-    ckpt.close()
+    s, params, step = train.restore_for_inference(config, workdir, step)
     tokenizer = data_lib.prepare(config, for_eval=True).tokenizer
     opts = dict(config.eval.get("caption", {}) if options is None else options)
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,

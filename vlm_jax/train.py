@@ -475,9 +475,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     return results
 
 
-def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None
-                        ) -> dict[str, float]:
-    """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators."""
+def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,
+                          step: int | None = None) -> tuple[TrainSetup, Any, int]:
+    """``(setup, params, step)`` of a workdir's checkpoint (latest by default), parameters only,
+    on the current devices; for ``eval`` and ``caption``.
+
+    Raises CheckpointError naming the directory when there is no checkpoint.
+    """
     workdir = epath.Path(workdir)
     s = setup(config)
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
@@ -488,10 +492,17 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = Non
             f"No checkpoint found in {workdir / 'checkpoints'}; train first with "
             f"`vlm-jax train --workdir {workdir}` or pass the workdir of a trained run.")
     params = ckpt.restore_params(step, s.abstract_state["params"])
+    ckpt.close()
+    return s, params, step
+
+
+def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None
+                        ) -> dict[str, float]:
+    """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators."""
+    s, params, step = restore_for_inference(config, workdir, step)
     data = data_lib.prepare(config, for_eval=True)
     results = evaluate(s, params, data.eval_split(), data.tokenizer)
-    write_eval_results(workdir, config, step, results)
-    ckpt.close()
+    write_eval_results(epath.Path(workdir), config, step, results)
     return results
 
 
