@@ -53,19 +53,21 @@ class Data:
         ``probe_train`` / ``probe_val`` (``eval.probe_examples`` training images).
         """
         e = self.config.eval
-        dataset = e.get("dataset", "") or ""
-        max_examples = e.max_examples or None
+        out = self._split(e.split, e.max_examples or None)
+        if "linear_probe" in e.evaluators and "label" in out:
+            out["probe_train"], out["probe_val"] = self._probe_splits()
+        return out
+
+    def _split(self, split: str, max_examples: int | None) -> dict:
+        """One split of ``config.eval.dataset`` (the run's own shapes data, or ``tfds:<name>``)."""
+        dataset = self.config.eval.get("dataset", "") or ""
         if dataset.startswith("tfds:"):
-            out = self._tfds_split(dataset[len("tfds:"):], e.split, max_examples)
-        elif dataset:
+            return self._tfds_split(dataset[len("tfds:"):], split, max_examples)
+        if dataset:
             raise ConfigError(f"config.eval.dataset={dataset!r}: use '' (the run's own evaluation "
                               "data) or 'tfds:<name>' (a prepared TFDS dataset, e.g. "
                               "tfds:imagenet2012, tfds:cifar10, tfds:coco_captions).")
-        else:
-            out = self._shapes_split(e.split, max_examples)
-        if "linear_probe" in e.evaluators and "label" in out:
-            out["probe_train"], out["probe_val"] = self._probe_splits(dataset)
-        return out
+        return self._shapes_split(split, max_examples)
 
     def _shapes_split(self, split: str, max_examples: int | None) -> dict:
         d = self.config.data
@@ -96,19 +98,14 @@ class Data:
             return out
         return eval_data.load_tfds_classification(name, **kw)
 
-    def _probe_splits(self, dataset: str) -> tuple[dict, dict]:
+    def _probe_splits(self) -> tuple[dict, dict]:
         """Training and validation images for the linear probe (features are frozen)."""
         e = self.config.eval
         n = e.get("probe_examples", 5000) or None
         splits = (e.get("probe_split", "train"), e.get("probe_val_split", "validation"))
-        out = []
-        for split in splits:
-            if dataset.startswith("tfds:"):
-                part = self._tfds_split(dataset[len("tfds:"):], split, n)
-            else:
-                part = self._shapes_split(split, n)
-            out.append({"image": part["image"], "label": part["label"]})
-        return out[0], out[1]
+        train, val = (self._split(split, n) for split in splits)
+        return ({"image": train["image"], "label": train["label"]},
+                {"image": val["image"], "label": val["label"]})
 
     def batch_shapes(self) -> dict[str, tuple]:
         """Global batch shapes of the training batches."""
