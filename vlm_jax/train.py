@@ -153,7 +153,6 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
     Raises ConfigError before any compute when an evaluator does not fit the evaluation data
     (e.g. zero-shot classification on a captions dataset)."""
     names = list(s.config.eval.evaluators)
-    dataset = s.config.eval.get("dataset", "") or s.config.data.name
     for name in names:
         if name not in evaluators_lib.EVALUATORS:
             raise ConfigError(f"config.eval.evaluators: unknown evaluator {name!r}; available: "
@@ -162,7 +161,7 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
         if missing:
             raise ConfigError(
                 f"Evaluator {name!r} needs {missing} that the evaluation data "
-                f"({dataset}, split {s.config.eval.split!r}) does not have: "
+                f"({eval_dataset_name(s.config)}) does not have: "
                 f"{evaluators_lib.WHAT[name]}. Choose other evaluators with --evaluators or "
                 "config.eval.evaluators.")
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
