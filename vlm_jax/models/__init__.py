@@ -4,6 +4,8 @@
 
 * ``'clip'``: :class:`~vlm_jax.models.clip.CLIP` (see that module for the config layout).
 * ``'coca'``: :class:`~vlm_jax.models.coca.CoCa` (see that module for the config layout).
+* ``'flamingo'``: :class:`~vlm_jax.models.flamingo.Flamingo` (frozen ViT + frozen LM, trained
+  resampler and gated cross-attention).
 * ``'lm'``: :class:`~vlm_jax.models.lm.LanguageModel` (LLaMA- or GPT-2-style decoder).
 * ``'vit'``: :class:`~vlm_jax.models.vit.ViT`; every other key of the config is a ViT argument,
   e.g. ``dict(name='vit', variant='B/16', image_size=224, num_classes=1000)``.
@@ -22,6 +24,7 @@ from vlm_jax.models import layers  # noqa: F401  (imported first: the towers use
 from vlm_jax.models.clip import (CLIP, CLIP_PRESETS, accepted_keys, check_keys, clip_config,
                                  clip_flops, to_plain_dict)
 from vlm_jax.models.coca import CoCa, coca_flops
+from vlm_jax.models.flamingo import Flamingo, flamingo_flops
 from vlm_jax.models.lm import LanguageModel, lm_flops
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.vit import VARIANTS, ViT, decode_variant, vit_flops
@@ -33,6 +36,10 @@ def _build_clip(cfg: dict, rngs: nnx.Rngs) -> nnx.Module:
 
 def _build_coca(cfg: dict, rngs: nnx.Rngs) -> nnx.Module:
     return CoCa.from_config(cfg, rngs=rngs)
+
+
+def _build_flamingo(cfg: dict, rngs: nnx.Rngs) -> nnx.Module:
+    return Flamingo.from_config(cfg, rngs=rngs)
 
 
 def _build_lm(cfg: dict, rngs: nnx.Rngs) -> nnx.Module:
@@ -62,6 +69,7 @@ def _vit_flops(cfg: dict, batch_size: int | None = None) -> float:
 MODELS: dict[str, tuple[Callable[[dict, nnx.Rngs], nnx.Module], Callable[..., float]]] = {
     "clip": (_build_clip, clip_flops),
     "coca": (_build_coca, coca_flops),
+    "flamingo": (_build_flamingo, flamingo_flops),
     "lm": (_build_lm, _lm_flops),
     "vit": (_build_vit, _vit_flops),
 }

@@ -2,8 +2,8 @@
 cross-attention dense blocks and media masking.
 
 These are the parts that Flamingo trains while the vision encoder and the language model stay
-frozen. The language model, the interleaved-data pipeline, training and few-shot evaluation are
-not here yet.
+frozen; :class:`Flamingo` assembles them with a ViT (from a CLIP checkpoint) and a
+:class:`~vlm_jax.models.lm.LanguageModel` (pretrained, or imported from Hugging Face).
 
 * :class:`PerceiverResampler` maps the visual features of each image or video frame
   ``[B, T, F, D]`` (T media, F frames, D features per token) to a fixed ``num_latents`` tokens per
@@ -24,11 +24,17 @@ pseudo-code and open_flamingo.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vlm_jax.models import layers
+from vlm_jax.models.lm import LanguageModel, LMConfig, lm_flops
+from vlm_jax.models.vit import ViT, vit_flops
 from vlm_jax.parallel import constrain
 
 _X = ("act_batch", "act_len", "act_embed")
@@ -99,15 +105,18 @@ class PerceiverResampler(nnx.Module):
 
 
 def media_attention_mask(media_locations: jax.Array, num_media: int,
-                         tokens_per_medium: int) -> jax.Array:
+                         tokens_per_medium: int, offset: jax.Array | None = None) -> jax.Array:
     """Boolean ``[B, 1, L, T * tokens_per_medium]``: text position ``i`` may attend to the
     visual tokens of medium ``j`` iff ``j`` is the last medium whose ``<image>`` token is at or
     before ``i``.
 
     ``media_locations``: bool ``[B, L]``, True at each ``<image>`` token (the k-th True is
-    medium k). Rows before the first image are all False.
+    medium k). Rows before the first image are all False. ``offset [B]``: images before these
+    tokens (KV-cached decoding continues a sequence).
     """
     index = jnp.cumsum(media_locations.astype(jnp.int32), axis=-1)  # [B, L], 0 = no image yet
+    if offset is not None:
+        index = index + offset[:, None]
     media = jnp.arange(1, num_media + 1)  # [T]
     allowed = index[:, :, None] == media[None, None, :]  # [B, L, T]
     allowed = jnp.repeat(allowed, tokens_per_medium, axis=-1)
@@ -135,11 +144,13 @@ class GatedCrossAttentionBlock(nnx.Module):
         self.ffw = FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs)
         self.ff_gate = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
 
-    def __call__(self, x: jax.Array, media: jax.Array, media_locations: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, media: jax.Array, media_locations: jax.Array,
+                 offset: jax.Array | None = None) -> jax.Array:
         """``x [B, L, D]`` text states, ``media [B, T, M, Dm]`` (resampled tokens per medium),
-        ``media_locations`` bool ``[B, L]`` (True at ``<image>`` tokens)."""
+        ``media_locations`` bool ``[B, L]`` (True at ``<image>`` tokens), ``offset [B]``
+        images before ``x`` (see :func:`media_attention_mask`)."""
         b, t, m, dm = media.shape
-        mask = media_attention_mask(media_locations, t, m)
+        mask = media_attention_mask(media_locations, t, m, offset)
         y = self.attn(self.norm(x), media.reshape(b, t * m, dm), mask=mask)
         # A row with no visible medium (before the first image) gets no update: the softmax over
         # an all-masked row would otherwise average every visual token.
@@ -148,3 +159,213 @@ class GatedCrossAttentionBlock(nnx.Module):
         x = constrain(x, *_X)
         x = x + jnp.tanh(self.ff_gate[...]).astype(x.dtype) * self.ffw(x)
         return constrain(x, *_X)
+
+
+# -------------------------------------------------------------------------------------------
+# The assembled model.
+# -------------------------------------------------------------------------------------------
+
+_TOP_KEYS = {"name", "vision", "lm", "resampler", "cross_attn", "cross_attn_every", "dtype",
+             "remat"}
+RESAMPLER_KEYS = {"depth", "num_latents", "num_heads", "head_dim", "max_frames", "ff_mult"}
+CROSS_ATTN_KEYS = {"num_heads", "head_dim", "ff_mult"}
+NUM_NEW_TOKENS = 2  # <image>, <|endofchunk|>
+IMAGES_PER_DOCUMENT = 5  # for the FLOPs estimate: training documents have up to 5 images
+
+
+class Flamingo(nnx.Module):
+    """Flamingo (Alayrac et al., 2022): a frozen vision encoder and a frozen language model
+    bridged by a trained Perceiver resampler and gated cross-attention dense blocks.
+
+    Args:
+      vision: :class:`~vlm_jax.models.vit.ViT` arguments: the ``image`` tower of a CLIP config,
+        so that a CLIP checkpoint's ``image`` parameters load as ``vision`` (``init_from``).
+        All its output tokens (class token included) are the visual features.
+      lm: :class:`~vlm_jax.models.lm.LMConfig` fields of the language model.
+      resampler: :class:`PerceiverResampler` arguments (``depth`` 6, ``num_latents`` 64 as the
+        paper by default).
+      cross_attn: ``num_heads``, ``head_dim``, ``ff_mult`` of the gated cross-attention blocks.
+      cross_attn_every: a block before every N-th LM layer (before layers ``N-1, 2N-1, ...``
+        as open_flamingo's ``cross_attn_every_n_layers``; 1 = before every layer).
+
+    Vocabulary: the LM's ``vocab_size`` ids, then ``<image>`` (``image_id = vocab_size``) and
+    ``<|endofchunk|>`` (``eoc_id = vocab_size + 1``), whose input embeddings
+    (``extra_embed [2, width]``) and output rows (``extra_head [width, 2]``, zeros at
+    initialisation) are new parameters. Logits have ``vocab_size + 2`` columns; their first
+    ``vocab_size`` are the frozen LM's exactly while the gates are 0.
+
+    Parameters: ``vision``, ``lm``, ``resampler``, ``xattn.{j}``, ``extra_embed``,
+    ``extra_head``. What trains is chosen by ``config.optim.trainable`` (the Flamingo configs:
+    ``resampler``, ``xattn`` and the extras).
+    """
+
+    def __init__(self, *, vision: Mapping, lm: Mapping, resampler: Mapping | None = None,
+                 cross_attn: Mapping | None = None, cross_attn_every: int = 4,
+                 dtype: layers.Dtype = "float32", remat: str = "none", rngs: nnx.Rngs):
+        from vlm_jax.models.clip import accepted_keys, check_keys  # pylint: disable=import-outside-toplevel
+
+        vision, lm = dict(vision), dict(lm)
+        resampler, cross_attn = dict(resampler or {}), dict(cross_attn or {})
+        check_keys(vision, accepted_keys(ViT), "model.vision")
+        check_keys(lm, {f.name for f in dataclasses.fields(LMConfig)}, "model.lm")
+        check_keys(resampler, RESAMPLER_KEYS, "model.resampler")
+        check_keys(cross_attn, CROSS_ATTN_KEYS, "model.cross_attn")
+        if vision.get("num_classes"):
+            raise ValueError("model.vision.num_classes must be 0 (features, not a classifier).")
+        if cross_attn_every < 1:
+            raise ValueError(f"model.cross_attn_every={cross_attn_every} must be >= 1.")
+        vision.setdefault("dtype", dtype)
+        lm.setdefault("dtype", dtype)
+        lm.setdefault("remat", remat)
+        self.vision = ViT(**vision, rngs=rngs)
+        self.lm = LanguageModel(**lm, rngs=rngs)
+        cfg = self.lm.cfg
+        dv = self.vision.width
+        self.vocab_size = cfg.vocab_size
+        self.image_id, self.eoc_id = cfg.vocab_size, cfg.vocab_size + 1
+        self.cross_attn_every = cross_attn_every
+        self.resampler = PerceiverResampler(dv, dtype=dtype, rngs=rngs, **resampler)
+        self.xattn_layers = tuple(i for i in range(cfg.depth)
+                                  if (i + 1) % cross_attn_every == 0)
+        if not self.xattn_layers:
+            raise ValueError(f"model.cross_attn_every={cross_attn_every} exceeds the LM depth "
+                             f"{cfg.depth}: no cross-attention block would be inserted.")
+        cross_attn.setdefault("num_heads", cfg.num_heads)
+        self.xattn = nnx.List([GatedCrossAttentionBlock(cfg.width, dv, dtype=dtype, rngs=rngs,
+                                                        **cross_attn)
+                               for _ in self.xattn_layers])
+        self.extra_embed = layers.param(rngs, nnx.initializers.normal(0.02),
+                                        (NUM_NEW_TOKENS, cfg.width), (None, "embed"))
+        self.extra_head = layers.param(rngs, nnx.initializers.zeros,
+                                       (cfg.width, NUM_NEW_TOKENS), ("embed", None))
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, rngs: nnx.Rngs) -> "Flamingo":
+        from vlm_jax.models.clip import check_keys, to_plain_dict  # pylint: disable=import-outside-toplevel
+
+        cfg = to_plain_dict(cfg)
+        check_keys(cfg, _TOP_KEYS, "model")
+        cfg.pop("name", None)
+        return cls(**cfg, rngs=rngs)
+
+    bos_id = property(lambda self: self.lm.bos_id)
+    eos_id = property(lambda self: self.lm.eos_id)
+    pad_id = property(lambda self: self.lm.pad_id)
+
+    def encode_media(self, images: jax.Array) -> jax.Array:
+        """``images [B, T, S, S, 3]`` -> resampled visual tokens ``[B, T, num_latents, Dv]``.
+        The (frozen) vision encoder's features carry no gradient."""
+        b, t = images.shape[:2]
+        feats = self.vision.encode_tokens(images.reshape(b * t, *images.shape[2:]))
+        feats = jax.lax.stop_gradient(feats)
+        return self.resampler(feats.reshape(b, t, *feats.shape[1:]))
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Input embeddings of ``tokens``: the LM's table, or ``extra_embed`` for the new ids."""
+        new = tokens >= self.vocab_size
+        base = self.lm.token_embed(jnp.where(new, 0, tokens))
+        extra = jnp.take(self.extra_embed[...],
+                         jnp.clip(tokens - self.vocab_size, 0, NUM_NEW_TOKENS - 1), axis=0)
+        return jnp.where(new[..., None], extra.astype(base.dtype), base)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """``[B, L, vocab_size + 2]`` float32: the LM's head, then the two new tokens."""
+        h = self.lm.final_norm(x)
+        extra = jnp.einsum("bld,dn->bln", h, self.extra_head[...].astype(h.dtype),
+                           preferred_element_type=jnp.float32)
+        return jnp.concatenate([self.lm.head(h), extra], axis=-1)
+
+    def _layers(self, x, positions, mask, media, locations, offset=None, cache=None):
+        blocks = dict(zip(self.xattn_layers, self.xattn))
+        ks, vs = [], []
+        for i in range(self.lm.cfg.depth):
+            if i in blocks:
+                x = blocks[i](x, media, locations, offset)
+            if cache is None:
+                x, _ = self.lm.block(i, x, positions, mask)
+            else:
+                x, new = self.lm.block(i, x, positions, mask,
+                                       {"k": cache["k"][i], "v": cache["v"][i]}, cache["index"])
+                ks.append(new["k"])
+                vs.append(new["v"])
+        return x, ks, vs
+
+    def __call__(self, images: jax.Array, tokens: jax.Array,
+                 valid: jax.Array | None = None) -> jax.Array:
+        """Logits ``[B, L, vocab_size + 2]`` of interleaved ``tokens [B, L]`` whose k-th
+        ``<image>`` token shows ``images[:, k]`` (``images [B, T, S, S, 3]``)."""
+        media = self.encode_media(images)
+        embeddings = self.embed_tokens(tokens)
+        x, positions, mask = self.lm.prepare(tokens, valid, embeddings)
+        x, _, _ = self._layers(x, positions, mask, media, tokens == self.image_id)
+        return self.logits(x)
+
+    def init_cache(self, batch: int, max_length: int) -> dict:
+        """The LM's KV cache plus ``media_count [B]`` (images seen so far)."""
+        cache = self.lm.init_cache(batch, max_length)
+        cache["media_count"] = jnp.zeros((batch,), jnp.int32)
+        return cache
+
+    def step(self, media: jax.Array, tokens: jax.Array, cache: dict,
+             valid: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Logits of ``tokens [B, T]`` following the cached ones (``media``: from
+        :meth:`encode_media`); returns the extended cache. A left-padded prompt goes in as one
+        step with its ``valid`` mask, then one token per step."""
+        embeddings = self.embed_tokens(tokens)
+        x, positions, mask, cache = self.lm.step_inputs(tokens, cache, valid, embeddings)
+        locations = tokens == self.image_id
+        if valid is not None:
+            locations = locations & valid.astype(jnp.bool_)
+        x, ks, vs = self._layers(x, positions, mask, media, locations, cache["media_count"],
+                                 cache)
+        cache = dict(cache, k=jnp.stack(ks), v=jnp.stack(vs),
+                     index=cache["index"] + tokens.shape[1],
+                     media_count=cache["media_count"] + locations.sum(-1).astype(jnp.int32))
+        return self.logits(x), cache
+
+
+def greedy_generate(model: Flamingo, images: jax.Array, prompt: jax.Array,
+                    prompt_valid: jax.Array, max_new_tokens: int) -> jax.Array:
+    """Greedy continuation ``int32 [B, max_new_tokens]`` of left-padded interleaved prompts
+    (KV-cached; ``images [B, T, S, S, 3]``, one per ``<image>`` of the prompt). A row ends at its
+    first ``<|endofchunk|>`` or ``eos`` (kept) and is ``pad_id`` after it."""
+    b, p = prompt.shape
+    media = model.encode_media(images)
+    cache = model.init_cache(b, p + max_new_tokens)
+    logits, cache = model.step(media, prompt, cache, prompt_valid)
+    stop = [model.eoc_id] + ([model.eos_id] if model.eos_id is not None else [])
+    graphdef, state = nnx.split(model)
+
+    def body(carry, _):
+        nxt, done, cache = carry
+        tok = jnp.where(done, model.pad_id, nxt)
+        done = done | jnp.isin(tok, jnp.asarray(stop))
+        m = nnx.merge(graphdef, state)
+        logits, cache = m.step(media, tok[:, None], cache)
+        return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), done, cache), tok
+
+    first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    _, out = jax.lax.scan(body, (first, jnp.zeros((b,), jnp.bool_), cache), None,
+                          length=max_new_tokens)
+    return out.T
+
+
+def flamingo_flops(cfg: Any, batch_size: int | None = None) -> float:
+    """Analytic forward matmul FLOPs of one document: the LM over ``lm.max_length`` tokens, the
+    cross-attention blocks and resampler, and a third of the vision encoder per image (it runs
+    forward only: ``3 x`` this is then the training FLOPs), for 5 images per document."""
+    from vlm_jax.models.clip import to_plain_dict  # pylint: disable=import-outside-toplevel
+
+    del batch_size
+    cfg = to_plain_dict(cfg)
+    lm_cfg, vision = dict(cfg["lm"]), dict(cfg["vision"])
+    keys = ("variant", "image_size", "width", "depth", "mlp_dim", "num_heads", "patch_size")
+    v = vit_flops(**{k: vision[k] for k in keys if k in vision})
+    resampler = dict(cfg.get("resampler") or {})
+    n_img = IMAGES_PER_DOCUMENT
+    w, dv = lm_cfg["width"], vision.get("width", w)
+    length = lm_cfg["max_length"]
+    n_x = lm_cfg["depth"] // cfg.get("cross_attn_every", 4)
+    lat = resampler.get("num_latents", 64)
+    xattn = n_x * length * (2 * w * w * 2 + 2 * 2 * lat * n_img * w + 2 * w * 4 * w * 2)
+    return float(lm_flops(**lm_cfg) + xattn + n_img * v / 3)

@@ -258,7 +258,10 @@ class LanguageModel(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Next-token logits ``[B, L, vocab]`` (float32) of final-layer features."""
-        x = self.final_norm(x)
+        return self.head(self.final_norm(x))
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """The output projection of final-normed features (tied or ``lm_head``), float32."""
         if self.cfg.tie_embeddings:
             w = self.token_embed.embedding[...].astype(self.dtype)
             y = jnp.einsum("bld,vd->blv", x, w, preferred_element_type=jnp.float32)
@@ -334,7 +337,7 @@ class LanguageModel(nnx.Module):
         from vlm_jax.models.clip import check_keys, to_plain_dict  # pylint: disable=import-outside-toplevel
         cfg = to_plain_dict(cfg)
         cfg.pop("name", None)
-        check_keys(cfg, [f.name for f in dataclasses.fields(LMConfig)], "model")
+        check_keys(cfg, {f.name for f in dataclasses.fields(LMConfig)}, "model")
         return cls(**cfg, rngs=rngs)
 
 

@@ -1,0 +1,223 @@
+"""Interleaved image-text documents from the shapes dataset (Flamingo), and their text alone
+(language-model pretraining).
+
+A *document* is a sequence of up to ``max_images`` image-text chunks built from consecutive
+records of a shuffled split; every chunk is one record's image and one of its texts:
+
+* a **caption document** (probability 1/2) has the records' captions;
+* a **question document** has ``question: <q> answer: <a>`` chunks. Like pages on the web, a
+  document keeps one answer style throughout: the short answer (``answer: red``, probability
+  0.6) or a sentence (``answer: the star is red``, 0.4).
+
+The answer style is what in-context examples can teach: without examples, a model must guess
+the style and answers with a sentence when it is unsure of the short answer; with short-answer
+examples in the prompt it can copy their style. This is the reason the Flamingo paper gives for
+its few-shot VQA gains (open-ended answers that do not match the expected short form).
+
+Token layout (``image_id`` / ``eoc_id``: the ``<image>`` and ``<|endofchunk|>`` tokens Flamingo
+adds to the language model's vocabulary, open_flamingo's layout)::
+
+    [bos] <image> t t t <|endofchunk|> <image> t t <|endofchunk|> ... [eos] [pad ...]
+
+The language model's documents are the same texts without images: ``[bos] t t t t t ... [eos]``.
+Documents longer than ``max_length`` keep their first chunks that fit. ``weights`` marks the
+tokens that are prediction targets: texts, ``<|endofchunk|>`` and ``eos`` (not ``<image>``,
+``bos`` or padding).
+
+The texts are tokenised with the language-model tokenizer shipped in ``assets/``
+(:func:`lm_tokenizer`): the captions tokenizer of the dataset never saw questions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from input_pipeline import DataError
+from input_pipeline import pipeline
+from input_pipeline.shapes import generator
+from input_pipeline.tokenizers import SentencePieceTokenizer, train_sentencepiece
+from input_pipeline.transforms import CLIP_MEAN, CLIP_STD, DecodeImage, ResizeCenterCrop, to_str
+
+LM_TOKENIZER_PATH = os.path.join(os.path.dirname(__file__), "assets", "shapes_lm_bpe.model")
+LM_VOCAB_SIZE = 512
+P_QUESTION_DOCUMENT = 0.5
+P_SHORT_ANSWER = 0.6
+
+
+# -------------------------------------------------------------------------------------------
+# Texts.
+# -------------------------------------------------------------------------------------------
+
+_SENTENCES = (  # question pattern -> answer sentence (the generator's five question kinds)
+    (re.compile(r"^what color is the largest shape\?$"), "the largest shape is {a}"),
+    (re.compile(r"^what color is the (\w+)\?$"), "the {0} is {a}"),
+    (re.compile(r"^what shape is the (\w+) object\?$"), "it is a {a}"),
+    (re.compile(r"^how many shapes are there\?$"), "there are {a} shapes"),
+    (re.compile(r"^is the background light or dark\?$"), "the background is {a}"),
+)
+
+
+def answer_sentence(question: str, answer: str) -> str:
+    """The answer as a sentence (``the star is red``) for the generator's questions."""
+    for pattern, template in _SENTENCES:
+        m = pattern.match(question)
+        if m:
+            return template.format(*m.groups(), a=answer)
+    raise DataError(f"No answer sentence for the question {question!r}.")
+
+
+def qa_text(question: str, answer: str | None, short: bool = True) -> str:
+    """``question: <q> answer: <a>``; ``answer=None`` gives the prompt ``question: <q> answer:``."""
+    if answer is None:
+        return f"question: {question} answer:"
+    return f"question: {question} answer: {answer if short else answer_sentence(question, answer)}"
+
+
+def document_texts(records: Sequence[dict], rng: np.random.Generator) -> list[str]:
+    """The chunk texts of one document made of ``records`` (see the module doc)."""
+    if rng.random() >= P_QUESTION_DOCUMENT:
+        return [to_str(r["caption"]) for r in records]
+    short = bool(rng.random() < P_SHORT_ANSWER)
+    return [qa_text(to_str(r["question"]), to_str(r["answer"]), short) for r in records]
+
+
+def _tokenizer_corpus(n: int = 20000) -> list[str]:
+    """Texts of the first ``n`` training scenes in every form the documents use."""
+    seed = generator.SPLIT_SEEDS["train"]
+    texts = []
+    for i in range(n):
+        scene = generator.sample_scene(seed, i)
+        texts += [scene.caption, qa_text(scene.question, scene.answer, True),
+                  qa_text(scene.question, scene.answer, False)]
+    return texts
+
+
+def write_lm_tokenizer(path: str = LM_TOKENIZER_PATH) -> str:
+    """Trains the language-model BPE (512 pieces) on generated shapes texts; deterministic, so
+    the shipped asset can be checked against a rebuild (tests/test_interleaved.py)."""
+    return train_sentencepiece(_tokenizer_corpus(), path.removesuffix(".model"), LM_VOCAB_SIZE)
+
+
+def lm_tokenizer(context_length: int = 128) -> SentencePieceTokenizer:
+    """The shipped shapes language-model tokenizer (pad 0, unk 1, bos 2, eos 3)."""
+    return SentencePieceTokenizer(LM_TOKENIZER_PATH, context_length)
+
+
+# -------------------------------------------------------------------------------------------
+# Token layout.
+# -------------------------------------------------------------------------------------------
+
+def layout(chunks: Sequence[str], tokenizer: SentencePieceTokenizer, max_length: int, *,
+           image_id: int | None, eoc_id: int | None, close: bool = True
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(tokens int32 [max_length], weights float32 [max_length], chunks kept)``.
+
+    With ``image_id`` each chunk is ``<image> text <|endofchunk|>`` (a multimodal document),
+    else chunk texts follow each other (text only). ``close=False`` leaves the last chunk open
+    (a prompt: no ``<|endofchunk|>`` / ``eos`` after it).
+    """
+    sp = tokenizer._sp  # pylint: disable=protected-access
+    ids, weights = [tokenizer.bos_id], [0.0]
+    kept = 0
+    for i, text in enumerate(chunks):
+        last = i == len(chunks) - 1
+        piece = ([image_id] if image_id is not None else []) + sp.encode(text)
+        w = ([0.0] if image_id is not None else []) + [1.0] * (len(piece) - (image_id is not None))
+        if image_id is not None and (close or not last):
+            piece, w = piece + [eoc_id], w + [1.0]
+        if len(ids) + len(piece) + (1 if close else 0) > max_length:
+            break
+        ids += piece
+        weights += w
+        kept += 1
+    if kept == 0:
+        raise DataError(f"The first chunk of a document does not fit in max_length={max_length} "
+                        f"tokens ({chunks[0]!r}); raise the model's max_length.")
+    if close:
+        ids.append(tokenizer.eos_id)
+        weights.append(1.0)
+    tokens = np.full((max_length,), tokenizer.pad_id, np.int32)
+    tokens[:len(ids)] = ids
+    w = np.zeros((max_length,), np.float32)
+    w[:len(weights)] = weights
+    return tokens, w, kept
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+    """uint8 ``[S, S, 3]`` -> CLIP-normalised float32 (as the CLIP pipeline)."""
+    x = image.astype(np.float32) / 255.0
+    return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
+class MakeDocument(grain.transforms.RandomMap):
+    """A group of records -> ``{'tokens', 'weights'[, 'images']}`` (see the module doc)."""
+
+    def __init__(self, tokenizer: SentencePieceTokenizer, max_length: int, max_images: int, *,
+                 image_id: int | None, eoc_id: int | None, image_size: int | None):
+        self.tokenizer, self.max_length, self.max_images = tokenizer, max_length, max_images
+        self.image_id, self.eoc_id, self.image_size = image_id, eoc_id, image_size
+        self._decode = DecodeImage()
+        self._resize = ResizeCenterCrop(image_size) if image_size else None
+
+    def random_map(self, records: list, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        n = int(rng.integers(1, self.max_images + 1))
+        chunks = document_texts(records[:n], rng)
+        tokens, weights, kept = layout(chunks, self.tokenizer, self.max_length,
+                                       image_id=self.image_id, eoc_id=self.eoc_id)
+        out = {"tokens": tokens, "weights": weights}
+        if self.image_id is not None:
+            images = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.float32)
+            for i in range(kept):
+                example = self._decode.map({"image": records[i]["image"]})
+                if self._resize is not None:
+                    example = self._resize.map(example)
+                images[i] = normalize_image(example["image"])
+            out["images"] = images
+        return out
+
+
+def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name: str,
+                             split: str = "train", global_batch_size: int, seed: int,
+                             tokenizer: SentencePieceTokenizer, max_length: int,
+                             max_images: int = 5, image_id: int | None = None,
+                             eoc_id: int | None = None, image_size: int | None = None,
+                             process_index: int = 0, process_count: int = 1,
+                             worker_count: int = 0) -> Any:
+    """Batches of documents of a shapes split for this process (checkpointable grain iterator).
+
+    ``image_id`` None: text-only documents ``{'tokens', 'weights'}`` for language-model
+    pretraining; otherwise multimodal ones with ``'images' float32 [B, max_images, S, S, 3]``
+    (zeros after a document's last image). Document ``d`` of the global stream is made of records
+    ``[d * max_images, (d + 1) * max_images)`` of the split shuffled with ``seed`` and its
+    contents are fixed by ``(seed, d)``, so the global batches do not depend on the number of
+    processes (process ``i`` of ``n`` builds documents ``d % n == i``).
+    """
+    if global_batch_size % process_count:
+        raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
+                        f"process count {process_count}.")
+    if image_id is not None and not image_size:
+        raise DataError("Multimodal documents need image_size.")
+    source, _ = pipeline._data_source(data_dir, "shapes", config_name, split)  # pylint: disable=protected-access
+    if len(source) < max_images:
+        raise DataError(f"Split {split!r} has {len(source)} records, fewer than max_images="
+                        f"{max_images}.")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = ds.batch(max_images, drop_remainder=True)
+    ds = ds.random_map(MakeDocument(tokenizer, max_length, max_images, image_id=image_id,
+                                    eoc_id=eoc_id, image_size=image_size), seed=seed)
+    ds = ds[process_index::process_count]
+    it_ds = ds.to_iter_dataset(pipeline._read_options()).batch(  # pylint: disable=protected-access
+        global_batch_size // process_count, drop_remainder=True)
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
+
+
+if __name__ == "__main__":  # python -m input_pipeline.interleaved: rebuild the shipped tokenizer
+    print(write_lm_tokenizer())
