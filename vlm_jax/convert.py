@@ -1,7 +1,9 @@
-"""Import OpenAI CLIP and open_clip weights: ``vlm-jax convert``.
+"""Import OpenAI CLIP / open_clip weights and Hugging Face LLaMA / GPT-2 language models:
+``vlm-jax convert``.
 
     vlm-jax convert --input ViT-B-32.safetensors --workdir runs/openai_b32 --act quick_gelu
     vlm-jax eval --workdir runs/openai_b32 --config.eval.dataset=tfds:imagenet2012
+    vlm-jax convert --input TinyLlama-1.1B/ --workdir runs/tinyllama   # config.json + safetensors
 
 Reads a ViT CLIP state dict in OpenAI's key layout, which open_clip keeps for its ``CLIP`` class
 (``visual.conv1.weight``, ``visual.transformer.resblocks.N.attn.in_proj_weight``,
@@ -22,6 +24,15 @@ Covered: the ViT-B/32, B/16, L/14 (and other ViT) families of OpenAI and open_cl
 CoCa (``coca_ViT-B-32``, ``coca_ViT-L-14``: recognised by its ``text_decoder``). Not covered,
 with an error naming the keys: ModifiedResNet towers (RN50...), timm or Hugging Face towers,
 attentional pooling and layer scale.
+
+**Language models** (:func:`convert_hf_lm`): a Hugging Face model directory (``config.json`` +
+``model.safetensors``, as ``save_pretrained`` writes it) of a ``LlamaForCausalLM`` or
+``GPT2LMHeadModel`` becomes a :class:`vlm_jax.models.lm.LanguageModel` (``model.name='lm'``),
+whose arithmetic follows those classes. The architecture comes from ``config.json``; features
+the model lacks (scaled rotary embeddings such as Llama 3.1's, biases in LLaMA attention,
+another activation...) are refused with an error naming the field, and every weight must be
+mapped (only recomputed buffers, ``rotary_emb.inv_freq`` and GPT-2's ``attn.bias``, are
+skipped).
 """
 
 from __future__ import annotations
@@ -161,6 +172,9 @@ class _Tracked(dict):
         self.used: set[str] = set()
 
     def __getitem__(self, key):
+        if key not in self:
+            raise ConvertError(f"The state dict has no {key!r}, a weight the converted model "
+                               "needs (a truncated file, or another architecture).")
         self.used.add(key)
         return super().__getitem__(key)
 
@@ -350,42 +364,263 @@ def to_model_params(flat: Mapping[str, Any], abstract_params) -> Any:
 
 
 # -------------------------------------------------------------------------------------------
+# Hugging Face causal language models (LlamaForCausalLM, GPT2LMHeadModel) -> models.lm.
+# -------------------------------------------------------------------------------------------
+
+HF_LM_TYPES = ("llama", "gpt2")
+_GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # All tanh-approximated GELU.
+# Buffers that HF state dicts may hold and the model recomputes: rotary frequencies, GPT-2's
+# causal mask.
+_HF_BUFFERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attn\.(bias|masked_bias)$")
+
+
+def is_hf_lm(path: str | pathlib.Path) -> bool:
+    """Whether ``path`` is a directory, read as a Hugging Face model (``config.json`` +
+    ``model.safetensors``): every directory goes this way, state dict files the CLIP way."""
+    return pathlib.Path(path).is_dir()
+
+
+def load_hf_lm(directory: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
+    """``(state dict, config.json)`` of a Hugging Face model directory, as ``save_pretrained``
+    writes it: ``model.safetensors``, shards listed in ``model.safetensors.index.json``, or
+    ``pytorch_model.bin`` (with torch)."""
+    d = pathlib.Path(directory)
+    if not (d / "config.json").exists():
+        raise ConvertError(f"{d} has no config.json: a Hugging Face model directory holds "
+                           "config.json and model.safetensors (as save_pretrained writes them).")
+    hf_config = json.loads((d / "config.json").read_text())
+    if (d / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    elif (d / "model.safetensors.index.json").exists():
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+    elif (d / "pytorch_model.bin").exists():
+        files = ["pytorch_model.bin"]
+    else:
+        raise ConvertError(f"{d} has no model.safetensors (nor model.safetensors.index.json or "
+                           "pytorch_model.bin).")
+    sd: dict[str, np.ndarray] = {}
+    for f in files:
+        sd.update(load_state_dict(d / f))
+    return sd, hf_config
+
+
+def _hf(hf_config: Mapping, key: str, default: Any = ...) -> Any:
+    if key in hf_config and hf_config[key] is not None:
+        return hf_config[key]
+    if default is ...:
+        raise ConvertError(f"config.json has no {key!r} (model_type "
+                           f"{hf_config.get('model_type')!r}).")
+    return default
+
+
+def _hf_require(hf_config: Mapping, key: str, default: Any, allowed: tuple, why: str) -> None:
+    value = hf_config.get(key, default)
+    if value not in allowed:
+        raise ConvertError(f"config.json {key}={value!r} is not supported: {why}.")
+
+
+def _hf_token_id(hf_config: Mapping, key: str) -> int | None:
+    value = hf_config.get(key)
+    if isinstance(value, (list, tuple)):  # e.g. Llama 3's [end_of_text, eot]: the first one.
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def _hf_rope_theta(hf_config: Mapping) -> float:
+    """Rotary base of a LLaMA config: ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+    ``rope_scaling`` (transformers 4); only unscaled rotary embeddings are supported."""
+    params = hf_config.get("rope_parameters")
+    if params is not None:
+        _hf_require(params, "rope_type", "default", ("default",),
+                    "only unscaled rotary embeddings (rope_parameters.rope_type 'default')")
+        _hf_require(params, "partial_rotary_factor", 1.0, (1.0,),
+                    "rotary embeddings on every feature of a head")
+        return float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+    scaling = hf_config.get("rope_scaling")
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
+        raise ConvertError(f"config.json rope_scaling={scaling!r} is not supported: only "
+                           "unscaled rotary embeddings (rope_scaling null).")
+    return float(hf_config.get("rope_theta", 10000.0))
+
+
+def hf_lm_config(hf_config: Mapping) -> dict:
+    """The ``vlm_jax`` model config (``name='lm'``) of a Hugging Face ``config.json`` of
+    ``model_type`` ``'llama'`` or ``'gpt2'``. Raises ConvertError naming the field of a feature
+    :class:`~vlm_jax.models.lm.LanguageModel` does not have (scaled rotary embeddings,
+    attention / MLP biases in LLaMA, another activation...)."""
+    model_type = hf_config.get("model_type")
+    if model_type == "llama":
+        _hf_require(hf_config, "hidden_act", "silu", ("silu",), "LLaMA's MLP is SwiGLU (silu)")
+        _hf_require(hf_config, "attention_bias", False, (False,),
+                    "LLaMA-style attention has no biases")
+        _hf_require(hf_config, "mlp_bias", False, (False,), "LLaMA-style MLPs have no biases")
+        width, heads = _hf(hf_config, "hidden_size"), _hf(hf_config, "num_attention_heads")
+        cfg = dict(name="lm", style="llama", vocab_size=_hf(hf_config, "vocab_size"),
+                   width=width, depth=_hf(hf_config, "num_hidden_layers"), num_heads=heads,
+                   num_kv_heads=_hf(hf_config, "num_key_value_heads", heads),
+                   head_dim=_hf(hf_config, "head_dim", width // heads),
+                   mlp_dim=_hf(hf_config, "intermediate_size"),
+                   max_length=_hf(hf_config, "max_position_embeddings"),
+                   norm_eps=float(_hf(hf_config, "rms_norm_eps", 1e-6)),
+                   rope_theta=_hf_rope_theta(hf_config),
+                   tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
+    elif model_type == "gpt2":
+        _hf_require(hf_config, "activation_function", "gelu_new", _GPT2_ACTS,
+                    "GPT-2-style MLPs use the tanh-approximated GELU")
+        _hf_require(hf_config, "scale_attn_weights", True, (True,),
+                    "attention logits are scaled by head_dim ** -0.5")
+        _hf_require(hf_config, "scale_attn_by_inverse_layer_idx", False, (False,),
+                    "attention logits are not scaled by the layer index")
+        _hf_require(hf_config, "add_cross_attention", False, (False,),
+                    "a decoder-only model has no cross-attention")
+        width, heads = _hf(hf_config, "n_embd"), _hf(hf_config, "n_head")
+        cfg = dict(name="lm", style="gpt2", vocab_size=_hf(hf_config, "vocab_size"),
+                   width=width, depth=_hf(hf_config, "n_layer"), num_heads=heads,
+                   num_kv_heads=heads, mlp_dim=_hf(hf_config, "n_inner", 4 * width),
+                   max_length=_hf(hf_config, "n_positions"),
+                   norm_eps=float(_hf(hf_config, "layer_norm_epsilon", 1e-5)),
+                   tie_embeddings=bool(hf_config.get("tie_word_embeddings", True)))
+    else:
+        raise ConvertError(f"config.json model_type={model_type!r}: only Hugging Face "
+                           f"{HF_LM_TYPES} causal language models are supported.")
+    cfg.update(bos_id=_hf_token_id(hf_config, "bos_token_id"),
+               eos_id=_hf_token_id(hf_config, "eos_token_id"))
+    pad = _hf_token_id(hf_config, "pad_token_id")
+    if pad is not None:
+        cfg["pad_id"] = pad
+    return cfg
+
+
+def _hf_with_prefix(sd: Mapping[str, Any], prefix: str, marker: str) -> dict[str, Any]:
+    """Adds ``prefix`` when the state dict is of the bare trunk (``LlamaModel``, ``GPT2Model``:
+    ``embed_tokens.weight`` rather than ``model.embed_tokens.weight``)."""
+    if marker in sd and prefix + marker not in sd:
+        return {(k if k == "lm_head.weight" else prefix + k): v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _hf_lm_head(out, sd, cfg, embedding_key):
+    if not cfg["tie_embeddings"]:
+        out["lm_head.kernel"] = sd["lm_head.weight"].T
+    elif "lm_head.weight" in sd:  # Tied, yet saved as well: must be the embedding.
+        head, emb = sd["lm_head.weight"], sd[embedding_key]
+        if isinstance(head, np.ndarray) and not np.array_equal(head, emb):
+            raise ConvertError(f"lm_head.weight differs from {embedding_key} although "
+                               "config.json has tie_word_embeddings=true.")
+
+
+def convert_hf_lm_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dict[str, Any]:
+    """``LlamaForCausalLM`` / ``GPT2LMHeadModel`` keys -> flat :class:`~vlm_jax.models.lm.
+    LanguageModel` parameter paths (``blocks.0.attn.query.kernel``...). torch ``Linear``
+    weights ``[out, in]`` are transposed; GPT-2's ``Conv1D`` weights are already ``[in, out]``
+    and its fused ``c_attn`` is split into query / key / value.
+
+    Raises ConvertError naming a missing key, or any key left unused (biases LLaMA-style
+    attention does not have...); only recomputed buffers (``rotary_emb.inv_freq``, GPT-2's
+    ``attn.bias`` mask) may be left.
+    """
+    cfg = model_config
+    d, h = cfg["width"], cfg["num_heads"]
+    kvh, hd = cfg.get("num_kv_heads") or h, cfg.get("head_dim") or d // h
+    out: dict[str, Any] = {}
+    if cfg["style"] == "llama":
+        sd = _Tracked(_hf_with_prefix(sd, "model.", "embed_tokens.weight"))
+        out["token_embed.embedding"] = sd["model.embed_tokens.weight"]
+        out["final_norm.scale"] = sd["model.norm.weight"]
+        for i in range(cfg["depth"]):
+            src, dst = f"model.layers.{i}.", f"blocks.{i}."
+            out[dst + "norm1.scale"] = sd[src + "input_layernorm.weight"]
+            out[dst + "norm2.scale"] = sd[src + "post_attention_layernorm.weight"]
+            for ours, theirs, n in (("query", "q_proj", h), ("key", "k_proj", kvh),
+                                    ("value", "v_proj", kvh)):
+                w = sd[f"{src}self_attn.{theirs}.weight"]
+                out[f"{dst}attn.{ours}.kernel"] = w.T.reshape(w.shape[1], n, hd)
+            w = sd[src + "self_attn.o_proj.weight"]
+            out[dst + "attn.out.kernel"] = w.T.reshape(h, hd, w.shape[0])
+            for ours in ("gate", "up", "down"):
+                out[f"{dst}mlp.{ours}.kernel"] = sd[f"{src}mlp.{ours}_proj.weight"].T
+        _hf_lm_head(out, sd, cfg, "model.embed_tokens.weight")
+    elif cfg["style"] == "gpt2":
+        sd = _Tracked(_hf_with_prefix(sd, "transformer.", "wte.weight"))
+        out["token_embed.embedding"] = sd["transformer.wte.weight"]
+        out["pos_embed"] = sd["transformer.wpe.weight"]
+        _ln(out, "final_norm", sd, "transformer.ln_f")
+        for i in range(cfg["depth"]):
+            src, dst = f"transformer.h.{i}.", f"blocks.{i}."
+            _ln(out, dst + "norm1", sd, src + "ln_1")
+            _ln(out, dst + "norm2", sd, src + "ln_2")
+            w, b = sd[src + "attn.c_attn.weight"], sd[src + "attn.c_attn.bias"]
+            for j, name in enumerate(("query", "key", "value")):
+                out[f"{dst}attn.{name}.kernel"] = w[:, j * d:(j + 1) * d].reshape(d, h, hd)
+                out[f"{dst}attn.{name}.bias"] = b[j * d:(j + 1) * d].reshape(h, hd)
+            out[dst + "attn.out.kernel"] = sd[src + "attn.c_proj.weight"].reshape(h, hd, d)
+            out[dst + "attn.out.bias"] = sd[src + "attn.c_proj.bias"]
+            for ours, theirs in (("up", "c_fc"), ("down", "c_proj")):
+                out[f"{dst}mlp.{ours}.kernel"] = sd[f"{src}mlp.{theirs}.weight"]
+                out[f"{dst}mlp.{ours}.bias"] = sd[f"{src}mlp.{theirs}.bias"]
+        _hf_lm_head(out, sd, cfg, "transformer.wte.weight")
+    else:
+        raise ConvertError(f"style={cfg['style']!r}: use one of {HF_LM_TYPES}.")
+    unused = sorted(k for k in set(sd) - sd.used if not _HF_BUFFERS.search(k))
+    if unused:
+        raise ConvertError(
+            f"{len(unused)} weights have no counterpart in vlm_jax's {cfg['style']} language "
+            f"model (e.g. {unused[:4]}): more layers than config.json says, biases, or another "
+            "architecture.")
+    return out
+
+
+def convert_hf_lm(source: str | pathlib.Path | Mapping[str, Any],
+                  hf_config: Mapping | None = None) -> tuple[dict, dict]:
+    """Imports a Hugging Face ``LlamaForCausalLM`` or ``GPT2LMHeadModel``.
+
+    Args:
+      source: a model directory (``config.json`` + ``model.safetensors``, see
+        :func:`load_hf_lm`), a state dict file, or a state dict ``{key: numpy array}``.
+      hf_config: the ``config.json`` contents; read from the directory when omitted.
+
+    Returns:
+      ``(params, model_config)``: the :class:`~vlm_jax.models.lm.LanguageModel` parameters as
+      ``nnx.state(model).to_pure_dict()`` lays them out (float32), and its model config
+      (``name='lm'``, for :func:`vlm_jax.models.build_model`).
+    """
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import models  # pylint: disable=import-outside-toplevel
+
+    if isinstance(source, Mapping):
+        sd = source
+    elif is_hf_lm(source):
+        sd, read_config = load_hf_lm(source)
+        hf_config = read_config if hf_config is None else hf_config
+    else:
+        sd = load_state_dict(source)
+    if hf_config is None:
+        raise ConvertError("Pass the model's config.json contents (hf_config) with a state "
+                           "dict, or a model directory that holds config.json.")
+    model_cfg = hf_lm_config(hf_config)
+    flat = convert_hf_lm_state_dict(sd, model_cfg)
+    abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
+                                                                   rngs=nnx.Rngs(0))), nnx.Param)
+    return to_model_params(flat, abstract).to_pure_dict(), model_cfg
+
+
+# -------------------------------------------------------------------------------------------
 # The command.
 # -------------------------------------------------------------------------------------------
 
 
-def convert(input_path: str, workdir: str, *, act: str, base_config=None) -> pathlib.Path:
-    """Converts ``input_path`` into ``workdir`` (``checkpoints/0`` + ``config.json``).
-
-    ``base_config``: the run config whose data/eval/optimizer settings the workdir gets (default
-    ``experiments/clip_openai.py``); its ``model`` is replaced by the inferred one, keeping its
-    ``dtype``, ``scan_layers`` and ``remat``. Refuses a workdir that already holds checkpoints.
-    """
+def write_workdir(workdir: str | pathlib.Path, params: Any, config) -> Any:
+    """Writes converted ``params`` (a pure dict, as ``nnx.state(model).to_pure_dict()``) as
+    checkpoint 0 of ``workdir``, with the run ``config`` saved beside it and as
+    ``config.json``: what ``vlm-jax eval`` / ``train`` restore. Refuses a workdir that already
+    holds checkpoints. Returns the workdir (an ``epath.Path``)."""
     from etils import epath  # pylint: disable=import-outside-toplevel
-    from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
     from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-    from vlm_jax import models  # pylint: disable=import-outside-toplevel
 
-    sd = load_state_dict(input_path)
-    coca = is_coca(sd)
-    model_cfg = infer_coca_config(sd, act=act) if coca else infer_model_config(sd, act=act)
-    if base_config is None:
-        base_config = config_lib.load_config(
-            str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip_openai.py"))
-    config = base_config
-    for key in ("dtype", "scan_layers", "remat"):  # How to run it: the base config's choice.
-        if key in config.get("model", {}):
-            model_cfg[key] = config.model[key]
-    with config.unlocked():
-        config.model = model_cfg
-        config.name = f"converted:{pathlib.Path(input_path).name}"
-    abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
-                                                                   rngs=nnx.Rngs(0))), nnx.Param)
-    # The train state's layout: plain nested dicts of arrays (nnx.State.to_pure_dict()).
-    flat = (convert_coca_state_dict if coca else convert_state_dict)(sd, model_cfg)
-    params = to_model_params(flat, abstract).to_pure_dict()
     workdir = epath.Path(workdir)
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=1,
                                  async_save=False)
@@ -395,9 +630,66 @@ def convert(input_path: str, workdir: str, *, act: str, base_config=None) -> pat
     ckpt.save(0, {"params": params}, config=json.loads(config_lib.to_json(config)), force=True)
     ckpt.close()
     (workdir / "config.json").write_text(config_lib.to_json(config))
+    return workdir
+
+
+def convert(input_path: str, workdir: str, *, act: str | None = None,
+            base_config=None) -> pathlib.Path:
+    """Converts ``input_path`` into ``workdir`` (``checkpoints/0`` + ``config.json``).
+
+    ``input_path``: a CLIP / CoCa state dict file (``act`` required), or a Hugging Face LLaMA /
+    GPT-2 model directory (``config.json`` + ``model.safetensors``; no ``act``: the
+    activation is in its config). ``base_config``: the run config whose data/eval/optimizer
+    settings the workdir gets (default ``experiments/clip_openai.py``); its ``model`` is replaced
+    by the inferred one, keeping its ``dtype``, ``scan_layers`` and ``remat`` (``dtype`` and
+    ``remat`` for a language model). Refuses a workdir that already holds checkpoints.
+    """
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    from vlm_jax import models  # pylint: disable=import-outside-toplevel
+
+    if base_config is None:
+        base_config = config_lib.load_config(
+            str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip_openai.py"))
+    config = base_config
+    base_model = config.get("model", {})
+    if is_hf_lm(input_path):
+        if act is not None:
+            raise ConvertError(f"--act {act!r} is for CLIP state dicts; {input_path} is a "
+                               "Hugging Face model directory, whose activation is in its "
+                               "config.json: leave --act out.")
+        params, model_cfg = convert_hf_lm(input_path)
+        for key in ("dtype", "remat"):  # How to run it: the base config's choice.
+            if key in base_model:
+                model_cfg[key] = base_model[key]
+        what = (f"{model_cfg['style']} {model_cfg['width']}x{model_cfg['depth']}, "
+                f"{model_cfg['num_heads']} heads / {model_cfg['num_kv_heads']} key-value heads, "
+                f"vocab {model_cfg['vocab_size']}")
+    else:
+        if act is None:
+            raise ConvertError(f"{input_path} is a CLIP state dict: pass --act ({ACTIVATIONS}: "
+                               "quick_gelu for OpenAI's models and open_clip's *-quickgelu ones, "
+                               "gelu for the others).")
+        sd = load_state_dict(input_path)
+        coca = is_coca(sd)
+        model_cfg = infer_coca_config(sd, act=act) if coca else infer_model_config(sd, act=act)
+        for key in ("dtype", "scan_layers", "remat"):  # How to run it: the base config's choice.
+            if key in base_model:
+                model_cfg[key] = base_model[key]
+        abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
+                                                                       rngs=nnx.Rngs(0))),
+                             nnx.Param)
+        # The train state's layout: plain nested dicts of arrays (nnx.State.to_pure_dict()).
+        flat = (convert_coca_state_dict if coca else convert_state_dict)(sd, model_cfg)
+        params = to_model_params(flat, abstract).to_pure_dict()
+        img, txt = model_cfg["image"], model_cfg["text"]
+        what = (f"image {img['width']}x{img['depth']} patch {img['patch_size']} at "
+                f"{img['image_size']} px, text {txt['width']}x{txt['depth']}, act {act}")
+    with config.unlocked():
+        config.model = model_cfg
+        config.name = f"converted:{pathlib.Path(input_path).name}"
+    workdir = write_workdir(workdir, params, config)
     n = models.count_params(params)
-    print(f"Converted {input_path} ({n / 1e6:.1f}M parameters; image {model_cfg['image']['width']}"
-          f"x{model_cfg['image']['depth']} patch {model_cfg['image']['patch_size']} at "
-          f"{model_cfg['image']['image_size']} px, text {model_cfg['text']['width']}x"
-          f"{model_cfg['text']['depth']}, act {act}) into {workdir}.")
+    print(f"Converted {input_path} ({n / 1e6:.1f}M parameters; {what}) into {workdir}.")
     return workdir

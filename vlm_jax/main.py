@@ -5,6 +5,7 @@
                   [--evaluators zeroshot,retrieval,linear_probe]
     vlm-jax eval  --checkpoint runs/tiny/checkpoints/1200
     vlm-jax convert --input ViT-B-32.safetensors --act quick_gelu --workdir runs/openai_b32
+    vlm-jax convert --input TinyLlama-1.1B/ --workdir runs/tinyllama  # a Hugging Face LM directory
     vlm-jax caption --workdir runs/coca_tiny --images photos/ [--method beam --beam_size 3]
     vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
     vlm-jax data prepare --config experiments/clip_tiny.py
@@ -57,13 +58,16 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="comma-separated, overrides config.eval.evaluators: zeroshot, retrieval, "
                         "linear_probe")
     p = sub.add_parser("convert", help="import OpenAI CLIP / open_clip weights (.safetensors, "
-                                       ".pt/.bin with torch) into a workdir that eval and train use")
+                                       ".pt/.bin with torch) or a Hugging Face LLaMA / GPT-2 "
+                                       "model directory into a workdir that eval and train use")
     common(p, config_required=False)
-    p.add_argument("--input", required=True, help="the state dict file")
+    p.add_argument("--input", required=True,
+                   help="the CLIP state dict file, or a Hugging Face model directory "
+                        "(config.json + model.safetensors) of a LLaMA or GPT-2 causal LM")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--act", required=True, choices=["quick_gelu", "gelu"],
-                   help="quick_gelu: OpenAI's models and open_clip's *-quickgelu; gelu: the other "
-                        "open_clip models")
+    p.add_argument("--act", default=None, choices=["quick_gelu", "gelu"],
+                   help="CLIP state dicts (required there): quick_gelu for OpenAI's models and "
+                        "open_clip's *-quickgelu, gelu for the other open_clip models")
     p = sub.add_parser("caption", help="caption a folder of images with a CoCa checkpoint")
     common(p, config_required=False)
     p.add_argument("--workdir", required=True)
