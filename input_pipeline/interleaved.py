@@ -165,7 +165,9 @@ class MakeDocument(grain.transforms.RandomMap):
         self._decode = DecodeImage()
         self._resize = ResizeCenterCrop(image_size) if image_size else None
 
-    def random_map(self, records: list, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def random_map(self, records, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if isinstance(records, dict):  # grain batched the records feature by feature
+            records = [{k: v[i] for k, v in records.items()} for i in range(self.max_images)]
         n = int(rng.integers(1, self.max_images + 1))
         chunks = document_texts(records[:n], rng)
         tokens, weights, kept = layout(chunks, self.tokenizer, self.max_length,

@@ -114,6 +114,93 @@ class Data:
         return {"image": (b, size, size, 3), "text": (b, self.config.model.text.context_length)}
 
 
+@dataclasses.dataclass
+class DocumentData:
+    """Interleaved shapes documents (:mod:`input_pipeline.interleaved`) for the language model
+    (text only) and Flamingo (with images); same interface as :class:`Data`."""
+
+    config: ConfigDict
+    data_dir: str
+    tokenizer: Any
+    source: Any = None
+
+    @property
+    def multimodal(self) -> bool:
+        return self.config.model.name == "flamingo"
+
+    @property
+    def lm(self) -> ConfigDict:
+        return self.config.model.lm if self.multimodal else self.config.model
+
+    def _document_kwargs(self) -> dict:
+        d, lm = self.config.data, self.lm
+        kw = dict(data_dir=self.data_dir, config_name=d.config_name, tokenizer=self.tokenizer,
+                  max_length=lm.max_length, max_images=d.get("max_images", 5))
+        if self.multimodal:
+            kw.update(image_id=lm.vocab_size, eoc_id=lm.vocab_size + 1,
+                      image_size=self.config.model.vision.image_size)
+        return kw
+
+    def train_iterator(self):
+        """This process's share of the training documents (checkpointable grain iterator)."""
+        from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+
+        return interleaved.create_document_iterator(
+            split="train", global_batch_size=self.config.batch_size, seed=self.config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            worker_count=self.config.data.worker_count, **self._document_kwargs())
+
+    def eval_split(self) -> dict:
+        """``config.eval.split`` of shapes in memory (images, questions, answers, captions) and,
+        for Flamingo, the in-context pool: ``eval.fewshot_pool`` records of the train split;
+        for the language model, held-out text documents (``documents``, ``weights``)."""
+        e, d = self.config.eval, self.config.data
+        if self.multimodal:
+            size = self.config.model.vision.image_size
+            native = int(str(d.config_name).removesuffix("px"))
+            kw = dict(data_dir=self.data_dir, dataset="shapes", config_name=d.config_name,
+                      context_length=8, image_size=size if size != native else None)
+            out = pipeline.load_eval_split(split=e.split, max_examples=e.max_examples or None,
+                                           **kw)
+            pool = pipeline.load_eval_split(split="train",
+                                            max_examples=e.get("fewshot_pool", 1000), **kw)
+            out["pool"] = {k: pool[k] for k in ("image", "question", "answer", "caption")}
+            return out
+        from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+
+        it = interleaved.create_document_iterator(
+            split=e.split, global_batch_size=min(256, e.max_examples or 256), seed=0,
+            **self._document_kwargs())
+        batch = next(it)
+        return {"documents": batch["tokens"], "weights": batch["weights"]}
+
+    def batch_shapes(self) -> dict[str, tuple]:
+        b, lm = self.config.batch_size, self.lm
+        shapes = {"tokens": (b, lm.max_length), "weights": (b, lm.max_length)}
+        if self.multimodal:
+            size = self.config.model.vision.image_size
+            shapes["images"] = (b, self.config.data.get("max_images", 5), size, size, 3)
+        return shapes
+
+
+def _prepare_documents(config: ConfigDict) -> DocumentData:
+    from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+
+    d = config.data
+    if d.name != "shapes":
+        raise ConfigError(f"config.data.name={d.name!r}: the {config.model.name} model trains on "
+                          "the interleaved shapes documents, config.data.name='shapes'.")
+    lm = config.model.lm if config.model.name == "flamingo" else config.model
+    data_dir = d.data_dir or shapes_builder.default_data_dir()
+    shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
+                           process_index=jax.process_index())
+    tokenizer = interleaved.lm_tokenizer(lm.max_length)
+    if tokenizer.vocab_size > lm.vocab_size:
+        raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
+                          f"shapes LM tokenizer's vocabulary ({tokenizer.vocab_size}).")
+    return DocumentData(config, str(data_dir), tokenizer)
+
+
 def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
     """Stops the run when bad samples exceed ``config.data.max_skipped_fraction``.
 
@@ -154,6 +241,8 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     tokenizer). ``for_eval``: the training data is not opened (``vlm-jax eval``).
     """
     d = config.data
+    if config.model.name in ("lm", "flamingo"):
+        return _prepare_documents(config)
     if d.name != "shapes" and d.name not in SOURCES:
         raise ConfigError(f"config.data.name={d.name!r}: use 'shapes' (embedded) or a source of "
                           f"image-text shards {list(SOURCES)} with config.data.train_files.")

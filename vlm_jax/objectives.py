@@ -84,7 +84,23 @@ def coca_objective(model, batch, config, mesh):
     return w_con * con + w_cap * cap, metrics
 
 
-OBJECTIVES: dict[str, Callable] = {"clip": clip_objective, "coca": coca_objective}
+def lm_objective(model, batch, config, mesh):
+    """Next-token cross-entropy over ``batch['tokens']``, weighted by ``batch['weights']`` (the
+    target tokens: text, ``<|endofchunk|>``, ``eos``; see :mod:`input_pipeline.interleaved`).
+    For the language model (``tokens``) and Flamingo (``images`` + ``tokens``)."""
+    del config, mesh
+    from vlm_jax.models.lm import next_token_loss  # pylint: disable=import-outside-toplevel
+
+    if "images" in batch:
+        logits = model(batch["images"], batch["tokens"])
+    else:
+        logits = model(batch["tokens"])
+    loss, n = next_token_loss(logits, batch["tokens"], batch["weights"])
+    return loss, {"train/target_tokens": n}
+
+
+OBJECTIVES: dict[str, Callable] = {"clip": clip_objective, "coca": coca_objective,
+                                   "lm": lm_objective, "flamingo": lm_objective}
 
 
 def get_objective(name: str) -> Callable:

@@ -30,6 +30,18 @@ def decay_mask(params: Any, no_decay_pattern: str = NO_DECAY_PATTERN) -> Any:
         lambda p, x: len(x.shape) >= 2 and not rx.search(path_str(p)), params)
 
 
+def trainable_mask(params: Any, pattern: str) -> Any:
+    """True for the parameters whose path matches ``pattern`` (``re.search``); all True for an
+    empty pattern."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"config.optim.trainable={pattern!r} is not a regular expression: "
+                          f"{e}.") from e
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: not pattern or bool(rx.search(path_str(p))), params)
+
+
 def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
     """Learning-rate schedule: linear warm-up then cosine (or linear / constant) decay."""
     warmup = int(cfg.warmup_steps)
@@ -57,7 +69,10 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
 
     Config fields (``config.optim``): ``name`` ('adamw'), ``lr``, ``b1``, ``b2``, ``eps``,
     ``weight_decay``, ``warmup_steps``, ``schedule``, ``end_lr_factor``, ``grad_clip_norm``
-    (0 = off), ``grad_accum_steps`` (1 = off).
+    (0 = off), ``grad_accum_steps`` (1 = off), ``trainable`` (a regular expression on parameter
+    paths such as ``'^(resampler|xattn)\.'``; '' = every parameter trains). Parameters that do
+    not match are frozen: ``optax.multi_transform`` gives them ``optax.set_to_zero`` (no
+    optimizer state), and the train step stops their gradients (:func:`trainable_mask`).
 
     With accumulation, ``optax.MultiSteps`` drops non-finite micro-batches
     (``skip_not_finite``); a non-finite step is kept out of the state by the train step
@@ -72,6 +87,14 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
     tx = optax.chain(*parts)
+    if cfg.get("trainable", ""):
+        pattern = cfg.trainable
+
+        def labels(params):
+            return jax.tree.map(lambda t: "train" if t else "frozen",
+                                trainable_mask(params, pattern))
+
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     accum = int(cfg.get("grad_accum_steps", 1))
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum,

@@ -89,8 +89,12 @@ def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
     param_sh = parallel.state_shardings(abstract_params, mesh, rules)
     abstract = jax.eval_shape(init_fn)
     replicated = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
-                                   transform_non_params=lambda _: replicated)
+    masked = optax.transforms._masking.MaskedNode  # pylint: disable=protected-access
+    # Frozen parameters (config.optim.trainable) have a MaskedNode, no state, in the optimizer.
+    opt_sh = optax.tree_map_params(tx, lambda x, s: x if isinstance(x, masked) else s,
+                                   abstract["opt_state"], param_sh,
+                                   transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, masked))
     shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh}
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
@@ -109,9 +113,13 @@ def make_train_step(s: TrainSetup, batch_shapes: dict[str, tuple]) -> Callable:
     objective = objectives.get_objective(config.model.name)
 
     nan_step = faults.nan_loss_step()  # Reliability battery only; None otherwise.
+    trainable = config.optim.get("trainable", "")
 
     def train_step(state, batch):
         def loss_fn(params):
+            if trainable:  # Frozen parameters: no weight gradients are computed at all.
+                params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                                      optim.trainable_mask(params, trainable))
             with parallel.sharding_context(mesh, rules):
                 model = nnx.merge(s.graphdef, params)
                 loss, aux = objective(model, batch, config, mesh)
@@ -167,8 +175,10 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
                                  s.config.eval.batch_size, tokenizer=tokenizer,
                                  caption_options=dict(s.config.eval.get("caption", {})))
+    icl = dict(shots=tuple(s.config.eval.get("icl_shots", (0, 4, 8))))
     options = {"linear_probe": dict(shots=tuple(s.config.eval.get("fewshot_shots",
-                                                                  (1, 5, 10, 25))))}
+                                                                  (1, 5, 10, 25)))),
+               "fewshot_vqa": icl, "fewshot_captioning": icl}
     results = {}
     for name in names:
         try:
@@ -183,7 +193,9 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
 
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
-         "linear_probe": "linear_probe", "captioning": "captioning"}  # CLIP_benchmark's names
+         "linear_probe": "linear_probe", "captioning": "captioning",  # CLIP_benchmark's names
+         "fewshot_vqa": "fewshot_vqa", "fewshot_captioning": "fewshot_captioning",
+         "lm_loss": "language_modeling"}
 
 
 def eval_dataset_name(config: ConfigDict) -> str:
@@ -226,8 +238,9 @@ def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
         out.write_text(json.dumps(kept + records, indent=2))
         print(f"\n| metric ({dataset}, step {step}) | value |")
         print("|---|---|")
-        for k, v in results.items():
-            print(f"| {k} | {100 * v:.2f} |")
+        for k, v in results.items():  # Accuracies and scores in %, losses as they are.
+            raw = k.rsplit("/", 1)[-1] in ("loss", "perplexity")
+            print(f"| {k} | {v:.3f} |" if raw else f"| {k} | {100 * v:.2f} |")
     return out
 
 
@@ -381,6 +394,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             print(f"Resuming from checkpoint step {latest} in {workdir / 'checkpoints'}")
     else:
         state = s.init_fn()
+        if config.get("init_from"):
+            state["params"] = load_pretrained(config, s, state["params"])
     if is_main:
         (workdir / "config.json").write_text(config_lib.to_json(config))
         n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state["params"]))
@@ -472,6 +487,54 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         print(f"Wrote {plot}, {workdir / 'metrics.jsonl'}, {results_file} and checkpoints in "
               f"{workdir / 'checkpoints'}.")
     return results
+
+
+def load_pretrained(config: ConfigDict, s: TrainSetup, params: dict) -> dict:
+    """Replaces parts of freshly initialised ``params`` by those of trained runs.
+
+    ``config.init_from``: ``{target: {'workdir': <run>, 'subtree': <path in that run's params>,
+    'step': <step or None = latest>}}``, e.g. Flamingo's ``vision`` from a CLIP run's ``image``
+    tower and ``lm`` from a language-model run (``subtree`` '' = all its parameters). The source
+    run's ``config.json`` builds its model; shapes must match the target's exactly.
+
+    Raises CheckpointError naming the run when it has no checkpoint or the shapes differ.
+    """
+    params = dict(params)
+    for target, spec in config.init_from.items():
+        spec = dict(spec)
+        workdir = epath.Path(spec["workdir"])
+        if not (workdir / "config.json").exists():
+            raise ckpt_lib.CheckpointError(
+                f"config.init_from.{target}.workdir={workdir} has no config.json: train that run "
+                "first (see the config file's docstring for the command) or point to it.")
+        source_config = config_lib.load_json_config(str(workdir / "config.json"))
+        _, source, step = restore_for_inference(source_config, workdir, spec.get("step"))
+        for key in filter(None, str(spec.get("subtree", "")).split(".")):
+            if key not in source:
+                raise ckpt_lib.CheckpointError(
+                    f"config.init_from.{target}.subtree: {workdir} (model "
+                    f"{source_config.model.name}) has no parameters {key!r}; it has "
+                    f"{sorted(source)}.")
+            source = source[key]
+        if target not in params:
+            raise ConfigError(f"config.init_from: the model has no parameters {target!r}; it has "
+                              f"{sorted(params)}.")
+        want = jax.tree_util.tree_flatten_with_path(params[target])[0]
+        got = dict(jax.tree_util.tree_flatten_with_path(source)[0])
+        bad = [f"{optim.path_str(p)}: {getattr(got.get(p), 'shape', 'missing')} vs {x.shape}"
+               for p, x in want if getattr(got.get(p), "shape", None) != x.shape]
+        if bad or len(got) != len(want):
+            raise ckpt_lib.CheckpointError(
+                f"config.init_from.{target}: the parameters of {workdir} (step {step}) do not "
+                f"fit config.model's {target!r}: " + "; ".join(bad[:5])
+                + f" ({len(got)} arrays vs {len(want)}). Make config.model.{target} match the "
+                "source run's model config.")
+        shardings = s.param_shardings[target]
+        params[target] = jax.tree.map(lambda x, sh: jax.device_put(x, sh), source, shardings)
+        if jax.process_index() == 0:
+            print(f"Initialised {target!r} from {workdir} step {step}"
+                  + (f" ({spec['subtree']})" if spec.get("subtree") else ""))
+    return params
 
 
 def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,

@@ -82,12 +82,14 @@ _TOP_KEYS = {"name", "embed_dim", "image", "text", "logit_scale_init", "logit_sc
 _SHARED = ("dtype", "remat", "scan_layers")
 
 
-def _image_kwargs(image: Mapping, shared: Mapping) -> dict:
+def image_kwargs(image: Mapping, shared: Mapping, where: str = "model.image") -> dict:
+    """ViT arguments of a CLIP image tower: ``image`` (keys checked) with CLIP's defaults (LayerNorm
+    eps 1e-5, pre-norm, no patch bias, init stds) and the model-wide ``shared`` settings."""
     kw = dict(image)
-    check_keys(kw, accepted_keys(ViT), "model.image")
+    check_keys(kw, accepted_keys(ViT), where)
     if kw.get("num_classes"):
-        raise ValueError("model.image.num_classes must be 0 for CLIP (the projection replaces "
-                         "the classification head).")
+        raise ValueError(f"{where}.num_classes must be 0 (features, not a classification "
+                         "head).")
     for k in _SHARED:
         kw.setdefault(k, shared[k])
     dims = resolve_dims(kw.get("variant"), **{k: kw.get(k) for k in
@@ -134,7 +136,7 @@ class CLIP(nnx.Module):
         self.embed_dim = int(embed_dim)
         self.logit_scale_max = float(logit_scale_max)
         self.dtype = layers.as_dtype(dtype)
-        self.image = ViT(**_image_kwargs(image, shared), rngs=rngs)
+        self.image = ViT(**image_kwargs(image, shared), rngs=rngs)
         self.text = TextTransformer(**_text_kwargs(text, shared), rngs=rngs)
         iw, tw = self.image.width, self.text.width
         self.image_projection = layers.Dense(
@@ -184,7 +186,7 @@ def clip_flops(cfg: Any, batch_size: int | None = None) -> float:
     """
     cfg = to_plain_dict(cfg)
     shared = {k: cfg.get(k, d) for k, d in zip(_SHARED, ("float32", "none", False))}
-    image = _image_kwargs(cfg["image"], shared)
+    image = image_kwargs(cfg["image"], shared)
     text = _text_kwargs(cfg["text"], shared)
     iw = resolve_dims(image.get("variant"), **{k: image.get(k) for k in
                                                ("width", "depth", "mlp_dim", "num_heads",

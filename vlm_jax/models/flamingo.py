@@ -202,19 +202,18 @@ class Flamingo(nnx.Module):
     def __init__(self, *, vision: Mapping, lm: Mapping, resampler: Mapping | None = None,
                  cross_attn: Mapping | None = None, cross_attn_every: int = 4,
                  dtype: layers.Dtype = "float32", remat: str = "none", rngs: nnx.Rngs):
-        from vlm_jax.models.clip import accepted_keys, check_keys  # pylint: disable=import-outside-toplevel
+        from vlm_jax.models.clip import check_keys, image_kwargs  # pylint: disable=import-outside-toplevel
 
-        vision, lm = dict(vision), dict(lm)
+        lm = dict(lm)
         resampler, cross_attn = dict(resampler or {}), dict(cross_attn or {})
-        check_keys(vision, accepted_keys(ViT), "model.vision")
+        # CLIP's image-tower defaults, so that a CLIP checkpoint's `image` loads as `vision`.
+        vision = image_kwargs(vision, {"dtype": dtype, "remat": "none", "scan_layers": False},
+                              where="model.vision")
         check_keys(lm, {f.name for f in dataclasses.fields(LMConfig)}, "model.lm")
         check_keys(resampler, RESAMPLER_KEYS, "model.resampler")
         check_keys(cross_attn, CROSS_ATTN_KEYS, "model.cross_attn")
-        if vision.get("num_classes"):
-            raise ValueError("model.vision.num_classes must be 0 (features, not a classifier).")
         if cross_attn_every < 1:
             raise ValueError(f"model.cross_attn_every={cross_attn_every} must be >= 1.")
-        vision.setdefault("dtype", dtype)
         lm.setdefault("dtype", dtype)
         lm.setdefault("remat", remat)
         self.vision = ViT(**vision, rngs=rngs)
@@ -363,7 +362,7 @@ def flamingo_flops(cfg: Any, batch_size: int | None = None) -> float:
     v = vit_flops(**{k: vision[k] for k in keys if k in vision})
     resampler = dict(cfg.get("resampler") or {})
     n_img = IMAGES_PER_DOCUMENT
-    w, dv = lm_cfg["width"], vision.get("width", w)
+    w = lm_cfg["width"]
     length = lm_cfg["max_length"]
     n_x = lm_cfg["depth"] // cfg.get("cross_attn_every", 4)
     lat = resampler.get("num_latents", 64)

@@ -1,0 +1,55 @@
+r"""A tiny LLaMA-style language model pretrained on the shapes texts: Flamingo's frozen LM.
+
+    vlm-jax train --config experiments/lm_tiny_shapes.py --workdir runs/lm_tiny
+
+Documents are the texts of the interleaved shapes documents without their images
+(input_pipeline/interleaved.py): runs of captions, or of ``question: ... answer: ...`` pairs with
+one answer style per document. The model is a 4-layer decoder (width 128, RMSNorm, rotary
+embeddings, SwiGLU) with the optimiser of LLaMA (AdamW b2 0.95, weight decay 0.1, clipping at
+1.0, warm-up + cosine). Minutes on a CPU; ``:test`` is a seconds-long smoke variant.
+"""
+
+import ml_collections
+
+from vlm_jax import parallel
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.name = "lm_tiny_shapes"
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 64
+    c.log_every_steps = 50
+
+    # The interleaved shapes documents (text only for the LM); max_images chunks per document.
+    c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0,
+                  max_images=5)
+    # Vocabulary 512 >= the 402 pieces of the shapes LM tokenizer (ids 0-3: pad, unk, bos, eos).
+    c.model = dict(name="lm", style="llama", vocab_size=512, width=128, depth=4, num_heads=4,
+                   num_kv_heads=4, mlp_dim=352, max_length=128, norm_eps=1e-6,
+                   rope_theta=10000.0, tie_embeddings=False, bos_id=2, eos_id=3, pad_id=0,
+                   dtype="float32", remat="none")
+    c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                   warmup_steps=100, schedule="cosine", end_lr_factor=0.1, grad_clip_norm=1.0,
+                   grad_accum_steps=1, trainable="")
+    c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
+    c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
+    c.checkpoint = dict(every_steps=500, keep=2, keep_every_steps=0, async_save=True)
+    c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
+    # Held-out loss / perplexity on 256 documents of the validation split.
+    c.eval = dict(every_steps=0, evaluators=["lm_loss"], split="validation", batch_size=64,
+                  max_examples=256, dataset="")
+
+    if arg == "test":
+        c.total_steps = 4
+        c.batch_size = 8
+        c.log_every_steps = 2
+        c.data.config_name = "32px"
+        c.model.update(width=32, depth=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
+        c.optim.warmup_steps = 1
+        c.checkpoint.every_steps = 2
+        c.eval.max_examples = 16
+    elif arg is not None:
+        raise ValueError(f"lm_tiny_shapes.py: unknown variant {arg!r} (use 'test' or nothing).")
+    return c
