@@ -25,6 +25,8 @@ def get_config(arg=None):
     c.total_steps = 800
     c.batch_size = 32
     c.log_every_steps = 20
+    # One document per row (up to 5 images, at most ~90 tokens): no packing.
+    c.data.update(seq_length=96, docs_per_row=1)
     lm = dict(c.model)
     lm.pop("name")
     c.model = dict(name="flamingo", vision=dict(clip.model.image), lm=lm,
@@ -44,6 +46,7 @@ def get_config(arg=None):
     if arg == "test":
         c.total_steps = 4
         c.batch_size = 8
+        c.data.update(seq_length=48, docs_per_row=1)
         c.model.resampler.update(depth=1, num_latents=4, num_heads=2)
         c.model.cross_attn.update(num_heads=2)
         c.init_from = {}

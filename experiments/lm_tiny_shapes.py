@@ -18,16 +18,17 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.name = "lm_tiny_shapes"
     c.seed = 0
-    c.total_steps = 1000
-    c.batch_size = 64
+    c.total_steps = 800
+    c.batch_size = 32
     c.log_every_steps = 50
 
-    # The interleaved shapes documents (text only for the LM); max_images chunks per document.
+    # The interleaved shapes documents (text only for the LM): up to max_images chunks per
+    # document, docs_per_row documents packed into each row of seq_length tokens.
     c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0,
-                  max_images=5)
+                  max_images=5, seq_length=128, docs_per_row=6)
     # Vocabulary 512 >= the 402 pieces of the shapes LM tokenizer (ids 0-3: pad, unk, bos, eos).
     c.model = dict(name="lm", style="llama", vocab_size=512, width=128, depth=4, num_heads=4,
-                   num_kv_heads=4, mlp_dim=352, max_length=128, norm_eps=1e-6,
+                   num_kv_heads=4, mlp_dim=352, max_length=160, norm_eps=1e-6,
                    rope_theta=10000.0, tie_embeddings=False, bos_id=2, eos_id=3, pad_id=0,
                    dtype="float32", remat="none")
     c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
@@ -45,7 +46,7 @@ def get_config(arg=None):
         c.total_steps = 4
         c.batch_size = 8
         c.log_every_steps = 2
-        c.data.config_name = "32px"
+        c.data.update(config_name="32px", seq_length=48, docs_per_row=4)
         c.model.update(width=32, depth=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
         c.optim.warmup_steps = 1
         c.checkpoint.every_steps = 2

@@ -19,8 +19,11 @@ adds to the language model's vocabulary, open_flamingo's layout)::
 
     [bos] <image> t t t <|endofchunk|> <image> t t <|endofchunk|> ... [eos] [pad ...]
 
-The language model's documents are the same texts without images: ``[bos] t t t t t ... [eos]``.
-Documents longer than ``max_length`` keep their first chunks that fit. ``weights`` marks the
+The language model's documents are the same texts without images: ``[bos] t t t t t ... [eos]``,
+packed (``docs_per_row > 1``) as language models are pretrained: each row is the concatenation of
+consecutive documents, cut at ``max_length``, so no position is padding and the model sees
+positions up to ``max_length`` (few-shot prompts are longer than one training document).
+Multimodal documents longer than ``max_length`` keep their first chunks that fit. ``weights`` marks the
 tokens that are prediction targets: texts, ``<|endofchunk|>`` and ``eos`` (not ``<image>``,
 ``bos`` or padding).
 
@@ -159,15 +162,20 @@ class MakeDocument(grain.transforms.RandomMap):
     """A group of records -> ``{'tokens', 'weights'[, 'images']}`` (see the module doc)."""
 
     def __init__(self, tokenizer: SentencePieceTokenizer, max_length: int, max_images: int, *,
-                 image_id: int | None, eoc_id: int | None, image_size: int | None):
+                 image_id: int | None, eoc_id: int | None, image_size: int | None,
+                 docs_per_row: int = 1):
         self.tokenizer, self.max_length, self.max_images = tokenizer, max_length, max_images
+        self.docs_per_row = docs_per_row
         self.image_id, self.eoc_id, self.image_size = image_id, eoc_id, image_size
         self._decode = DecodeImage()
         self._resize = ResizeCenterCrop(image_size) if image_size else None
 
     def random_map(self, records, rng: np.random.Generator) -> dict[str, np.ndarray]:
         if isinstance(records, dict):  # grain batched the records feature by feature
-            records = [{k: v[i] for k, v in records.items()} for i in range(self.max_images)]
+            n_rec = len(next(iter(records.values())))
+            records = [{k: v[i] for k, v in records.items()} for i in range(n_rec)]
+        if self.docs_per_row > 1:
+            return self._packed(records, rng)
         n = int(rng.integers(1, self.max_images + 1))
         chunks = document_texts(records[:n], rng)
         tokens, weights, kept = layout(chunks, self.tokenizer, self.max_length,
@@ -184,22 +192,45 @@ class MakeDocument(grain.transforms.RandomMap):
         return out
 
 
+    def _packed(self, records: list, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Text documents of consecutive record groups, concatenated and cut at max_length."""
+        ids: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
+        for d in range(self.docs_per_row):
+            group = records[d * self.max_images:(d + 1) * self.max_images]
+            n = int(rng.integers(1, self.max_images + 1))
+            tokens, w, _ = layout(document_texts(group[:n], rng), self.tokenizer,
+                                  10 * self.max_length, image_id=None, eoc_id=None)
+            real = tokens != self.tokenizer.pad_id
+            ids.append(tokens[real])
+            weights.append(w[real])
+        tokens, w = np.concatenate(ids), np.concatenate(weights)
+        if len(tokens) < self.max_length:
+            raise DataError(f"{self.docs_per_row} documents make {len(tokens)} tokens, fewer "
+                            f"than max_length={self.max_length}: raise docs_per_row.")
+        return {"tokens": tokens[:self.max_length].astype(np.int32),
+                "weights": w[:self.max_length].astype(np.float32)}
+
+
 def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name: str,
                              split: str = "train", global_batch_size: int, seed: int,
                              tokenizer: SentencePieceTokenizer, max_length: int,
                              max_images: int = 5, image_id: int | None = None,
                              eoc_id: int | None = None, image_size: int | None = None,
-                             process_index: int = 0, process_count: int = 1,
-                             worker_count: int = 0) -> Any:
+                             docs_per_row: int = 1, process_index: int = 0,
+                             process_count: int = 1, worker_count: int = 0) -> Any:
     """Batches of documents of a shapes split for this process (checkpointable grain iterator).
 
     ``image_id`` None: text-only documents ``{'tokens', 'weights'}`` for language-model
     pretraining; otherwise multimodal ones with ``'images' float32 [B, max_images, S, S, 3]``
-    (zeros after a document's last image). Document ``d`` of the global stream is made of records
-    ``[d * max_images, (d + 1) * max_images)`` of the split shuffled with ``seed`` and its
-    contents are fixed by ``(seed, d)``, so the global batches do not depend on the number of
-    processes (process ``i`` of ``n`` builds documents ``d % n == i``).
+    (zeros after a document's last image). Row ``d`` of the global stream is made of records
+    ``[d * G, (d + 1) * G)`` (``G = max_images * docs_per_row``) of the split shuffled with
+    ``seed`` and its contents are fixed by ``(seed, d)``, so the global batches do not depend on
+    the number of processes (process ``i`` of ``n`` builds rows ``d % n == i``).
+    ``docs_per_row > 1`` packs text-only documents (see the module doc).
     """
+    if docs_per_row > 1 and image_id is not None:
+        raise DataError("Packing (docs_per_row > 1) is for text-only documents.")
     if global_batch_size % process_count:
         raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
                         f"process count {process_count}.")
@@ -210,9 +241,10 @@ def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name:
         raise DataError(f"Split {split!r} has {len(source)} records, fewer than max_images="
                         f"{max_images}.")
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds.batch(max_images, drop_remainder=True)
+    ds = ds.batch(max_images * docs_per_row, drop_remainder=True)
     ds = ds.random_map(MakeDocument(tokenizer, max_length, max_images, image_id=image_id,
-                                    eoc_id=eoc_id, image_size=image_size), seed=seed)
+                                    eoc_id=eoc_id, image_size=image_size,
+                                    docs_per_row=docs_per_row), seed=seed)
     ds = ds[process_index::process_count]
     it_ds = ds.to_iter_dataset(pipeline._read_options()).batch(  # pylint: disable=protected-access
         global_batch_size // process_count, drop_remainder=True)

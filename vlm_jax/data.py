@@ -135,11 +135,16 @@ class DocumentData:
     def _document_kwargs(self) -> dict:
         d, lm = self.config.data, self.lm
         kw = dict(data_dir=self.data_dir, config_name=d.config_name, tokenizer=self.tokenizer,
-                  max_length=lm.max_length, max_images=d.get("max_images", 5))
+                  max_length=self.seq_length, max_images=d.get("max_images", 5))
         if self.multimodal:
             kw.update(image_id=lm.vocab_size, eoc_id=lm.vocab_size + 1,
                       image_size=self.config.model.vision.image_size)
         return kw
+
+    @property
+    def seq_length(self) -> int:
+        """Training sequence length: ``config.data.seq_length`` (0 = the LM's max_length)."""
+        return self.config.data.get("seq_length", 0) or self.lm.max_length
 
     def train_iterator(self):
         """This process's share of the training documents (checkpointable grain iterator)."""
@@ -148,7 +153,8 @@ class DocumentData:
         return interleaved.create_document_iterator(
             split="train", global_batch_size=self.config.batch_size, seed=self.config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            worker_count=self.config.data.worker_count, **self._document_kwargs())
+            worker_count=self.config.data.worker_count,
+            docs_per_row=self.config.data.get("docs_per_row", 1), **self._document_kwargs())
 
     def eval_split(self) -> dict:
         """``config.eval.split`` of shapes in memory (images, questions, answers, captions) and,
@@ -170,13 +176,13 @@ class DocumentData:
 
         it = interleaved.create_document_iterator(
             split=e.split, global_batch_size=min(256, e.max_examples or 256), seed=0,
-            **self._document_kwargs())
+            docs_per_row=self.config.data.get("docs_per_row", 1), **self._document_kwargs())
         batch = next(it)
         return {"documents": batch["tokens"], "weights": batch["weights"]}
 
     def batch_shapes(self) -> dict[str, tuple]:
-        b, lm = self.config.batch_size, self.lm
-        shapes = {"tokens": (b, lm.max_length), "weights": (b, lm.max_length)}
+        b = self.config.batch_size
+        shapes = {"tokens": (b, self.seq_length), "weights": (b, self.seq_length)}
         if self.multimodal:
             size = self.config.model.vision.image_size
             shapes["images"] = (b, self.config.data.get("max_images", 5), size, size, 3)
@@ -194,6 +200,9 @@ def _prepare_documents(config: ConfigDict) -> DocumentData:
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
                            process_index=jax.process_index())
+    if d.get("seq_length", 0) > lm.max_length:
+        raise ConfigError(f"config.data.seq_length={d.seq_length} exceeds the language model's "
+                          f"max_length={lm.max_length}.")
     tokenizer = interleaved.lm_tokenizer(lm.max_length)
     if tokenizer.vocab_size > lm.vocab_size:
         raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
