@@ -25,7 +25,7 @@ def get_config(arg=None):
     # The interleaved shapes documents (text only for the LM): up to max_images chunks per
     # document, docs_per_row documents packed into each row of seq_length tokens.
     c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0,
-                  max_images=5, seq_length=128, docs_per_row=6)
+                  max_images=5, seq_length=128, docs_per_row=8)
     # Vocabulary 512 >= the 402 pieces of the shapes LM tokenizer (ids 0-3: pad, unk, bos, eos).
     c.model = dict(name="lm", style="llama", vocab_size=512, width=128, depth=4, num_heads=4,
                    num_kv_heads=4, mlp_dim=352, max_length=160, norm_eps=1e-6,

@@ -205,9 +205,10 @@ class MakeDocument(grain.transforms.RandomMap):
             ids.append(tokens[real])
             weights.append(w[real])
         tokens, w = np.concatenate(ids), np.concatenate(weights)
-        if len(tokens) < self.max_length:
-            raise DataError(f"{self.docs_per_row} documents make {len(tokens)} tokens, fewer "
-                            f"than max_length={self.max_length}: raise docs_per_row.")
+        if len(tokens) < self.max_length:  # Rare short draws: padding, not a target.
+            short = self.max_length - len(tokens)
+            tokens = np.concatenate([tokens, np.full(short, self.tokenizer.pad_id)])
+            w = np.concatenate([w, np.zeros(short, np.float32)])
         return {"tokens": tokens[:self.max_length].astype(np.int32),
                 "weights": w[:self.max_length].astype(np.float32)}
 
