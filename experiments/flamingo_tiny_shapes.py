@@ -22,7 +22,7 @@ def get_config(arg=None):
     c = lm_tiny_shapes.get_config(arg)
     clip = clip_tiny.get_config(arg)
     c.name = "flamingo_tiny_shapes"
-    c.total_steps = 800
+    c.total_steps = 600
     c.batch_size = 32
     c.log_every_steps = 20
     # One document per row (up to 5 images, at most ~90 tokens): no packing.
@@ -38,7 +38,7 @@ def get_config(arg=None):
                        lm=dict(workdir="runs/lm_tiny", subtree=""))
     c.optim.update(lr=1e-3, b2=0.98, weight_decay=0.1, warmup_steps=50, end_lr_factor=0.0,
                    trainable=r"^(resampler|xattn|extra_embed|extra_head)(\.|$)")
-    c.checkpoint.every_steps = 400
+    c.checkpoint.every_steps = 300
     # fewshot_pool: in-context examples from the start of the train split.
     c.eval = dict(every_steps=0, evaluators=["fewshot_vqa", "fewshot_captioning"], split="test",
                   batch_size=100, max_examples=500, dataset="", fewshot_pool=1000,

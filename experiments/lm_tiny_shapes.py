@@ -18,7 +18,7 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.name = "lm_tiny_shapes"
     c.seed = 0
-    c.total_steps = 800
+    c.total_steps = 500
     c.batch_size = 32
     c.log_every_steps = 50
 
@@ -32,7 +32,7 @@ def get_config(arg=None):
                    rope_theta=10000.0, tie_embeddings=False, bos_id=2, eos_id=3, pad_id=0,
                    dtype="float32", remat="none")
     c.optim = dict(name="adamw", lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                   warmup_steps=100, schedule="cosine", end_lr_factor=0.1, grad_clip_norm=1.0,
+                   warmup_steps=50, schedule="cosine", end_lr_factor=0.1, grad_clip_norm=1.0,
                    grad_accum_steps=1, trainable="")
     c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
     c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]

@@ -101,9 +101,14 @@ def topology_devices(spec: str, num_slices: int = 1) -> tuple[list, Chip, int]:
 def abstract_batch(config: ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The global training batch of ``config`` as sharded ShapeDtypeStructs (no data read)."""
     b = config.batch_size
-    size = config.model.image.image_size
-    shapes = {"image": ((b, size, size, 3), jnp.float32),
-              "text": ((b, config.model.text.context_length), jnp.int32)}
+    if config.model.name in ("lm", "flamingo"):
+        from vlm_jax.data import document_batch  # pylint: disable=import-outside-toplevel
+
+        shapes = document_batch(config)
+    else:
+        size = config.model.image.image_size
+        shapes = {"image": ((b, size, size, 3), jnp.float32),
+                  "text": ((b, config.model.text.context_length), jnp.int32)}
     return {k: jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, parallel.batch_spec(len(s))))
             for k, (s, d) in shapes.items()}
 

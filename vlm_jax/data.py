@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 from input_pipeline import DataError, pipeline, sources
@@ -144,7 +145,7 @@ class DocumentData:
     @property
     def seq_length(self) -> int:
         """Training sequence length: ``config.data.seq_length`` (0 = the LM's max_length)."""
-        return self.config.data.get("seq_length", 0) or self.lm.max_length
+        return document_batch(self.config)["tokens"][0][1]
 
     def train_iterator(self):
         """This process's share of the training documents (checkpointable grain iterator)."""
@@ -181,12 +182,19 @@ class DocumentData:
         return {"documents": batch["tokens"], "weights": batch["weights"]}
 
     def batch_shapes(self) -> dict[str, tuple]:
-        b = self.config.batch_size
-        shapes = {"tokens": (b, self.seq_length), "weights": (b, self.seq_length)}
-        if self.multimodal:
-            size = self.config.model.vision.image_size
-            shapes["images"] = (b, self.config.data.get("max_images", 5), size, size, 3)
-        return shapes
+        return {k: shape for k, (shape, _) in document_batch(self.config).items()}
+
+
+def document_batch(config: ConfigDict) -> dict[str, tuple[tuple, Any]]:
+    """``{key: (global shape, dtype)}`` of a language-model / Flamingo training batch."""
+    b, d = config.batch_size, config.data
+    lm = config.model.lm if config.model.name == "flamingo" else config.model
+    length = d.get("seq_length", 0) or lm.max_length
+    out = {"tokens": ((b, length), np.int32), "weights": ((b, length), np.float32)}
+    if config.model.name == "flamingo":
+        size = config.model.vision.image_size
+        out["images"] = ((b, d.get("max_images", 5), size, size, 3), np.float32)
+    return out
 
 
 def _prepare_documents(config: ConfigDict) -> DocumentData:

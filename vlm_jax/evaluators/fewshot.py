@@ -1,7 +1,8 @@
 """Few-shot (in-context) evaluation of Flamingo: VQA accuracy and captioning CIDEr with 0, 4, 8...
 image-text examples in the prompt; and held-out perplexity of a language model.
 
-Prompts follow open_flamingo's evaluation: the ``k`` examples, then the query::
+Prompts follow open_flamingo's evaluation: the ``k`` examples, then the query (a VQA answer is
+cut where a new ``question:`` / ``answer:`` would start, as open_flamingo's post-processing)::
 
     [bos] <image>question: q1 answer: a1<|endofchunk|> ... <image>question: q answer:
     [bos] <image>c1<|endofchunk|> ... <image>
@@ -153,9 +154,11 @@ class _Generator:
 
 
 def _decode(tokenizer, model, ids: np.ndarray) -> str:
+    """The generated text up to the end of its chunk (``<|endofchunk|>``, ``eos`` or a new
+    ``<image>``)."""
     keep = []
     for t in ids.tolist():
-        if t in (model.eoc_id, model.eos_id):
+        if t in (model.eoc_id, model.eos_id, model.image_id):
             break
         if 0 <= t < tokenizer.vocab_size and t not in (tokenizer.bos_id, tokenizer.pad_id):
             keep.append(t)
@@ -218,6 +221,9 @@ def evaluate_vqa(extractor, tokenizer, data: Mapping, **options) -> dict[str, fl
                                  data["question"], data["answer"])
     for k in _shots(options):
         preds = generate_fewshot(extractor, tokenizer, data, "vqa", k, max_new)
+        # As open_flamingo's postprocess_vqa_generation: the answer ends where a new question
+        # or answer would start.
+        preds = [re.split(r"question:|answer:", p, maxsplit=1)[0] for p in preds]
         accs = [vqa_accuracy(p, [a] if isinstance(a, str) else a)
                 for p, a in zip(preds, data["answer"])]
         results[f"vqa_accuracy_{k}shot"] = float(np.mean(accs))

@@ -1,0 +1,90 @@
+"""What freezing the vision encoder and the language model saves in a Flamingo train step:
+optimizer-state bytes, compiled FLOPs per step (XLA's cost analysis) and step time on this CPU.
+
+    python benchmarks/flamingo_frozen.py [--steps 10]
+
+Compares ``experiments/flamingo_tiny_shapes.py`` as configured (``optim.trainable``: resampler,
+cross-attention blocks and new token embeddings; frozen parameters have ``optax.set_to_zero``
+and ``stop_gradient``) with the same model training every parameter (``optim.trainable=''``).
+Synthetic batches, one CPU device; the step is the real ``vlm_jax.train.make_train_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from vlm_jax import config as config_lib  # noqa: E402
+from vlm_jax import parallel, train  # noqa: E402
+from vlm_jax.data import document_batch  # noqa: E402
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def _batch(config) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    vocab = config.model.lm.vocab_size
+    out = {}
+    for key, (shape, dtype) in document_batch(config).items():
+        if key == "tokens":
+            x = rng.integers(4, vocab, size=shape)
+            x[:, [1, 20, 40, 60, 80]] = vocab  # five <image> tokens
+        elif key == "weights":
+            x = np.ones(shape)
+        else:
+            x = rng.normal(size=shape)
+        out[key] = x.astype(dtype)
+    return out
+
+
+def measure(trainable: str, steps: int) -> dict[str, float]:
+    config = config_lib.load_config(os.path.join(REPO, "experiments/flamingo_tiny_shapes.py"),
+                                    [f"optim.trainable={trainable}"])
+    mesh = parallel.create_mesh({}, devices=jax.devices()[:1])
+    s = train.setup(config, mesh)
+    batch = _batch(config)
+    step = train.make_train_step(s, {k: v.shape for k, v in batch.items()})
+    gbatch = parallel.make_global_batch(batch, mesh)
+    state = s.init_fn()
+    compiled = step.lower(state, gbatch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.abstract_state["opt_state"]))
+    state, m = step(state, gbatch)
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, gbatch)
+    jax.block_until_ready(m)
+    return {"opt_state_mib": opt_bytes / 2**20, "gflops_per_step": cost["flops"] / 1e9,
+            "step_s": (time.perf_counter() - t) / steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    print("| trained parameters | optimizer state | compiled GFLOP per step | step time (CPU) |")
+    print("|---|---|---|---|")
+    rows = {}
+    for name, pattern in (("bridge only (the config)",
+                           r"^(resampler|xattn|extra_embed|extra_head)(\.|$)"), ("all", "")):
+        rows[name] = r = measure(pattern, args.steps)
+        print(f"| {name} | {r['opt_state_mib']:.2f} MiB | {r['gflops_per_step']:.1f} | "
+              f"{r['step_s'] * 1e3:.0f} ms |", flush=True)
+    a, b = rows["bridge only (the config)"], rows["all"]
+    print(f"\nfrozen / all: optimizer state {a['opt_state_mib'] / b['opt_state_mib']:.2f}x, "
+          f"FLOPs {a['gflops_per_step'] / b['gflops_per_step']:.2f}x, "
+          f"step time {a['step_s'] / b['step_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
