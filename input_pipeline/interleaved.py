@@ -33,6 +33,7 @@ The texts are tokenised with the language-model tokenizer shipped in ``assets/``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Sequence
@@ -150,6 +151,30 @@ def layout(chunks: Sequence[str], tokenizer: SentencePieceTokenizer, max_length:
     w = np.zeros((max_length,), np.float32)
     w[:len(weights)] = weights
     return tokens, w, kept
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How few-shot prompts of these documents are written and tokenised (the evaluation data
+    carries it, so the few-shot evaluators do not depend on one dataset's format)."""
+
+    tokenizer: SentencePieceTokenizer
+    image_id: int
+    eoc_id: int
+
+    def vqa(self, question: str, answer: str | None) -> str:
+        """An example (short answer) or, with ``answer=None``, the query."""
+        return qa_text(question, answer)
+
+    def caption(self, caption: str | None) -> str:
+        """An example caption or, with ``None``, the query (nothing after its image)."""
+        return caption or ""
+
+    def tokens(self, chunks: Sequence[str], max_length: int) -> tuple[np.ndarray, int]:
+        """The open prompt's real tokens (no padding) and the number of chunks that fit."""
+        tokens, _, kept = layout(chunks, self.tokenizer, max_length, image_id=self.image_id,
+                                 eoc_id=self.eoc_id, close=False)
+        return tokens[:int(np.sum(tokens != self.tokenizer.pad_id))], kept
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:

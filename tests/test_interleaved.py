@@ -174,7 +174,8 @@ def test_fewshot_generation_uses_the_images(repo_root, shapes_data_dir):
     data = {"image": imgs, "question": ["what color is the star?"] * 3,
             "answer": ["red"] * 3,
             "pool": {"image": imgs, "question": ["how many shapes are there?"] * 6,
-                     "answer": ["two"] * 6, "caption": ["a red star."] * 6}}
+                     "answer": ["two"] * 6, "caption": ["a red star."] * 6},
+            "prompt_format": interleaved.PromptFormat(interleaved.lm_tokenizer(160), 512, 513)}
     data["image"] = imgs[:3]
     tok = interleaved.lm_tokenizer(160)
     a = fewshot.generate_fewshot(ex, tok, data, "vqa", 2, 6)

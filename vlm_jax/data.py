@@ -161,6 +161,8 @@ class DocumentData:
         """``config.eval.split`` of shapes in memory (images, questions, answers, captions) and,
         for Flamingo, the in-context pool: ``eval.fewshot_pool`` records of the train split;
         for the language model, held-out text documents (``documents``, ``weights``)."""
+        from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+
         e, d = self.config.eval, self.config.data
         if self.multimodal:
             size = self.config.model.vision.image_size
@@ -172,9 +174,9 @@ class DocumentData:
             pool = pipeline.load_eval_split(split="train",
                                             max_examples=e.get("fewshot_pool", 1000), **kw)
             out["pool"] = {k: pool[k] for k in ("image", "question", "answer", "caption")}
+            out["prompt_format"] = interleaved.PromptFormat(
+                self.tokenizer, self.lm.vocab_size, self.lm.vocab_size + 1)
             return out
-        from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
-
         it = interleaved.create_document_iterator(
             split=e.split, global_batch_size=min(256, e.max_examples or 256), seed=0,
             docs_per_row=self.config.data.get("docs_per_row", 1), **self._document_kwargs())

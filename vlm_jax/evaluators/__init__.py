@@ -20,8 +20,8 @@ NEEDS = {
     "retrieval": ("image", "text"),
     "linear_probe": ("image", "label", "probe_train"),
     "captioning": ("image",),  # + 'captions' (several per image) or 'caption': checked there
-    "fewshot_vqa": ("image", "question", "answer", "pool"),
-    "fewshot_captioning": ("image", "caption", "pool"),
+    "fewshot_vqa": ("image", "question", "answer", "pool", "prompt_format"),
+    "fewshot_captioning": ("image", "caption", "pool", "prompt_format"),
     "lm_loss": ("documents", "weights"),
 }
 WHAT = {

@@ -168,9 +168,9 @@ def _decode(tokenizer, model, ids: np.ndarray) -> str:
 def generate_fewshot(extractor, tokenizer, data: Mapping, kind: str, shots: int,
                      max_new_tokens: int) -> list[str]:
     """Greedy answers (``kind='vqa'``) or captions (``'caption'``) of every query of ``data``
-    with ``shots`` in-context examples from ``data['pool']``."""
-    from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
-
+    with ``shots`` in-context examples from ``data['pool']``, written as
+    ``data['prompt_format']`` says (:class:`input_pipeline.interleaved.PromptFormat`)."""
+    fmt = data["prompt_format"]
     gen = _Generator(extractor, max_new_tokens)
     model = gen.model
     pool, images = data["pool"], data["image"]
@@ -186,18 +186,20 @@ def generate_fewshot(extractor, tokenizer, data: Mapping, kind: str, shots: int,
         for i in range(start, min(start + bs, len(images))):
             order = _example_order(i, n_pool, shots)
             if kind == "vqa":
-                chunks = [interleaved.qa_text(pool["question"][j], pool["answer"][j])
-                          for j in order] + [interleaved.qa_text(data["question"][i], None)]
+                chunks = [fmt.vqa(pool["question"][j], pool["answer"][j]) for j in order]
+                chunks.append(fmt.vqa(data["question"][i], None))
             else:
-                chunks = [pool["caption"][j] for j in order] + [""]
-            tokens, _, kept = interleaved.layout(chunks, tokenizer, max_prompt,
-                                                 image_id=model.image_id, eoc_id=model.eoc_id,
-                                                 close=False)
+                chunks = [fmt.caption(pool["caption"][j]) for j in order] + [fmt.caption(None)]
+            tokens, kept = fmt.tokens(chunks, max_prompt)
             if kept != len(chunks):
                 raise ValueError(f"A {shots}-shot prompt does not fit in the language model's "
                                  f"max_length={model.lm.cfg.max_length} with {max_new_tokens} "
                                  "new tokens; use fewer shots (config.eval.icl_shots).")
-            rows.append(tokens[:int(np.sum(tokens != tokenizer.pad_id))])
+            if (fmt.image_id, fmt.eoc_id) != (model.image_id, model.eoc_id):
+                raise ValueError(f"The prompt format's <image> / <|endofchunk|> ids "
+                                 f"{fmt.image_id} / {fmt.eoc_id} are not the model's "
+                                 f"{model.image_id} / {model.eoc_id}.")
+            rows.append(tokens)
             imgs.append(np.concatenate([pool["image"][order], images[i:i + 1]]))
         tokens, valid = _left_pad(rows, tokenizer.pad_id)
         out = gen(np.stack(imgs).astype(np.float32), tokens, valid)
