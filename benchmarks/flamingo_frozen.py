@@ -39,8 +39,8 @@ def _batch(config) -> dict[str, np.ndarray]:
             x[:, [1, 20, 40, 60, 80]] = vocab  # five <image> tokens
         elif key == "weights":
             x = np.ones(shape)
-        else:
-            x = rng.normal(size=shape)
+        else:  # uint8 images
+            x = rng.integers(0, 256, size=shape)
         out[key] = x.astype(dtype)
     return out
 

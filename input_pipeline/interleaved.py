@@ -46,7 +46,7 @@ from input_pipeline import DataError
 from input_pipeline import pipeline
 from input_pipeline.shapes import generator
 from input_pipeline.tokenizers import SentencePieceTokenizer, train_sentencepiece
-from input_pipeline.transforms import CLIP_MEAN, CLIP_STD, DecodeImage, ResizeCenterCrop, to_str
+from input_pipeline.transforms import DecodeImage, ResizeCenterCrop, to_str
 
 LM_TOKENIZER_PATH = os.path.join(os.path.dirname(__file__), "assets", "shapes_lm_bpe.model")
 LM_VOCAB_SIZE = 512
@@ -177,12 +177,6 @@ class PromptFormat:
         return tokens[:int(np.sum(tokens != self.tokenizer.pad_id))], kept
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """uint8 ``[S, S, 3]`` -> CLIP-normalised float32 (as the CLIP pipeline)."""
-    x = image.astype(np.float32) / 255.0
-    return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-
-
 class MakeDocument(grain.transforms.RandomMap):
     """A group of records -> ``{'tokens', 'weights'[, 'images']}`` (see the module doc)."""
 
@@ -206,13 +200,13 @@ class MakeDocument(grain.transforms.RandomMap):
         tokens, weights, kept = layout(chunks, self.tokenizer, self.max_length,
                                        image_id=self.image_id, eoc_id=self.eoc_id)
         out = {"tokens": tokens, "weights": weights}
-        if self.image_id is not None:
-            images = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.float32)
+        if self.image_id is not None:  # uint8, normalised on the device (as the CLIP batches)
+            images = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.uint8)
             for i in range(kept):
                 example = self._decode.map({"image": records[i]["image"]})
                 if self._resize is not None:
                     example = self._resize.map(example)
-                images[i] = normalize_image(example["image"])
+                images[i] = example["image"]
             out["images"] = images
         return out
 
@@ -248,8 +242,8 @@ def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name:
     """Batches of documents of a shapes split for this process (checkpointable grain iterator).
 
     ``image_id`` None: text-only documents ``{'tokens', 'weights'}`` for language-model
-    pretraining; otherwise multimodal ones with ``'images' float32 [B, max_images, S, S, 3]``
-    (zeros after a document's last image). Row ``d`` of the global stream is made of records
+    pretraining; otherwise multimodal ones with ``'images' uint8 [B, max_images, S, S, 3]``
+    (zeros after a document's last image; the ViT normalises them on the device). Row ``d`` of the global stream is made of records
     ``[d * G, (d + 1) * G)`` (``G = max_images * docs_per_row``) of the split shuffled with
     ``seed`` and its contents are fixed by ``(seed, d)``, so the global batches do not depend on
     the number of processes (process ``i`` of ``n`` builds rows ``d % n == i``).

@@ -195,7 +195,7 @@ def document_batch(config: ConfigDict) -> dict[str, tuple[tuple, Any]]:
     out = {"tokens": ((b, length), np.int32), "weights": ((b, length), np.float32)}
     if config.model.name == "flamingo":
         size = config.model.vision.image_size
-        out["images"] = ((b, d.get("max_images", 5), size, size, 3), np.float32)
+        out["images"] = ((b, d.get("max_images", 5), size, size, 3), np.uint8)
     return out
 
 
