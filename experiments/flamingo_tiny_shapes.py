@@ -39,10 +39,11 @@ def get_config(arg=None):
     c.optim.update(lr=1e-3, b2=0.98, weight_decay=0.1, warmup_steps=50, end_lr_factor=0.0,
                    trainable=r"^(resampler|xattn|extra_embed|extra_head)(\.|$)")
     c.checkpoint.every_steps = 300
-    # fewshot_pool: in-context examples from the start of the train split.
+    # fewshot_pool: in-context examples from the start of fewshot_pool_split. dataset: '' (shapes)
+    # or a prepared TFDS captions dataset, e.g. 'tfds:coco_captions' with data_dir.
     c.eval = dict(every_steps=0, evaluators=["fewshot_vqa", "fewshot_captioning"], split="test",
-                  batch_size=100, max_examples=500, dataset="", fewshot_pool=1000,
-                  icl_shots=[0, 4, 8])
+                  batch_size=100, max_examples=500, dataset="", data_dir="", fewshot_pool=1000,
+                  fewshot_pool_split="train", icl_shots=[0, 4, 8])
     if arg == "test":
         c.total_steps = 4
         c.batch_size = 8

@@ -348,3 +348,39 @@ def test_shapes_matches_load_eval_split(tmp_path):
     np.testing.assert_allclose(_norm(data["image"]), ref["image"], atol=1e-6)
     np.testing.assert_array_equal(data["label"], ref["label"])
     assert data["class_names"] == ref["class_names"] and data["templates"] == ref["templates"]
+
+
+# --- Flamingo few-shot captioning on a TFDS captions dataset ------------------------------------
+
+def test_flamingo_fewshot_captioning_reads_tfds_captions(data_dir, repo_root, shapes_data_dir):
+    import jax
+
+    from vlm_jax import config as config_lib
+    from vlm_jax import data as data_lib
+    from vlm_jax import parallel, train
+    from vlm_jax.evaluators import fewshot
+    from vlm_jax.evaluators.common import FeatureExtractor
+
+    config = config_lib.load_config(
+        f"{repo_root / 'experiments/flamingo_tiny_shapes.py'}:test",
+        [f"data.data_dir={shapes_data_dir}", "eval.dataset=tfds:coco_captions",
+         f"eval.data_dir={data_dir}", "eval.fewshot_pool_split=test", "eval.fewshot_pool=2",
+         "eval.max_examples=0", "eval.icl_shots=[0,2]"])
+    d = data_lib.prepare(config, for_eval=True)
+    ev = d.eval_split()
+    size = config.model.vision.image_size
+    assert ev["image"].dtype == np.uint8 and ev["image"].shape == (3, size, size, 3)
+    assert ev["captions"] == CAPTIONS[:3]
+    assert ev["pool"]["caption"] == [CAPTIONS[0][0], CAPTIONS[1][0]]
+    s = train.setup(config, parallel.create_mesh({}, devices=jax.devices()[:1]))
+    params = s.init_fn()["params"]
+    ex = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules, 4,
+                          tokenizer=d.tokenizer)
+    out = fewshot.evaluate_captioning(ex, d.tokenizer, ev, shots=(0, 2), max_new_tokens=4)
+    assert set(out) == {"cider_0shot", "bleu4_0shot", "cider_2shot", "bleu4_2shot"}
+    assert all(np.isfinite(v) for v in out.values())
+    bad = config_lib.load_config(
+        f"{repo_root / 'experiments/flamingo_tiny_shapes.py'}:test",
+        [f"data.data_dir={shapes_data_dir}", "eval.dataset=tfds:cifar10"])
+    with pytest.raises(config_lib.ConfigError, match="captions datasets"):
+        data_lib.prepare(bad, for_eval=True).eval_split()

@@ -164,6 +164,11 @@ class DocumentData:
         from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
         e, d = self.config.eval, self.config.data
+        if self.multimodal and (e.get("dataset", "") or "").startswith("tfds:"):
+            return self._tfds_captions(e.dataset[len("tfds:"):])
+        if e.get("dataset", ""):
+            raise ConfigError(f"config.eval.dataset={e.dataset!r}: use '' (shapes) or, for "
+                              "Flamingo, 'tfds:<captions dataset>' (e.g. tfds:coco_captions).")
         if self.multimodal:
             size = self.config.model.vision.image_size
             native = int(str(d.config_name).removesuffix("px"))
@@ -182,6 +187,34 @@ class DocumentData:
             docs_per_row=self.config.data.get("docs_per_row", 1), **self._document_kwargs())
         batch = next(it)
         return {"documents": batch["tokens"], "weights": batch["weights"]}
+
+    def _tfds_captions(self, name: str) -> dict:
+        """A prepared TFDS captions dataset (``coco_captions``...) for few-shot captioning: the
+        queries from ``eval.split``, the in-context pool (first caption of each image) from
+        ``eval.fewshot_pool_split`` (default ``train``)."""
+        from input_pipeline import eval_data, interleaved  # pylint: disable=import-outside-toplevel
+
+        e = self.config.eval
+        if name.split("/")[0] not in RETRIEVAL_DATASETS:
+            raise ConfigError(f"config.eval.dataset=tfds:{name}: Flamingo's TFDS evaluation reads "
+                              f"captions datasets ({', '.join(RETRIEVAL_DATASETS)}).")
+        kw = dict(data_dir=e.get("data_dir") or None,
+                  image_size=self.config.model.vision.image_size)
+
+        def load(split, n):
+            raw = eval_data.load_tfds_retrieval(name, split=split, max_examples=n, **kw)
+            per_image: list[list[str]] = [[] for _ in range(len(raw["image"]))]
+            for caption, i in zip(raw["caption"], raw["text_to_image"]):
+                per_image[int(i)].append(caption)
+            return raw["image"], per_image
+
+        images, captions = load(e.split, e.max_examples or None)
+        pool_images, pool_captions = load(e.get("fewshot_pool_split", "train"),
+                                          e.get("fewshot_pool", 1000))
+        return {"image": images, "captions": captions,
+                "pool": {"image": pool_images, "caption": [c[0] for c in pool_captions]},
+                "prompt_format": interleaved.PromptFormat(
+                    self.tokenizer, self.lm.vocab_size, self.lm.vocab_size + 1)}
 
     def batch_shapes(self) -> dict[str, tuple]:
         return {k: shape for k, (shape, _) in document_batch(self.config).items()}

@@ -21,7 +21,7 @@ NEEDS = {
     "linear_probe": ("image", "label", "probe_train"),
     "captioning": ("image",),  # + 'captions' (several per image) or 'caption': checked there
     "fewshot_vqa": ("image", "question", "answer", "pool", "prompt_format"),
-    "fewshot_captioning": ("image", "caption", "pool", "prompt_format"),
+    "fewshot_captioning": ("image", "pool", "prompt_format"),  # + caption(s): checked there
     "lm_loss": ("documents", "weights"),
 }
 WHAT = {

@@ -323,7 +323,7 @@ def most_frequent_caption_baseline(
 # -------------------------------------------------------------------------------------------
 
 
-def _data_references(data: Mapping) -> list[list[str]]:
+def data_references(data: Mapping) -> list[list[str]]:
     """Reference captions per image from ``data['captions']`` or ``data['caption']``."""
     if "captions" in data:
         refs = []
@@ -367,7 +367,7 @@ def evaluate(extractor, tokenizer, data: Mapping, **options) -> dict[str, float]
                          "none.")
     if "image" not in data:
         raise ValueError("captioning evaluator: data['image'] ([N, H, W, 3] images) is missing.")
-    refs = _data_references(data)  # Checked before any generation.
+    refs = data_references(data)  # Checked before any generation.
     images = data["image"]
     if len(refs) != len(images):
         raise ValueError(f"captioning evaluator: {len(images)} images but {len(refs)} reference "

@@ -202,7 +202,7 @@ def generate_fewshot(extractor, tokenizer, data: Mapping, kind: str, shots: int,
             rows.append(tokens)
             imgs.append(np.concatenate([pool["image"][order], images[i:i + 1]]))
         tokens, valid = _left_pad(rows, tokenizer.pad_id)
-        out = gen(np.stack(imgs).astype(np.float32), tokens, valid)
+        out = gen(np.stack(imgs), tokens, valid)  # uint8 or normalised float: the ViT knows
         outputs += [_decode(tokenizer, model, row) for row in out]
     return outputs
 
@@ -235,10 +235,10 @@ def evaluate_vqa(extractor, tokenizer, data: Mapping, **options) -> dict[str, fl
 def evaluate_captioning(extractor, tokenizer, data: Mapping, **options) -> dict[str, float]:
     """``cider_<k>shot`` / ``bleu4_<k>shot`` of greedy captions with ``k`` example captions."""
     from vlm_jax.evaluators.captioning import (  # pylint: disable=import-outside-toplevel
-        _data_references, caption_metrics)
+        data_references, caption_metrics)
 
     max_new = int(options.get("max_new_tokens", 24))
-    refs = _data_references(data)
+    refs = data_references(data)
     results = {}
     for k in _shots(options):
         preds = generate_fewshot(extractor, tokenizer, data, "caption", k, max_new)
