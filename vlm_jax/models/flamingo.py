@@ -25,6 +25,7 @@ pseudo-code and open_flamingo.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -274,20 +275,11 @@ class Flamingo(nnx.Module):
                            preferred_element_type=jnp.float32)
         return jnp.concatenate([self.lm.head(h), extra], axis=-1)
 
-    def _layers(self, x, positions, mask, media, locations, offset=None, cache=None):
-        blocks = dict(zip(self.xattn_layers, self.xattn))
-        ks, vs = [], []
-        for i in range(self.lm.cfg.depth):
-            if i in blocks:
-                x = blocks[i](x, media, locations, offset)
-            if cache is None:
-                x, _ = self.lm.block(i, x, positions, mask)
-            else:
-                x, new = self.lm.block(i, x, positions, mask,
-                                       {"k": cache["k"][i], "v": cache["v"][i]}, cache["index"])
-                ks.append(new["k"])
-                vs.append(new["v"])
-        return x, ks, vs
+    def _cross_attention(self, media, locations, offset=None) -> dict:
+        """``{layer: x -> block(x)}``: the cross-attention blocks, as LM ``before`` hooks."""
+        return {i: functools.partial(block, media=media, media_locations=locations,
+                                     offset=offset)
+                for i, block in zip(self.xattn_layers, self.xattn)}
 
     def __call__(self, images: jax.Array, tokens: jax.Array,
                  valid: jax.Array | None = None) -> jax.Array:
@@ -296,7 +288,8 @@ class Flamingo(nnx.Module):
         media = self.encode_media(images)
         embeddings = self.embed_tokens(tokens)
         x, positions, mask = self.lm.prepare(tokens, valid, embeddings)
-        x, _, _ = self._layers(x, positions, mask, media, tokens == self.image_id)
+        x, _ = self.lm.layers(x, positions, mask,
+                              before=self._cross_attention(media, tokens == self.image_id))
         return self.logits(x)
 
     def init_cache(self, batch: int, max_length: int) -> dict:
@@ -315,11 +308,9 @@ class Flamingo(nnx.Module):
         locations = tokens == self.image_id
         if valid is not None:
             locations = locations & valid.astype(jnp.bool_)
-        x, ks, vs = self._layers(x, positions, mask, media, locations, cache["media_count"],
-                                 cache)
-        cache = dict(cache, k=jnp.stack(ks), v=jnp.stack(vs),
-                     index=cache["index"] + tokens.shape[1],
-                     media_count=cache["media_count"] + locations.sum(-1).astype(jnp.int32))
+        before = self._cross_attention(media, locations, cache["media_count"])
+        x, cache = self.lm.layers(x, positions, mask, cache, before=before)
+        cache["media_count"] = cache["media_count"] + locations.sum(-1).astype(jnp.int32)
         return self.logits(x), cache
 
 

@@ -22,8 +22,8 @@ does), and the positions of the real tokens do not depend on the padding.
 :meth:`LanguageModel.step` runs ``T`` new tokens (a prompt, then one token at a time) against the
 cache. The full forward and the cached steps compute the same logits (test_lm.py).
 
-The layer loop is exposed (:meth:`embed`, :meth:`block`, :meth:`logits`) so that Flamingo can
-insert its gated cross-attention blocks between the frozen layers.
+The pieces are exposed (:meth:`embed`, :meth:`layers` with its ``before`` hooks, :meth:`logits`)
+so that Flamingo can insert its gated cross-attention blocks between the frozen layers.
 """
 
 from __future__ import annotations
@@ -275,9 +275,30 @@ class LanguageModel(nnx.Module):
                  embeddings: jax.Array | None = None) -> jax.Array:
         """Causal logits ``[B, L, vocab]`` of ``tokens [B, L]`` (``valid``: see module doc)."""
         x, positions, mask = self.prepare(tokens, valid, embeddings)
-        for i in range(self.cfg.depth):
-            x, _ = self.block(i, x, positions, mask)
+        x, _ = self.layers(x, positions, mask)
         return self.logits(x)
+
+    def layers(self, x, positions, mask, cache: Mapping | None = None,
+               before: Mapping[int, Any] | None = None) -> tuple[jax.Array, dict | None]:
+        """All layers; ``before[i](x)`` runs before layer ``i`` (Flamingo's cross-attention
+        blocks). With a ``cache`` (from :meth:`step_inputs`) the layers read and extend it:
+        returns ``(x, cache with the new keys / values and the index advanced)``."""
+        before = before or {}
+        ks, vs = [], []
+        for i in range(self.cfg.depth):
+            if i in before:
+                x = before[i](x)
+            if cache is None:
+                x, _ = self.block(i, x, positions, mask)
+                continue
+            x, new = self.block(i, x, positions, mask, {"k": cache["k"][i], "v": cache["v"][i]},
+                                cache["index"])
+            ks.append(new["k"])
+            vs.append(new["v"])
+        if cache is not None:
+            cache = dict(cache, k=jnp.stack(ks), v=jnp.stack(vs),
+                         index=cache["index"] + x.shape[1])
+        return x, cache
 
     def prepare(self, tokens, valid=None, embeddings=None):
         """``(x, positions, mask)`` of a full causal forward."""
@@ -322,14 +343,7 @@ class LanguageModel(nnx.Module):
         """Logits ``[B, T, vocab]`` of ``tokens [B, T]`` following the cached ones; returns the
         extended cache."""
         x, positions, mask, cache = self.step_inputs(tokens, cache, valid)
-        ks, vs = [], []
-        for i in range(self.cfg.depth):
-            x, new = self.block(i, x, positions, mask, {"k": cache["k"][i], "v": cache["v"][i]},
-                                cache["index"])
-            ks.append(new["k"])
-            vs.append(new["v"])
-        cache = dict(cache, k=jnp.stack(ks), v=jnp.stack(vs),
-                     index=cache["index"] + tokens.shape[1])
+        x, cache = self.layers(x, positions, mask, cache)
         return self.logits(x), cache
 
     @classmethod
