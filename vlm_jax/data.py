@@ -92,10 +92,7 @@ class Data:
         if name.split("/")[0] in RETRIEVAL_DATASETS:
             out = eval_data.load_tfds_retrieval(name, **kw)
             out["text"] = self.tokenizer.encode(out["caption"])
-            per_image: list[list[str]] = [[] for _ in range(len(out["image"]))]
-            for caption, i in zip(out["caption"], out["text_to_image"]):
-                per_image[int(i)].append(caption)
-            out["captions"] = per_image  # references of the captioning evaluator
+            out["captions"] = _captions_per_image(out)  # references of the captioning evaluator
             return out
         return eval_data.load_tfds_classification(name, **kw)
 
@@ -130,15 +127,21 @@ class DocumentData:
         return self.config.model.name == "flamingo"
 
     @property
-    def lm(self) -> ConfigDict:
-        return self.config.model.lm if self.multimodal else self.config.model
+    def prompt_format(self):
+        """Flamingo's ``<image>`` / ``<|endofchunk|>`` ids (after the LM's vocabulary) and how
+        its prompts are written."""
+        from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+
+        vocab = _lm_config(self.config).vocab_size
+        return interleaved.PromptFormat(self.tokenizer, vocab, vocab + 1)
 
     def _document_kwargs(self) -> dict:
-        d, lm = self.config.data, self.lm
+        d = self.config.data
         kw = dict(data_dir=self.data_dir, config_name=d.config_name, tokenizer=self.tokenizer,
                   max_length=self.seq_length, max_images=d.get("max_images", 5))
         if self.multimodal:
-            kw.update(image_id=lm.vocab_size, eoc_id=lm.vocab_size + 1,
+            fmt = self.prompt_format
+            kw.update(image_id=fmt.image_id, eoc_id=fmt.eoc_id,
                       image_size=self.config.model.vision.image_size)
         return kw
 
@@ -179,8 +182,7 @@ class DocumentData:
             pool = pipeline.load_eval_split(split="train",
                                             max_examples=e.get("fewshot_pool", 1000), **kw)
             out["pool"] = {k: pool[k] for k in ("image", "question", "answer", "caption")}
-            out["prompt_format"] = interleaved.PromptFormat(
-                self.tokenizer, self.lm.vocab_size, self.lm.vocab_size + 1)
+            out["prompt_format"] = self.prompt_format
             return out
         it = interleaved.create_document_iterator(
             split=e.split, global_batch_size=min(256, e.max_examples or 256), seed=0,
@@ -192,7 +194,7 @@ class DocumentData:
         """A prepared TFDS captions dataset (``coco_captions``...) for few-shot captioning: the
         queries from ``eval.split``, the in-context pool (first caption of each image) from
         ``eval.fewshot_pool_split`` (default ``train``)."""
-        from input_pipeline import eval_data, interleaved  # pylint: disable=import-outside-toplevel
+        from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
 
         e = self.config.eval
         if name.split("/")[0] not in RETRIEVAL_DATASETS:
@@ -203,27 +205,28 @@ class DocumentData:
 
         def load(split, n):
             raw = eval_data.load_tfds_retrieval(name, split=split, max_examples=n, **kw)
-            per_image: list[list[str]] = [[] for _ in range(len(raw["image"]))]
-            for caption, i in zip(raw["caption"], raw["text_to_image"]):
-                per_image[int(i)].append(caption)
-            return raw["image"], per_image
+            return raw["image"], _captions_per_image(raw)
 
         images, captions = load(e.split, e.max_examples or None)
         pool_images, pool_captions = load(e.get("fewshot_pool_split", "train"),
                                           e.get("fewshot_pool", 1000))
         return {"image": images, "captions": captions,
                 "pool": {"image": pool_images, "caption": [c[0] for c in pool_captions]},
-                "prompt_format": interleaved.PromptFormat(
-                    self.tokenizer, self.lm.vocab_size, self.lm.vocab_size + 1)}
+                "prompt_format": self.prompt_format}
 
     def batch_shapes(self) -> dict[str, tuple]:
         return {k: shape for k, (shape, _) in document_batch(self.config).items()}
 
 
+def _lm_config(config: ConfigDict) -> ConfigDict:
+    """The language model's config: ``model`` itself, or Flamingo's ``model.lm``."""
+    return config.model.lm if config.model.name == "flamingo" else config.model
+
+
 def document_batch(config: ConfigDict) -> dict[str, tuple[tuple, Any]]:
     """``{key: (global shape, dtype)}`` of a language-model / Flamingo training batch."""
     b, d = config.batch_size, config.data
-    lm = config.model.lm if config.model.name == "flamingo" else config.model
+    lm = _lm_config(config)
     length = d.get("seq_length", 0) or lm.max_length
     out = {"tokens": ((b, length), np.int32), "weights": ((b, length), np.float32)}
     if config.model.name == "flamingo":
@@ -239,7 +242,7 @@ def _prepare_documents(config: ConfigDict) -> DocumentData:
     if d.name != "shapes":
         raise ConfigError(f"config.data.name={d.name!r}: the {config.model.name} model trains on "
                           "the interleaved shapes documents, config.data.name='shapes'.")
-    lm = config.model.lm if config.model.name == "flamingo" else config.model
+    lm = _lm_config(config)
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
                            process_index=jax.process_index())
@@ -251,6 +254,14 @@ def _prepare_documents(config: ConfigDict) -> DocumentData:
         raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
                           f"shapes LM tokenizer's vocabulary ({tokenizer.vocab_size}).")
     return DocumentData(config, str(data_dir), tokenizer)
+
+
+def _captions_per_image(retrieval: dict) -> list[list[str]]:
+    """The captions of each image of a retrieval split (``caption`` + ``text_to_image``)."""
+    per_image: list[list[str]] = [[] for _ in range(len(retrieval["image"]))]
+    for caption, i in zip(retrieval["caption"], retrieval["text_to_image"]):
+        per_image[int(i)].append(caption)
+    return per_image
 
 
 def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
