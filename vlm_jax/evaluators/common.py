@@ -70,18 +70,25 @@ class FeatureExtractor:
         out = self.tokenizer.decode(tokens)
         return [out] if isinstance(out, str) else list(out)
 
+    def global_batch(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, jax.Array]:
+        """Rows every process holds -> global arrays of ``size`` rows sharded over the mesh's
+        batch axes: the last row is repeated up to ``size`` (drop those outputs), and each
+        process contributes its slice of the rows."""
+        pc, pi = jax.process_count(), jax.process_index()
+        local = {}
+        for key, a in arrays.items():
+            if len(a) < size:
+                a = np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)])
+            local[key] = a[pi * size // pc:(pi + 1) * size // pc]
+        return parallel.make_global_batch(local, self.mesh)
+
     def _run(self, kind: str, array: np.ndarray) -> np.ndarray:
         fn, bs = self._fns[kind], self.batch_size
-        pc, pi = jax.process_count(), jax.process_index()
         out = []
         for start in range(0, len(array), bs):
             chunk = array[start:start + bs]
-            n = len(chunk)
-            if n < bs:  # Pad the last batch; padded rows are dropped below.
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
-            local = chunk[pi * bs // pc:(pi + 1) * bs // pc]
-            batch = parallel.make_global_batch({"x": local}, self.mesh)["x"]
-            out.append(np.asarray(fn(self.params, batch))[:n])
+            batch = self.global_batch({"x": chunk}, bs)["x"]
+            out.append(np.asarray(fn(self.params, batch))[:len(chunk)])
         out = np.concatenate(out)
         return out if kind == "caption" else out.astype(np.float32)
 

@@ -138,17 +138,9 @@ class _Generator:
                           out_shardings=NamedSharding(mesh, P()))
 
     def __call__(self, images: np.ndarray, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        n = parallel.batch_shard_count(self.ex.mesh)
-        b = len(tokens)
-        pad = (-b) % n
-        if pad:  # Whole shards: repeat the last row, dropped below.
-            images, tokens, valid = (np.concatenate([a, np.repeat(a[-1:], pad, 0)])
-                                     for a in (images, tokens, valid))
-        pc, pi = jax.process_count(), jax.process_index()
-        size = len(tokens)
-        local = {k: v[pi * size // pc:(pi + 1) * size // pc]
-                 for k, v in (("images", images), ("tokens", tokens), ("valid", valid))}
-        batch = parallel.make_global_batch(local, self.ex.mesh)
+        b, n = len(tokens), parallel.batch_shard_count(self.ex.mesh)
+        batch = self.ex.global_batch({"images": images, "tokens": tokens, "valid": valid},
+                                     -(-b // n) * n)  # whole shards
         out = self.fn(self.ex.params, batch["images"], batch["tokens"], batch["valid"])
         return np.asarray(out)[:b]
 
