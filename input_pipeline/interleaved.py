@@ -120,12 +120,28 @@ def lm_tokenizer(context_length: int = 128) -> SentencePieceTokenizer:
 def layout(chunks: Sequence[str], tokenizer: SentencePieceTokenizer, max_length: int, *,
            image_id: int | None, eoc_id: int | None, close: bool = True
            ) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(tokens int32 [max_length], weights float32 [max_length], chunks kept)``.
+    """``(tokens int32 [max_length], weights float32 [max_length], chunks kept)``: the
+    :func:`document_ids` padded to ``max_length``."""
+    ids, weights, kept = document_ids(chunks, tokenizer, max_length, image_id=image_id,
+                                      eoc_id=eoc_id, close=close)
+    tokens = np.full((max_length,), tokenizer.pad_id, np.int32)
+    tokens[:len(ids)] = ids
+    w = np.zeros((max_length,), np.float32)
+    w[:len(weights)] = weights
+    return tokens, w, kept
+
+
+def document_ids(chunks: Sequence[str], tokenizer: SentencePieceTokenizer,
+                 max_length: int | None, *, image_id: int | None, eoc_id: int | None,
+                 close: bool = True) -> tuple[list[int], list[float], int]:
+    """``(token ids, target weights, chunks kept)`` of a document, unpadded: the first chunks
+    that fit in ``max_length`` tokens (None: all).
 
     With ``image_id`` each chunk is ``<image> text <|endofchunk|>`` (a multimodal document),
     else chunk texts follow each other (text only). ``close=False`` leaves the last chunk open
     (a prompt: no ``<|endofchunk|>`` / ``eos`` after it).
     """
+    limit = float("inf") if max_length is None else max_length
     sp = tokenizer._sp  # pylint: disable=protected-access
     ids, weights = [tokenizer.bos_id], [0.0]
     kept = 0
@@ -135,7 +151,7 @@ def layout(chunks: Sequence[str], tokenizer: SentencePieceTokenizer, max_length:
         w = ([0.0] if image_id is not None else []) + [1.0] * (len(piece) - (image_id is not None))
         if image_id is not None and (close or not last):
             piece, w = piece + [eoc_id], w + [1.0]
-        if len(ids) + len(piece) + (1 if close else 0) > max_length:
+        if len(ids) + len(piece) + (1 if close else 0) > limit:
             break
         ids += piece
         weights += w
@@ -146,11 +162,7 @@ def layout(chunks: Sequence[str], tokenizer: SentencePieceTokenizer, max_length:
     if close:
         ids.append(tokenizer.eos_id)
         weights.append(1.0)
-    tokens = np.full((max_length,), tokenizer.pad_id, np.int32)
-    tokens[:len(ids)] = ids
-    w = np.zeros((max_length,), np.float32)
-    w[:len(weights)] = weights
-    return tokens, w, kept
+    return ids, weights, kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +184,9 @@ class PromptFormat:
 
     def tokens(self, chunks: Sequence[str], max_length: int) -> tuple[np.ndarray, int]:
         """The open prompt's real tokens (no padding) and the number of chunks that fit."""
-        tokens, _, kept = layout(chunks, self.tokenizer, max_length, image_id=self.image_id,
-                                 eoc_id=self.eoc_id, close=False)
-        return tokens[:int(np.sum(tokens != self.tokenizer.pad_id))], kept
+        ids, _, kept = document_ids(chunks, self.tokenizer, max_length, image_id=self.image_id,
+                                    eoc_id=self.eoc_id, close=False)
+        return np.asarray(ids, np.int32), kept
 
 
 class MakeDocument(grain.transforms.RandomMap):
@@ -210,20 +222,18 @@ class MakeDocument(grain.transforms.RandomMap):
             out["images"] = images
         return out
 
-
     def _packed(self, records: list, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Text documents of consecutive record groups, concatenated and cut at max_length."""
-        ids: list[np.ndarray] = []
-        weights: list[np.ndarray] = []
+        ids: list[int] = []
+        weights: list[float] = []
         for d in range(self.docs_per_row):
             group = records[d * self.max_images:(d + 1) * self.max_images]
             n = int(rng.integers(1, self.max_images + 1))
-            tokens, w, _ = layout(document_texts(group[:n], rng), self.tokenizer,
-                                  10 * self.max_length, image_id=None, eoc_id=None)
-            real = tokens != self.tokenizer.pad_id
-            ids.append(tokens[real])
-            weights.append(w[real])
-        tokens, w = np.concatenate(ids), np.concatenate(weights)
+            doc, w, _ = document_ids(document_texts(group[:n], rng), self.tokenizer, None,
+                                     image_id=None, eoc_id=None)
+            ids += doc
+            weights += w
+        tokens, w = np.asarray(ids), np.asarray(weights, np.float32)
         if len(tokens) < self.max_length:  # Rare short draws: padding, not a target.
             short = self.max_length - len(tokens)
             tokens = np.concatenate([tokens, np.full(short, self.tokenizer.pad_id)])
