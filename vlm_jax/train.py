@@ -159,19 +159,11 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
     """Runs the evaluators named in ``config.eval.evaluators``; keys ``<evaluator>/<metric>``.
 
     Raises ConfigError before any compute when an evaluator does not fit the evaluation data
-    (e.g. zero-shot classification on a captions dataset)."""
+    (e.g. zero-shot classification on a captions dataset); runs check this at their start
+    already (:func:`check_eval_data`), from the dataset's metadata."""
     names = list(s.config.eval.evaluators)
-    for name in names:
-        if name not in evaluators_lib.EVALUATORS:
-            raise ConfigError(f"config.eval.evaluators: unknown evaluator {name!r}; available: "
-                              f"{sorted(evaluators_lib.EVALUATORS)}.")
-        missing = [k for k in evaluators_lib.NEEDS[name] if k not in eval_data]
-        if missing:
-            raise ConfigError(
-                f"Evaluator {name!r} needs {missing} that the evaluation data "
-                f"({eval_dataset_name(s.config)}) does not have: "
-                f"{evaluators_lib.WHAT[name]}. Choose other evaluators with --evaluators or "
-                "config.eval.evaluators.")
+    evaluators_lib.check_fits(names, eval_data.keys(), eval_dataset_name(s.config),
+                               s.config.model.name)
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
                                  s.config.eval.batch_size, tokenizer=tokenizer,
                                  caption_options=dict(s.config.eval.get("caption", {})))
@@ -190,6 +182,22 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
         for k, v in out.items():
             results[f"{name}/{k}"] = v
     return results
+
+
+def check_eval_data(config: ConfigDict, data: data_lib.Data | data_lib.DocumentData) -> None:
+    """Checks, when a run or ``vlm-jax eval`` starts, that the evaluation dataset is present and
+    that every evaluator of ``config.eval.evaluators`` can run on it, from the dataset's metadata
+    (TFDS features and splits) without reading or decoding an example: a misfit is reported
+    before step 0, not at the first evaluation.
+
+    Raises:
+        ConfigError: an evaluator does not fit the data (:func:`evaluators.check_fits`).
+        DataError: the dataset or a split it needs is not prepared.
+    """
+    names = list(config.eval.evaluators)
+    if names:
+        evaluators_lib.check_fits(names, data.eval_keys(), eval_dataset_name(config),
+                                   config.model.name)
 
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
@@ -384,6 +392,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         raise
 
     data = data_lib.prepare(config)
+    try:
+        check_eval_data(config, data)  # From metadata: a misfit stops the run before step 0.
+    except Exception:
+        ckpt.close()
+        raise
     train_iter = data.train_iterator()
     eval_data = data.eval_split()
 
@@ -560,9 +573,12 @@ def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None
                         ) -> dict[str, float]:
-    """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators."""
-    s, params, step = restore_for_inference(config, workdir, step)
+    """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators.
+
+    The evaluators are checked against the dataset's metadata before the checkpoint is read."""
     data = data_lib.prepare(config, for_eval=True)
+    check_eval_data(config, data)
+    s, params, step = restore_for_inference(config, workdir, step)
     results = evaluate(s, params, data.eval_split(), data.tokenizer)
     write_eval_results(epath.Path(workdir), config, step, results)
     return results
