@@ -559,23 +559,39 @@ def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,
     """
     workdir = epath.Path(workdir)
     s = setup(config)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
+    ckpt = _inference_checkpointer(workdir)
+    step = _checkpoint_step(ckpt, workdir, step)
+    params = ckpt.restore_params(step, s.abstract_state["params"])
+    ckpt.close()
+    return s, params, step
+
+
+def _inference_checkpointer(workdir: epath.Path) -> ckpt_lib.Checkpointer:
+    return ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
                                  async_save=False)
+
+
+def _checkpoint_step(ckpt: ckpt_lib.Checkpointer, workdir: epath.Path, step: int | None) -> int:
+    """``step``, or the latest checkpoint's; CheckpointError naming the directory if none."""
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise ckpt_lib.CheckpointError(
             f"No checkpoint found in {workdir / 'checkpoints'}; train first with "
             f"`vlm-jax train --workdir {workdir}` or pass the workdir of a trained run.")
-    params = ckpt.restore_params(step, s.abstract_state["params"])
-    ckpt.close()
-    return s, params, step
+    return step
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None
                         ) -> dict[str, float]:
     """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators.
 
-    The evaluators are checked against the dataset's metadata before the checkpoint is read."""
+    The evaluators are checked against the dataset's metadata before the checkpoint is read
+    (after finding it: an empty workdir is reported without preparing any data)."""
+    ckpt = _inference_checkpointer(epath.Path(workdir))
+    try:
+        step = _checkpoint_step(ckpt, epath.Path(workdir), step)
+    finally:
+        ckpt.close()
     data = data_lib.prepare(config, for_eval=True)
     check_eval_data(config, data)
     s, params, step = restore_for_inference(config, workdir, step)
