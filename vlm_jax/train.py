@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # Config keys whose change makes a checkpoint unusable or silently changes the run on resume.
 RESUME_CRITICAL_KEYS = ("model", "batch_size", "seed", "data.name", "data.config_name", "optim")
+# The training data: a change is refused too, unless config.checkpoint.allow_data_change (then
+# the saved data-iterator position is applied to the new data).
+RESUME_DATA_KEYS = ("data.train_files", "data.mixture", "data.tokenizer")
 GUARD_DEFAULTS = {"nonfinite": "stop", "max_consecutive_skips": 10}
 
 
@@ -269,20 +272,39 @@ def _check_workdir(workdir: epath.Path) -> None:
 
 
 def _check_resume_config(saved: dict | None, config_json: dict, workdir: epath.Path) -> None:
+    """Refuses to resume when the config differs from the checkpoint's in
+    :data:`RESUME_CRITICAL_KEYS` or, unless ``checkpoint.allow_data_change``, in
+    :data:`RESUME_DATA_KEYS`; notes a changed ``total_steps``."""
     if not saved:
         return
     diffs = config_lib.diff(saved, config_json)
-    changed = [d for d in diffs
-               if any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_CRITICAL_KEYS)]
+
+    def under(keys):
+        return [d for d in diffs if any(d[0] == k or d[0].startswith(k + ".") for k in keys)]
+
+    changed, data_changed = under(RESUME_CRITICAL_KEYS), under(RESUME_DATA_KEYS)
+    allow_data = bool(config_json.get("checkpoint", {}).get("allow_data_change", False))
+    is_main = jax.process_index() == 0
     schedule = [d for d in diffs if d[0] == "total_steps"]
-    if schedule and jax.process_index() == 0:  # Allowed (extending a run), but not silently.
+    if schedule and is_main:  # Allowed (extending a run), but not silently.
         print(f"Note: total_steps changed since the checkpoints were written ({schedule[0][1]} "
               f"-> {schedule[0][2]}): the learning-rate schedule changes from here on.")
-    if changed:
-        lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in changed[:10])
+    if data_changed and allow_data and not changed and is_main:
+        for k, a, b in data_changed:
+            print(f"Note: {k} changed since the checkpoints were written ({a!r} -> {b!r}); "
+                  "resuming on the new data (config.checkpoint.allow_data_change=True).")
+    if changed or (data_changed and not allow_data):
+        refused = changed + ([] if allow_data else data_changed)
+        lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in refused[:10])
+        override = ("" if allow_data or not data_changed else
+                    f"\nTo continue this run on other training data on purpose ("
+                    f"{', '.join(k for k, _, _ in data_changed)}), set "
+                    "--config.checkpoint.allow_data_change=True: the saved data-iterator "
+                    "position is then applied to the new data.")
         raise ConfigError(
             f"The config differs from the one that wrote the checkpoints in {workdir} in keys "
-            f"that break resume:\n{lines}\nUse a new --workdir, or the original values.")
+            f"that break resume:\n{lines}\nUse a new --workdir, or the original values."
+            + override)
 
 
 def _guard_config(config: ConfigDict) -> dict:
