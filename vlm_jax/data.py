@@ -78,7 +78,6 @@ class Data:
             dataset = d.get("eval_name", d.name) if d.name != "shapes" else "shapes"
             builder = pipeline.split_builder(self.data_dir, dataset, d.config_name, [e.split])
             keys = pipeline.eval_split_keys(builder)
-            has_split = lambda s: s in builder.info.splits  # noqa: E731
         else:
             builder = eval_data.open_builder(name, [e.split], e.get("data_dir") or None)
             if name.split("/")[0] in RETRIEVAL_DATASETS:
@@ -87,8 +86,7 @@ class Data:
                     keys |= {"text", "captions"}
             else:
                 keys = eval_data.classification_keys(builder)
-            has_split = lambda s: s.split("[", 1)[0] in builder.info.splits  # noqa: E731
-        if "label" in keys and all(has_split(s) for s in probe):
+        if "label" in keys and all(s.split("[", 1)[0] in builder.info.splits for s in probe):
             keys |= {"probe_train", "probe_val"}
         return keys
 
@@ -245,9 +243,9 @@ class DocumentData:
             if "caption" not in eval_data.retrieval_keys(builder):
                 return {"image"}
             return {"image", "captions", "pool", "prompt_format"}
-        pool_split = "train"
+        splits = [e.split, "train"] if self.multimodal else [e.split]  # train: in-context pool
         builder = pipeline.split_builder(self.data_dir, "shapes", self.config.data.config_name,
-                                         [e.split, pool_split] if self.multimodal else [e.split])
+                                         splits)
         if not self.multimodal:
             return {"documents", "weights"}
         keys = pipeline.eval_split_keys(builder)
