@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from input_pipeline import DataError, eval_data
 from tests.test_eval_data import (CLS_LABELS, CLS_NAMES, EvalDataTestClassification,
-                                  _FakeCocoCaptions, _prepare)
+                                  _FakeCocoCaptions, _FakeImagenet2012, _prepare)
 from vlm_jax import config as config_lib
 from vlm_jax import data as data_lib
 from vlm_jax import main as main_lib
@@ -48,7 +48,8 @@ class EvalCheckCorruptImages(tfds.core.GeneratorBasedBuilder):
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_check_tfds")
-    for builder_cls in (EvalDataTestClassification, _FakeCocoCaptions, EvalCheckCorruptImages):
+    for builder_cls in (EvalDataTestClassification, _FakeCocoCaptions, _FakeImagenet2012,
+                        EvalCheckCorruptImages):
         _prepare(builder_cls, root)
     return str(root)
 
@@ -63,6 +64,8 @@ CASES = {  # name: (experiment, overrides without data dirs)
                           "eval.probe_examples=8", "eval.max_examples=8"),
     "clip_tfds_classification": ("clip_tiny.py", "eval.evaluators=['zeroshot']",
                                  "eval.dataset=tfds:eval_data_test_classification"),
+    "clip_tfds_imagenet": ("clip_tiny.py", "eval.evaluators=['zeroshot']",
+                           "eval.dataset=tfds:imagenet2012", "eval.split=validation"),
     "clip_tfds_captions": ("clip_tiny.py", "eval.evaluators=['retrieval']",
                            "eval.dataset=tfds:coco_captions"),
     "flamingo_shapes": ("flamingo_tiny_shapes.py", "eval.max_examples=4", "eval.fewshot_pool=4"),
@@ -101,6 +104,19 @@ def test_retrieval_on_classification_stops_before_step0_without_decoding(
     assert "no ['text']" in message and "these evaluators run: ['zeroshot']" in message
     assert not (workdir / "metrics.jsonl").exists()
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+def test_default_evaluators_on_imagenet_name_retrieval(repo_root, shapes_data_dir, tfds_dir):
+    """The run's default evaluators (zeroshot, retrieval) on ImageNet: retrieval needs captions."""
+    config = _config(repo_root, "clip_tiny.py", f"data.data_dir={shapes_data_dir}",
+                     "eval.dataset=tfds:imagenet2012", f"eval.data_dir={tfds_dir}",
+                     "eval.split=validation")
+    assert list(config.eval.evaluators) == ["zeroshot", "retrieval"]
+    with pytest.raises(config_lib.ConfigError) as info:
+        train.check_eval_data(config, data_lib.prepare(config, for_eval=True))
+    message = str(info.value)
+    assert "tfds:imagenet2012/validation" in message and "'retrieval' needs" in message
+    assert "'zeroshot' needs" not in message and "run: ['zeroshot']" in message
 
 
 def test_missing_tfds_dataset_or_split_is_reported_from_metadata(repo_root, shapes_data_dir,
