@@ -1,9 +1,10 @@
 """Evaluators chosen by name: each is ``evaluate(extractor, tokenizer, data) -> {metric: value}``.
 
 ``NEEDS[name]``: the keys of the evaluation data an evaluator reads; ``WHAT[name]``: what kind of
-data that is and where to find it, for the error message. :func:`check_fits` compares them with
-what a dataset provides, at the start of a run (from the dataset's metadata, before any example
-is read) and again before evaluating.
+data that is and where to find it, for the error message; ``MODELS[name]``: the models
+(``config.model.name``) it runs on. :func:`check_fits` compares them with what a dataset
+provides and the run's model, at the start of a run (from the dataset's metadata, before any
+example is read) and again before evaluating.
 """
 
 from collections.abc import Collection, Sequence
