@@ -2,17 +2,17 @@
 import setuptools
 
 INSTALL_REQUIRES = [
-    "jax>=0.7",
+    "jax>=0.10",  # flax 0.12.8, which the suite runs with, needs jax >= 0.10
     "flax>=0.12",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
     "grain>=0.2.12",
     "tensorflow-datasets>=4.9.8",
     "array-record>=0.7",
+    "msgpack>=1.0",  # ArrayRecord image-text shards (input_pipeline.sources)
     "ml_collections>=1.0",
     "sentencepiece>=0.2",
     "regex>=2023.0",  # CLIP BPE's \p{L} / \p{N} pre-tokenisation
-    "einops>=0.8",
     "tensorboardX>=2.6",
     "tqdm>=4.60",
     "matplotlib>=3.8",
@@ -30,6 +30,8 @@ EXTRAS = {
     # COCO caption metrics (BLEU / CIDEr-D / ROUGE-L; no Java needed for these three).
     "caption": ["pycocoevalcap>=1.2"],
     "tpu": ["jax[tpu]", "gcsfs"],  # gcsfs: gs:// data paths (etils.epath through fsspec)
+    # vlm-jax convert of PyTorch .pt / .bin / .pth files (.safetensors needs no torch).
+    "torch": ["torch>=2.0"],
 }
 
 setuptools.setup(
@@ -43,7 +45,7 @@ setuptools.setup(
                                                "input_pipeline.*", "experiments"]),
     package_data={"vlm_jax": ["evaluators/data/*", "evaluators/zeroshot_metadata/*"],
                   "input_pipeline": ["shapes/*.txt", "assets/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.10 needs Python >= 3.11
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["vlm-jax=vlm_jax.main:run"]},

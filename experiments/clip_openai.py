@@ -68,7 +68,8 @@ def get_config(arg=None):
                    grad_clip_norm=0.0, grad_accum_steps=1)
     c.mesh = dict(slice=1, data=1, fsdp=-1, tensor=1)
     c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
-    c.checkpoint = dict(every_steps=2000, keep=3, keep_every_steps=50000, async_save=True)
+    c.checkpoint = dict(every_steps=2000, keep=3, keep_every_steps=50000, async_save=True,
+                        allow_data_change=False)
     c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
     # With ImageNet prepared for TFDS: --config.eval.dataset=tfds:imagenet2012
     # --config.eval.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (zero-shot, OpenAI's 80 prompts).

@@ -56,8 +56,10 @@ def get_config(arg=None):
     c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
     c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
     # Saved every every_steps (and on SIGTERM, at the end); the newest `keep` are kept, plus every
-    # keep_every_steps-th (0 = none) for later evaluation.
-    c.checkpoint = dict(every_steps=200, keep=3, keep_every_steps=0, async_save=True)
+    # keep_every_steps-th (0 = none) for later evaluation. allow_data_change: resume although
+    # data.train_files / mixture / tokenizer differ from the checkpoint's (refused otherwise).
+    c.checkpoint = dict(every_steps=200, keep=3, keep_every_steps=0, async_save=True,
+                        allow_data_change=False)
     # A NaN/Inf loss or gradient: 'stop' the run (the last good checkpoint is kept) or 'skip'
     # the step (parameters and optimizer state unchanged), stopping after
     # max_consecutive_skips bad steps in a row.

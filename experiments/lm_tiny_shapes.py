@@ -36,7 +36,8 @@ def get_config(arg=None):
                    grad_accum_steps=1, trainable="")
     c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
     c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
-    c.checkpoint = dict(every_steps=500, keep=2, keep_every_steps=0, async_save=True)
+    c.checkpoint = dict(every_steps=500, keep=2, keep_every_steps=0, async_save=True,
+                        allow_data_change=False)
     c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
     # Held-out loss / perplexity on 256 documents of the validation split.
     c.eval = dict(every_steps=0, evaluators=["lm_loss"], split="validation", batch_size=64,

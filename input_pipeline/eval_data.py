@@ -93,15 +93,20 @@ def _prepare_hint(name: str, builder_cls: type, data_dir: str) -> str:
     return f"Prepare it with {build}."
 
 
-def _open(name: str, split: str, data_dir: str | os.PathLike | None,
-          image_key: str) -> tuple[Any, tfds.core.DatasetBuilder]:
-    """``(random-access source of split, builder)``, or a DataError saying what to do.
+def open_builder(name: str, splits: Sequence[str], data_dir: str | os.PathLike | None,
+                 image_key: str = "image") -> tfds.core.DatasetBuilder:
+    """The builder of a prepared dataset, from its metadata files alone: nothing is decoded.
 
     The builder is restored from the prepared files (``dataset_info.json``, ``features.json``),
     the newest version there unless ``name`` pins one; this is ``tfds.data_source`` without
     instantiating the dataset's generation code, which for some datasets (``coco_captions``)
-    imports tensorflow. Images of a ``tfds.features.Image`` feature come back as the encoded
-    bytes, decoded later with PIL as RGB (which also converts greyscale and CMYK JPEGs).
+    imports tensorflow. Its ``info.features`` and ``info.splits`` say what the loaders below
+    return, so a run can check its evaluators against them before it reads any example.
+
+    Raises:
+        DataError: the dataset is unknown or not prepared in ``data_dir`` (with the command that
+            prepares it), lacks one of ``splits`` (TFDS slices such as ``validation[:10%]``
+            name their split) or the image feature.
     """
     data_dir = os.fspath(data_dir) if data_dir else shapes.default_data_dir()
     try:
@@ -122,13 +127,25 @@ def _open(name: str, split: str, data_dir: str | os.PathLike | None,
                         f"{os.path.join(data_dir, _base_name(name))}/[<config>/]<version>/"
                         f"dataset_info.json).{others} "
                         f"{_prepare_hint(name, builder_cls, data_dir)}") from None
-    if split.split("[", 1)[0] not in builder.info.splits:  # "validation[:1000]" is valid
-        raise DataError(f"TFDS dataset {name!r} in {builder.data_dir} has no split {split!r}; "
-                        f"it has {sorted(builder.info.splits)}.")
-    features = builder.info.features
-    if image_key not in features:
+    for split in splits:
+        if split.split("[", 1)[0] not in builder.info.splits:  # "validation[:1000]" is valid
+            raise DataError(f"TFDS dataset {name!r} in {builder.data_dir} has no split "
+                            f"{split!r}; it has {sorted(builder.info.splits)}.")
+    if image_key not in builder.info.features:
         raise DataError(f"TFDS dataset {name!r} has no feature {image_key!r}; it has "
-                        f"{sorted(features)}. Pass image_key=<the image feature>.")
+                        f"{sorted(builder.info.features)}. Pass image_key=<the image feature>.")
+    return builder
+
+
+def _open(name: str, split: str, data_dir: str | os.PathLike | None,
+          image_key: str) -> tuple[Any, tfds.core.DatasetBuilder]:
+    """``(random-access source of split, builder)``, or a DataError saying what to do
+    (:func:`open_builder`). Images of a ``tfds.features.Image`` feature come back as the encoded
+    bytes, decoded later with PIL as RGB (which also converts greyscale and CMYK JPEGs).
+    """
+    data_dir = os.fspath(data_dir) if data_dir else shapes.default_data_dir()
+    builder = open_builder(name, [split], data_dir, image_key)
+    features = builder.info.features
     decoders = ({image_key: tfds.decode.SkipDecoding()}
                 if isinstance(features[image_key], tfds.features.Image) else None)
     try:
@@ -215,6 +232,42 @@ def _metadata_names_and_templates(name: str, builder: tfds.core.DatasetBuilder,
     templates = pipeline._TEMPLATES.get(  # pylint: disable=protected-access
         builder.name, pipeline._DEFAULT_TEMPLATES)  # pylint: disable=protected-access
     return names, templates
+
+
+def _has_feature(features: tfds.features.FeaturesDict, path: str) -> bool:
+    """Whether ``path`` (``'a/b'``: nested, through sequences; or a flat key with a slash such
+    as ``image/id``) is a feature, as :func:`_get` finds it in an example."""
+    if path in features:
+        return True
+    feature: Any = features
+    for key in path.split("/"):
+        if isinstance(feature, tfds.features.Sequence):
+            feature = feature.feature
+        if not isinstance(feature, tfds.features.FeaturesDict) or key not in feature:
+            return False
+        feature = feature[key]
+    return True
+
+
+def classification_keys(builder: tfds.core.DatasetBuilder, label_key: str = "label") -> set[str]:
+    """The keys :func:`load_tfds_classification` returns for a dataset (:func:`open_builder`),
+    from its metadata alone: ``image``, and ``label``, ``class_names``, ``templates`` when the
+    label feature has class names (its ``ClassLabel`` names or :data:`TFDS_TO_METADATA`'s)."""
+    features = builder.info.features
+    feature = features[label_key] if label_key in features else None
+    named = builder.name in TFDS_TO_METADATA or bool(
+        isinstance(feature, tfds.features.ClassLabel) and feature.names)
+    return {"image", "label", "class_names", "templates"} if feature and named else {"image"}
+
+
+def retrieval_keys(builder: tfds.core.DatasetBuilder,
+                   caption_key: str = "captions/text") -> set[str]:
+    """The keys :func:`load_tfds_retrieval` returns (without a tokenizer) for a dataset
+    (:func:`open_builder`), from its metadata alone: ``image``, and ``caption``,
+    ``text_to_image`` when it has the captions feature."""
+    if _has_feature(builder.info.features, caption_key):
+        return {"image", "caption", "text_to_image"}
+    return {"image"}
 
 
 def load_tfds_classification(name: str, *, split: str, data_dir: str | os.PathLike | None,

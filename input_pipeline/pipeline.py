@@ -56,13 +56,26 @@ def _dataset_dir(data_dir: str | os.PathLike | None, dataset: str,
     return max(versions)[1]
 
 
+def split_builder(data_dir: str | os.PathLike | None, dataset: str, config_name: str,
+                  splits: tuple[str, ...] | list[str]) -> tfds.core.DatasetBuilder:
+    """The builder of a prepared dataset, from its metadata files alone (nothing is read or
+    decoded): its ``info.features`` say which keys :func:`load_eval_split` returns.
+
+    Raises:
+        DataError: the dataset is not prepared in ``data_dir`` or lacks one of ``splits``.
+    """
+    builder = tfds.builder_from_directory(_dataset_dir(data_dir, dataset, config_name))
+    for split in splits:
+        if split not in builder.info.splits:
+            raise DataError(f"{builder.data_dir} has no split {split!r}; it has "
+                            f"{sorted(builder.info.splits)}.")
+    return builder
+
+
 def _data_source(data_dir: str | os.PathLike | None, dataset: str, config_name: str,
                  split: str) -> tuple[Any, tfds.core.DatasetBuilder]:
     """Random-access source of one split and its builder (for metadata)."""
-    builder = tfds.builder_from_directory(_dataset_dir(data_dir, dataset, config_name))
-    if split not in builder.info.splits:
-        raise DataError(f"{builder.data_dir} has no split {split!r}; it has "
-                        f"{sorted(builder.info.splits)}.")
+    builder = split_builder(data_dir, dataset, config_name, [split])
     return builder.as_data_source(split), builder
 
 
@@ -209,7 +222,8 @@ def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shape
         ``{'image': float32 [N, S, S, 3] (CLIP-normalised), 'text': int32 [N, L],
         'label': int32 [N], 'caption' / 'question' / 'answer': list[str] (those present),
         'class_names': list[str], 'templates': tuple[str, ...]}``; zero-shot classification
-        prompts are ``template.format(class_name)``.
+        prompts are ``template.format(class_name)``. :func:`eval_split_keys` gives these keys
+        without reading the split.
     """
     source, builder = _data_source(data_dir, dataset, config_name, split)
     tokenizer = tokenizer_for(data_dir, dataset, config_name, context_length)
@@ -221,7 +235,7 @@ def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shape
     texts: dict[str, list[str]] = {}
     for i in range(n):
         raw = source[i]
-        for key in ("caption", "question", "answer"):
+        for key in EVAL_TEXT_KEYS:
             if key in raw:
                 texts.setdefault(key, []).append(to_str(raw[key]))
         example = raw
@@ -234,3 +248,14 @@ def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shape
     out["class_names"] = list(builder.info.features["label"].names)
     out["templates"] = _TEMPLATES.get(dataset, _DEFAULT_TEMPLATES)
     return out
+
+
+EVAL_TEXT_KEYS = ("caption", "question", "answer")  # returned by load_eval_split when present
+
+
+def eval_split_keys(builder: tfds.core.DatasetBuilder) -> set[str]:
+    """The keys :func:`load_eval_split` returns for a dataset (:func:`split_builder`), from its
+    features alone."""
+    features = builder.info.features
+    return ({"image", "text", "label", "class_names", "templates"}
+            | {k for k in EVAL_TEXT_KEYS if k in features})

@@ -146,6 +146,35 @@ def test_resume_with_changed_model_is_refused(repo_root, tmp_path):
     train._check_resume_config(now, now, tmp_path)  # Unchanged config: accepted.
 
 
+@pytest.mark.parametrize("key,saved_value,new_value", [
+    ("train_files", "shards/a-{0..9}.tar", "shards/b-{0..9}.tar"),
+    ("mixture", [{"name": "webdataset", "train_files": "a.tar", "weight": 1.0}],
+     [{"name": "webdataset", "train_files": "a.tar", "weight": 0.5},
+      {"name": "webdataset", "train_files": "b.tar", "weight": 0.5}]),
+    ("tokenizer", "", "bpe_simple_vocab_16e6.txt.gz"),
+])
+def test_resume_with_changed_training_data_needs_the_override(repo_root, tmp_path, capsys, key,
+                                                               saved_value, new_value):
+    saved = json.loads(config_lib.to_json(_config(repo_root, f"data.{key}={saved_value!r}")))
+    now = json.loads(config_lib.to_json(_config(repo_root, f"data.{key}={new_value!r}")))
+    with pytest.raises(config_lib.ConfigError) as info:
+        train._check_resume_config(saved, now, tmp_path)
+    message = str(info.value)
+    assert f"data.{key}: checkpoint {saved_value!r} -> now {new_value!r}" in message
+    assert str(tmp_path) in message and "--config.checkpoint.allow_data_change=True" in message
+
+    allowed = json.loads(config_lib.to_json(_config(
+        repo_root, f"data.{key}={new_value!r}", "checkpoint.allow_data_change=True")))
+    train._check_resume_config(saved, allowed, tmp_path)  # Accepted, with a note.
+    assert f"Note: data.{key} changed" in capsys.readouterr().out
+
+    # The override is for the data only: a changed model is still refused.
+    allowed["model"]["image"]["width"] = 2 * allowed["model"]["image"]["width"]
+    with pytest.raises(config_lib.ConfigError, match="model.image.width") as info:
+        train._check_resume_config(saved, allowed, tmp_path)
+    assert "allow_data_change" not in str(info.value)
+
+
 def test_nonfinite_step_leaves_state_unchanged(repo_root, monkeypatch):
     """A NaN in the loss of step 2 (data=2 x fsdp=2 x tensor=2): params and optimizer state
     after it equal those after step 1 bit for bit, and step 3 then equals an unpoisoned run's

@@ -59,15 +59,53 @@ class Data:
             out["probe_train"], out["probe_val"] = self._probe_splits()
         return out
 
-    def _split(self, split: str, max_examples: int | None) -> dict:
-        """One split of ``config.eval.dataset`` (the run's own shapes data, or ``tfds:<name>``)."""
+    def eval_keys(self) -> set[str]:
+        """The keys :meth:`eval_split` returns, from the dataset's metadata alone (TFDS
+        ``dataset_info.json`` / ``features.json``): no example is read or decoded. ``probe_train``
+        is among them when the dataset has labels and the linear probe's splits.
+
+        Raises:
+            DataError: the dataset, ``config.eval.split`` or its image feature is missing
+                (the message says how to prepare it).
+        """
+        from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
+
+        e = self.config.eval
+        probe = (e.get("probe_split", "train"), e.get("probe_val_split", "validation"))
+        name = self._eval_dataset()
+        if name is None:  # The run's own (shapes) evaluation data.
+            d = self.config.data
+            dataset = d.get("eval_name", d.name) if d.name != "shapes" else "shapes"
+            builder = pipeline.split_builder(self.data_dir, dataset, d.config_name, [e.split])
+            keys = pipeline.eval_split_keys(builder)
+        else:
+            builder = eval_data.open_builder(name, [e.split], e.get("data_dir") or None)
+            if name.split("/")[0] in RETRIEVAL_DATASETS:
+                keys = eval_data.retrieval_keys(builder)
+                if "caption" in keys:
+                    keys |= {"text", "captions"}
+            else:
+                keys = eval_data.classification_keys(builder)
+        if "label" in keys and all(s.split("[", 1)[0] in builder.info.splits for s in probe):
+            keys |= {"probe_train", "probe_val"}
+        return keys
+
+    def _eval_dataset(self) -> str | None:
+        """The TFDS name of ``config.eval.dataset``, or None for the run's own evaluation data."""
         dataset = self.config.eval.get("dataset", "") or ""
         if dataset.startswith("tfds:"):
-            return self._tfds_split(dataset[len("tfds:"):], split, max_examples)
+            return dataset[len("tfds:"):]
         if dataset:
             raise ConfigError(f"config.eval.dataset={dataset!r}: use '' (the run's own evaluation "
                               "data) or 'tfds:<name>' (a prepared TFDS dataset, e.g. "
                               "tfds:imagenet2012, tfds:cifar10, tfds:coco_captions).")
+        return None
+
+    def _split(self, split: str, max_examples: int | None) -> dict:
+        """One split of ``config.eval.dataset`` (the run's own shapes data, or ``tfds:<name>``)."""
+        name = self._eval_dataset()
+        if name is not None:
+            return self._tfds_split(name, split, max_examples)
         return self._shapes_split(split, max_examples)
 
     def _shapes_split(self, split: str, max_examples: int | None) -> dict:
@@ -167,11 +205,9 @@ class DocumentData:
         from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
         e, d = self.config.eval, self.config.data
-        if self.multimodal and (e.get("dataset", "") or "").startswith("tfds:"):
-            return self._tfds_captions(e.dataset[len("tfds:"):])
-        if e.get("dataset", ""):
-            raise ConfigError(f"config.eval.dataset={e.dataset!r}: use '' (shapes) or, for "
-                              "Flamingo, 'tfds:<captions dataset>' (e.g. tfds:coco_captions).")
+        name = self._eval_dataset()
+        if name is not None:
+            return self._tfds_captions(name)
         if self.multimodal:
             size = self.config.model.vision.image_size
             native = int(str(d.config_name).removesuffix("px"))
@@ -190,6 +226,48 @@ class DocumentData:
         batch = next(it)
         return {"documents": batch["tokens"], "weights": batch["weights"]}
 
+    def eval_keys(self) -> set[str]:
+        """The keys :meth:`eval_split` returns, from the dataset's metadata alone (TFDS
+        ``dataset_info.json`` / ``features.json``): no document or image is read or decoded.
+
+        Raises:
+            DataError: the dataset or one of the splits it reads is missing.
+        """
+        from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
+
+        e = self.config.eval
+        name = self._eval_dataset()
+        if name is not None:  # Flamingo on a TFDS captions dataset.
+            builder = eval_data.open_builder(
+                name, [e.split, e.get("fewshot_pool_split", "train")], e.get("data_dir") or None)
+            if "caption" not in eval_data.retrieval_keys(builder):
+                return {"image"}
+            return {"image", "captions", "pool", "prompt_format"}
+        splits = [e.split, "train"] if self.multimodal else [e.split]  # train: in-context pool
+        builder = pipeline.split_builder(self.data_dir, "shapes", self.config.data.config_name,
+                                         splits)
+        if not self.multimodal:
+            return {"documents", "weights"}
+        keys = pipeline.eval_split_keys(builder)
+        if {"question", "answer", "caption"} <= keys:
+            keys |= {"pool", "prompt_format"}
+        return keys
+
+    def _eval_dataset(self) -> str | None:
+        """The TFDS name of ``config.eval.dataset`` (Flamingo only, a captions dataset), or None
+        for the shapes splits."""
+        dataset = self.config.eval.get("dataset", "") or ""
+        if self.multimodal and dataset.startswith("tfds:"):
+            name = dataset[len("tfds:"):]
+            if name.split("/")[0] not in RETRIEVAL_DATASETS:
+                raise ConfigError(f"config.eval.dataset={dataset}: Flamingo's TFDS evaluation "
+                                  f"reads captions datasets ({', '.join(RETRIEVAL_DATASETS)}).")
+            return name
+        if dataset:
+            raise ConfigError(f"config.eval.dataset={dataset!r}: use '' (shapes) or, for "
+                              "Flamingo, 'tfds:<captions dataset>' (e.g. tfds:coco_captions).")
+        return None
+
     def _tfds_captions(self, name: str) -> dict:
         """A prepared TFDS captions dataset (``coco_captions``...) for few-shot captioning: the
         queries from ``eval.split``, the in-context pool (first caption of each image) from
@@ -197,9 +275,6 @@ class DocumentData:
         from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
 
         e = self.config.eval
-        if name.split("/")[0] not in RETRIEVAL_DATASETS:
-            raise ConfigError(f"config.eval.dataset=tfds:{name}: Flamingo's TFDS evaluation reads "
-                              f"captions datasets ({', '.join(RETRIEVAL_DATASETS)}).")
         kw = dict(data_dir=e.get("data_dir") or None,
                   image_size=self.config.model.vision.image_size)
 

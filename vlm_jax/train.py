@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # Config keys whose change makes a checkpoint unusable or silently changes the run on resume.
 RESUME_CRITICAL_KEYS = ("model", "batch_size", "seed", "data.name", "data.config_name", "optim")
+# The training data: a change is refused too, unless config.checkpoint.allow_data_change (then
+# the saved data-iterator position is applied to the new data).
+RESUME_DATA_KEYS = ("data.train_files", "data.mixture", "data.tokenizer")
 GUARD_DEFAULTS = {"nonfinite": "stop", "max_consecutive_skips": 10}
 
 
@@ -159,19 +162,11 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
     """Runs the evaluators named in ``config.eval.evaluators``; keys ``<evaluator>/<metric>``.
 
     Raises ConfigError before any compute when an evaluator does not fit the evaluation data
-    (e.g. zero-shot classification on a captions dataset)."""
+    (e.g. zero-shot classification on a captions dataset); runs check this at their start
+    already (:func:`check_eval_data`), from the dataset's metadata."""
     names = list(s.config.eval.evaluators)
-    for name in names:
-        if name not in evaluators_lib.EVALUATORS:
-            raise ConfigError(f"config.eval.evaluators: unknown evaluator {name!r}; available: "
-                              f"{sorted(evaluators_lib.EVALUATORS)}.")
-        missing = [k for k in evaluators_lib.NEEDS[name] if k not in eval_data]
-        if missing:
-            raise ConfigError(
-                f"Evaluator {name!r} needs {missing} that the evaluation data "
-                f"({eval_dataset_name(s.config)}) does not have: "
-                f"{evaluators_lib.WHAT[name]}. Choose other evaluators with --evaluators or "
-                "config.eval.evaluators.")
+    evaluators_lib.check_fits(names, eval_data.keys(), eval_dataset_name(s.config),
+                               s.config.model.name)
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
                                  s.config.eval.batch_size, tokenizer=tokenizer,
                                  caption_options=dict(s.config.eval.get("caption", {})))
@@ -190,6 +185,22 @@ def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, flo
         for k, v in out.items():
             results[f"{name}/{k}"] = v
     return results
+
+
+def check_eval_data(config: ConfigDict, data: data_lib.Data | data_lib.DocumentData) -> None:
+    """Checks, when a run or ``vlm-jax eval`` starts, that the evaluation dataset is present and
+    that every evaluator of ``config.eval.evaluators`` can run on it, from the dataset's metadata
+    (TFDS features and splits) without reading or decoding an example: a misfit is reported
+    before step 0, not at the first evaluation.
+
+    Raises:
+        ConfigError: an evaluator does not fit the data (:func:`evaluators.check_fits`).
+        DataError: the dataset or a split it needs is not prepared.
+    """
+    names = list(config.eval.evaluators)
+    if names:
+        evaluators_lib.check_fits(names, data.eval_keys(), eval_dataset_name(config),
+                                   config.model.name)
 
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
@@ -261,20 +272,39 @@ def _check_workdir(workdir: epath.Path) -> None:
 
 
 def _check_resume_config(saved: dict | None, config_json: dict, workdir: epath.Path) -> None:
+    """Refuses to resume when the config differs from the checkpoint's in
+    :data:`RESUME_CRITICAL_KEYS` or, unless ``checkpoint.allow_data_change``, in
+    :data:`RESUME_DATA_KEYS`; notes a changed ``total_steps``."""
     if not saved:
         return
     diffs = config_lib.diff(saved, config_json)
-    changed = [d for d in diffs
-               if any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_CRITICAL_KEYS)]
+
+    def under(keys):
+        return [d for d in diffs if any(d[0] == k or d[0].startswith(k + ".") for k in keys)]
+
+    changed, data_changed = under(RESUME_CRITICAL_KEYS), under(RESUME_DATA_KEYS)
+    allow_data = bool(config_json.get("checkpoint", {}).get("allow_data_change", False))
+    is_main = jax.process_index() == 0
     schedule = [d for d in diffs if d[0] == "total_steps"]
-    if schedule and jax.process_index() == 0:  # Allowed (extending a run), but not silently.
+    if schedule and is_main:  # Allowed (extending a run), but not silently.
         print(f"Note: total_steps changed since the checkpoints were written ({schedule[0][1]} "
               f"-> {schedule[0][2]}): the learning-rate schedule changes from here on.")
-    if changed:
-        lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in changed[:10])
+    if data_changed and allow_data and not changed and is_main:
+        for k, a, b in data_changed:
+            print(f"Note: {k} changed since the checkpoints were written ({a!r} -> {b!r}); "
+                  "resuming on the new data (config.checkpoint.allow_data_change=True).")
+    if changed or (data_changed and not allow_data):
+        refused = changed + ([] if allow_data else data_changed)
+        lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in refused[:10])
+        override = ("" if allow_data or not data_changed else
+                    f"\nTo continue this run on other training data on purpose ("
+                    f"{', '.join(k for k, _, _ in data_changed)}), set "
+                    "--config.checkpoint.allow_data_change=True: the saved data-iterator "
+                    "position is then applied to the new data.")
         raise ConfigError(
             f"The config differs from the one that wrote the checkpoints in {workdir} in keys "
-            f"that break resume:\n{lines}\nUse a new --workdir, or the original values.")
+            f"that break resume:\n{lines}\nUse a new --workdir, or the original values."
+            + override)
 
 
 def _guard_config(config: ConfigDict) -> dict:
@@ -384,6 +414,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         raise
 
     data = data_lib.prepare(config)
+    try:
+        check_eval_data(config, data)  # From metadata: a misfit stops the run before step 0.
+    except Exception:
+        ckpt.close()
+        raise
     train_iter = data.train_iterator()
     eval_data = data.eval_split()
 
@@ -546,23 +581,42 @@ def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,
     """
     workdir = epath.Path(workdir)
     s = setup(config)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
-                                 async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise ckpt_lib.CheckpointError(
-            f"No checkpoint found in {workdir / 'checkpoints'}; train first with "
-            f"`vlm-jax train --workdir {workdir}` or pass the workdir of a trained run.")
+    ckpt = _inference_checkpointer(workdir)
+    step = _checkpoint_step(ckpt, workdir, step)
     params = ckpt.restore_params(step, s.abstract_state["params"])
     ckpt.close()
     return s, params, step
 
 
+def _inference_checkpointer(workdir: epath.Path) -> ckpt_lib.Checkpointer:
+    return ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
+                                 async_save=False)
+
+
+def _checkpoint_step(ckpt: ckpt_lib.Checkpointer, workdir: epath.Path, step: int | None) -> int:
+    """``step``, or the latest checkpoint's; CheckpointError naming the directory if none."""
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise ckpt_lib.CheckpointError(
+            f"No checkpoint found in {workdir / 'checkpoints'}; train first with "
+            f"`vlm-jax train --workdir {workdir}` or pass the workdir of a trained run.")
+    return step
+
+
 def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None
                         ) -> dict[str, float]:
-    """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators."""
-    s, params, step = restore_for_inference(config, workdir, step)
+    """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators.
+
+    The evaluators are checked against the dataset's metadata before the checkpoint is read
+    (after finding it: an empty workdir is reported without preparing any data)."""
+    ckpt = _inference_checkpointer(epath.Path(workdir))
+    try:
+        step = _checkpoint_step(ckpt, epath.Path(workdir), step)
+    finally:
+        ckpt.close()
     data = data_lib.prepare(config, for_eval=True)
+    check_eval_data(config, data)
+    s, params, step = restore_for_inference(config, workdir, step)
     results = evaluate(s, params, data.eval_split(), data.tokenizer)
     write_eval_results(epath.Path(workdir), config, step, results)
     return results
