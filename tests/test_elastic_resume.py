@@ -3,8 +3,8 @@
 Pipeline level (no subprocess): the per-process states saved by ``m`` iterators, restored
 through the checkpoint's data handler onto ``n`` iterators, make those yield exactly the global
 batches an iterator that ran from the start yields next, for every pipeline kind.
-End to end (``python -m vlm_jax.launch_local``): checkpoints of 2 processes resume on 1 and
-on 4, one of 1 process on 2, with the losses of an uninterrupted run.
+End to end (``python -m vlm_jax.launch_local``, 8 devices in all): checkpoints of 2 processes
+resume on 1 and on 4, one of 1 process on 2, with the losses of an uninterrupted run.
 """
 import json
 import shutil
@@ -31,10 +31,15 @@ def tokenizer(tiny_data_dir):  # noqa: F811
                                   context_length=16)
 
 
+def _parse_flags():
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (as vlm_jax.main does)
+        flags.FLAGS(sys.argv[:1], known_only=True)
+
+
 def _makers(kind, tiny_data_dir, shapes_data_dir, tokenizer, tmp_path, worker_count=0):  # noqa: F811
     """``make(process_index, process_count)`` -> a fresh training iterator of ``kind``."""
-    if worker_count and not flags.FLAGS.is_parsed():  # grain's workers read absl flags
-        flags.FLAGS(sys.argv[:1], known_only=True)  # (as vlm_jax.main does)
+    if worker_count:
+        _parse_flags()
     common = dict(global_batch_size=8, worker_count=worker_count)
     if kind == "tfds":
         return lambda i, n: pipeline.create_train_iterator(
@@ -170,6 +175,7 @@ def test_stream_with_skipped_samples_is_not_remapped(tmp_path, tokenizer):
 
 
 def test_pair_stream_with_grain_workers_is_not_remapped(tmp_path, tokenizer):
+    _parse_flags()
     src = _tar_dataset(tmp_path, 40)
     writer = pipeline.create_pair_iterator(src, tokenizer=tokenizer, global_batch_size=4, seed=3,
                                            image_size=16, process_index=0, process_count=1,
@@ -211,11 +217,15 @@ def _losses(workdir):
     return out
 
 
+TOTAL = 9  # steps; checkpoints every 3
+
+
 def _launch(repo_root, shapes_data_dir, workdir, num_processes):
     args = ["train", "--config", str(repo_root / "experiments/clip_tiny.py") + ":test",
             "--workdir", str(workdir), f"--config.data.data_dir={shapes_data_dir}",
             "--config.log_every_steps=1", "--config.checkpoint.every_steps=3",
-            "--config.checkpoint.async_save=false", "--config.eval.every_steps=0"]
+            "--config.checkpoint.async_save=false", "--config.eval.every_steps=0",
+            f"--config.total_steps={TOTAL}"]
     cmd = [sys.executable, "-m", "vlm_jax.launch_local", "--num_processes", str(num_processes),
            "--devices_per_process", str(8 // num_processes), "--timeout", "500", "--", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root, timeout=600)
@@ -225,52 +235,68 @@ def _launch(repo_root, shapes_data_dir, workdir, num_processes):
 
 @pytest.fixture(scope="module")
 def reference_run(repo_root, shapes_data_dir, tmp_path_factory):
-    """An uninterrupted 6-step run on 1 process x 8 devices (checkpoints at steps 3 and 6)."""
+    """The uninterrupted run: 2 processes x 4 devices, 9 steps, checkpoints at 3, 6 and 9."""
     workdir = tmp_path_factory.mktemp("elastic") / "reference"
-    _launch(repo_root, shapes_data_dir, workdir, 1)
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def two_process_run(repo_root, shapes_data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("elastic") / "two"
     _launch(repo_root, shapes_data_dir, workdir, 2)
     return workdir
 
 
-def _resume_on(source, count, repo_root, shapes_data_dir, tmp_path, reference_run):
-    """Copies ``source``'s checkpoint of step 3 (and its log) into a new workdir, resumes it
-    on ``count`` processes and compares steps 4-6 with the uninterrupted run."""
-    workdir = tmp_path / "resumed"
+def _resume(source, step, count, workdir, repo_root, shapes_data_dir):
+    """Copies ``source`` (checkpoints up to ``step``, and its log) to ``workdir`` and resumes it
+    on ``count`` processes until the end."""
     shutil.copytree(source, workdir)
-    shutil.rmtree(workdir / "checkpoints" / "6")
+    for later in (workdir / "checkpoints").iterdir():
+        if later.name.isdigit() and int(later.name) > step:
+            shutil.rmtree(later)
     proc = _launch(repo_root, shapes_data_dir, workdir, count)
-    assert "Resuming from checkpoint step 3" in proc.stdout
-    saved = len(list((workdir / "checkpoints" / "3" / "data").glob("process_*.json")))
+    assert f"Resuming from checkpoint step {step}" in proc.stdout
+    saved = len(list((workdir / "checkpoints" / str(step) / "data").glob("process_*.json")))
+    assert saved != count
     assert f"checkpoint written by {saved} process(es), resumed on {count}" in proc.stdout
+    # The resumed run's own checkpoints are written by the new process count.
+    data = workdir / "checkpoints" / str(TOTAL) / "data"
+    assert sorted(p.name for p in data.glob("process_*")) == [f"process_{i}-of-{count}.json"
+                                                              for i in range(count)]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def resumed_on_one(reference_run, repo_root, shapes_data_dir):
+    """The reference run's step-3 checkpoint (2 processes) resumed on 1 process."""
+    return _resume(reference_run, 3, 1, reference_run.parent / "on_one", repo_root,
+                   shapes_data_dir)
+
+
+def _compare(workdir, reference_run, step, what):
+    """Losses after resuming at ``step`` equal the uninterrupted run's (printed as traces)."""
     ref, got = _losses(reference_run), _losses(workdir)
-    print(f"\n{saved} -> {count} processes:")
-    for step in range(1, 7):
-        print(f"  step {step}: reference {ref[step][0]:.6f}  resumed run "
-              f"{' / '.join(f'{v:.6f}' for v in got[step])}")
-    for step in (4, 5, 6):
-        assert len(got[step]) == 2, got  # logged before the copy, and by the resumed run
-        assert got[step][1] == pytest.approx(ref[step][0], abs=1e-5), (step, got, ref)
-    assert len({round(ref[s][0], 4) for s in (3, 4, 5, 6)}) == 4  # the model really trains
-    # The resumed run's own checkpoint is written by the new process count.
-    data = workdir / "checkpoints" / "6" / "data"
-    assert sorted(p.name for p in data.iterdir()) == [f"process_{i}-of-{count}.json"
-                                                      for i in range(count)]
+    print(f"\n{what}, resumed at step {step} (train/loss; uninterrupted run vs resumed run):")
+    for s in range(1, TOTAL + 1):
+        print(f"  step {s}: {ref[s][0]:.7f}  {got[s][-1]:.7f}" + ("  (after resume)" if s > step
+                                                               else ""))
+    assert sorted(got) == list(range(1, TOTAL + 1))
+    for s in range(step + 1, TOTAL + 1):
+        assert len(got[s]) >= 2, got  # logged by the source run and by the resumed run
+        assert got[s][-1] == pytest.approx(ref[s][0], abs=1e-5), (s, got, ref)
+    assert len({round(ref[s][0], 4) for s in range(step, TOTAL + 1)}) == TOTAL + 1 - step
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("count", [1, 4])
-def test_two_process_checkpoint_resumes_on(count, two_process_run, reference_run, repo_root,
-                                           shapes_data_dir, tmp_path):
-    _resume_on(two_process_run, count, repo_root, shapes_data_dir, tmp_path, reference_run)
+def test_two_process_checkpoint_resumes_on_one(resumed_on_one, reference_run):
+    _compare(resumed_on_one, reference_run, 3, "2 -> 1 processes")
 
 
 @pytest.mark.e2e
-def test_one_process_checkpoint_resumes_on_two(reference_run, repo_root, shapes_data_dir,
-                                               tmp_path):
-    _resume_on(reference_run, 2, repo_root, shapes_data_dir, tmp_path, reference_run)
+def test_two_process_checkpoint_resumes_on_four(reference_run, repo_root, shapes_data_dir):
+    workdir = _resume(reference_run, 3, 4, reference_run.parent / "on_four", repo_root,
+                      shapes_data_dir)
+    _compare(workdir, reference_run, 3, "2 -> 4 processes")
+
+
+@pytest.mark.e2e
+def test_one_process_checkpoint_resumes_on_two(resumed_on_one, reference_run, repo_root,
+                                               shapes_data_dir):
+    """Step 6 of the run resumed on 1 process was written by 1 process: resumed on 2."""
+    workdir = _resume(resumed_on_one, 6, 2, reference_run.parent / "one_to_two", repo_root,
+                      shapes_data_dir)
+    _compare(workdir, reference_run, 6, "1 -> 2 processes")
