@@ -36,7 +36,8 @@ def _parse_flags():
         flags.FLAGS(sys.argv[:1], known_only=True)
 
 
-def _makers(kind, tiny_data_dir, shapes_data_dir, tokenizer, tmp_path, worker_count=0):  # noqa: F811
+def _makers(kind, tiny_data_dir, shapes_data_dir, tokenizer,  # noqa: F811
+            tmp_path, worker_count=0):
     """``make(process_index, process_count)`` -> a fresh training iterator of ``kind``."""
     if worker_count:
         _parse_flags()
@@ -100,7 +101,8 @@ CASES = [("tfds", 2, 1, 0), ("tfds", 1, 2, 0), ("tfds", 2, 4, 0), ("webdataset",
 
 
 @pytest.mark.parametrize("kind,saved,resumed,workers", CASES)
-def test_remapped_state_continues_the_global_stream(kind, saved, resumed, workers, tiny_data_dir,  # noqa: F811
+def test_remapped_state_continues_the_global_stream(kind, saved, resumed, workers,
+                                                    tiny_data_dir,  # noqa: F811
                                                     shapes_data_dir, tokenizer, tmp_path):
     make = _makers(kind, tiny_data_dir, shapes_data_dir, tokenizer, tmp_path, workers)
     steps, more = 3, 3
@@ -134,8 +136,8 @@ def test_remapped_state_continues_the_global_stream(kind, saved, resumed, worker
         it.close()
 
 
-def test_missing_process_file_is_remapped_from_the_others(tiny_data_dir, shapes_data_dir,  # noqa: F811
-                                                          tokenizer, tmp_path):
+def test_missing_process_file_is_remapped_from_the_others(tiny_data_dir,  # noqa: F811
+                                                          shapes_data_dir, tokenizer, tmp_path):
     make = _makers("tfds", tiny_data_dir, shapes_data_dir, tokenizer, tmp_path)
     reference = make(0, 1)
     want = [next(reference) for _ in range(3)][2]
@@ -188,8 +190,8 @@ def test_pair_stream_with_grain_workers_is_not_remapped(tmp_path, tokenizer):
         _restore(tmp_path / "data", reader, 0)
 
 
-def test_state_without_position_is_not_remapped(tiny_data_dir, shapes_data_dir, tokenizer,  # noqa: F811
-                                                tmp_path):
+def test_state_without_position_is_not_remapped(tiny_data_dir,  # noqa: F811
+                                                shapes_data_dir, tokenizer, tmp_path):
     """A file with grain's state only (as checkpoints held before positions were recorded)
     restores on its own process count, and names the count to use on another."""
     make = _makers("tfds", tiny_data_dir, shapes_data_dir, tokenizer, tmp_path)

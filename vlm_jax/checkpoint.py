@@ -289,9 +289,12 @@ class Checkpointer:
                 "space and run the same command to resume from it.") from e
 
     def restore(self, step: int | None, abstract_state: Any, *, data_iter: Any = None) -> Any:
-        """Restores the train state (onto the shardings of ``abstract_state``) and data iterator.
+        """Restores the train state (onto the shardings of ``abstract_state``) and data iterator
+        (re-mapped onto this run's processes when another number wrote it:
+        :class:`DataIteratorHandler`).
 
-        Raises CheckpointError naming the first parameter whose shape differs from the config.
+        Raises CheckpointError naming the first parameter whose shape differs from the config,
+        or why the data position cannot be re-mapped.
         """
         step = self.latest_step() if step is None else step
         if step is None:
