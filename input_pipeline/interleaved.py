@@ -248,8 +248,10 @@ def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name:
                              max_images: int = 5, image_id: int | None = None,
                              eoc_id: int | None = None, image_size: int | None = None,
                              docs_per_row: int = 1, process_index: int = 0,
-                             process_count: int = 1, worker_count: int = 0) -> Any:
-    """Batches of documents of a shapes split for this process (checkpointable grain iterator).
+                             process_count: int = 1, worker_count: int = 0
+                             ) -> pipeline.StreamIterator:
+    """Batches of documents of a shapes split for this process (checkpointable grain iterator,
+    restartable at a global position on any process count: :class:`pipeline.StreamIterator`).
 
     ``image_id`` None: text-only documents ``{'tokens', 'weights'}`` for language-model
     pretraining; otherwise multimodal ones with ``'images' uint8 [B, max_images, S, S, 3]``
@@ -275,12 +277,18 @@ def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name:
     ds = ds.random_map(MakeDocument(tokenizer, max_length, max_images, image_id=image_id,
                                     eoc_id=eoc_id, image_size=image_size,
                                     docs_per_row=docs_per_row), seed=seed)
-    ds = ds[process_index::process_count]
-    it_ds = ds.to_iter_dataset(pipeline._read_options()).batch(  # pylint: disable=protected-access
-        global_batch_size // process_count, drop_remainder=True)
-    if worker_count > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(it_ds)
+
+    def build(start: int) -> grain.DatasetIterator:
+        # Batched before the iterator, so that grain workers (worker_count > 0) each make
+        # whole batches: batch t is this process's share of global batch t with any number of
+        # workers and processes.
+        part = ds[start + process_index::process_count].batch(
+            global_batch_size // process_count, drop_remainder=True)
+        it_ds = part.to_iter_dataset(pipeline._read_options())  # pylint: disable=protected-access
+        return pipeline._iterate(it_ds, worker_count)  # pylint: disable=protected-access
+
+    return pipeline.StreamIterator(build, global_batch_size=global_batch_size,
+                                   process_index=process_index, process_count=process_count)
 
 
 if __name__ == "__main__":  # python -m input_pipeline.interleaved: rebuild the shipped tokenizer

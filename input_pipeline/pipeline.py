@@ -15,6 +15,7 @@ whatever the number of processes (see :func:`create_train_iterator`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -85,6 +86,134 @@ def _read_options() -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1), prefetch_buffer_size=64)
 
 
+POSITION_KEY = "_position"  # stream position of each example of a filtered (pair) stream
+
+
+class _WithPosition(grain.transforms.MapWithIndex):
+    """Adds the example's global stream position (a module-level class: grain workers pickle
+    it)."""
+
+    def map_with_index(self, index: int, element: dict) -> dict:
+        return {**element, POSITION_KEY: np.int64(index)}
+
+
+def _iterate(it_ds: grain.IterDataset, worker_count: int) -> grain.DatasetIterator:
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
+
+
+class StreamIterator(grain.DatasetIterator):
+    """This process's batches of one global stream, restartable at any global position.
+
+    Every training pipeline here is one lazily indexed stream (a grain ``MapDataset``: records,
+    or documents, shuffled per epoch from the seed) of which global batch ``t`` is positions
+    ``[t * G, (t + 1) * G)`` and process ``i`` of ``n`` reads the positions ``p % n == i``. So
+    the state of the whole run after ``t`` steps is one number, the global position
+    ``P = t * G``, and process ``i`` of *any* count ``n`` dividing ``G`` continues from it by
+    reading ``stream[P + i :: n]``. The pipelines hand this class ``build(start)``, which makes
+    grain's iterator over ``stream[start + i :: n]`` (sliced before decoding, so a process still
+    loads only its own examples); this class counts the steps taken since ``start``.
+
+    ``get_state()`` (what a checkpoint stores per process) holds grain's own iterator state,
+    with the ``start`` it is relative to, and the global ``position``:
+
+    * :meth:`set_state` with this process's own state (same index and count) restores grain's
+      state: bit-exact, prefetch and worker states included, as a plain grain iterator does;
+    * :meth:`seek` restarts at a global position, for a checkpoint written by another number of
+      processes (``vlm_jax.checkpoint`` reads ``position`` from any process's state).
+
+    This is grain's ``ElasticIterator`` idea (one global index instead of per-shard state),
+    kept around the project's own pipelines because ``ElasticIterator`` refuses ``filter``
+    (the raw-pair pipeline drops bad samples), batches itself, and would give up grain's exact
+    per-process state when the process count does not change.
+
+    Streams that drop bad samples (``tracks_positions``) carry each example's position
+    (:data:`POSITION_KEY`, removed here) so that the state also records ``next_position``, the
+    next position this process would read: ``position + i`` until the process skips a sample,
+    beyond it after. The global position of such a stream is a function of the step only while
+    nothing was skipped; that is what decides whether a re-mapped resume is exact. With grain
+    workers that pipeline batches after the filter in each worker, from the worker's own share
+    of the positions, so its batches are not consecutive positions (``positional`` False) and
+    it cannot be re-mapped; the other pipelines batch before the workers split the stream and
+    re-map with any worker count.
+    """
+
+    def __init__(self, build: Callable[[int], grain.DatasetIterator], *, global_batch_size: int,
+                 process_index: int, process_count: int, tracks_positions: bool = False,
+                 positional: bool = True):
+        super().__init__()
+        self.positional = positional
+        self._build = build
+        self.global_batch_size = global_batch_size
+        self.process_index, self.process_count = process_index, process_count
+        self.tracks_positions = tracks_positions
+        self._start, self._steps = 0, 0
+        self._next_position = process_index
+        self._it: grain.DatasetIterator | None = None  # built on first use (workers start then)
+
+    def _iterator(self) -> grain.DatasetIterator:
+        if self._it is None:
+            self._it = self._build(self._start)
+        return self._it
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator())
+        self._steps += 1
+        if self.tracks_positions:
+            batch = dict(batch)
+            self._next_position = int(np.max(batch.pop(POSITION_KEY))) + self.process_count
+        else:
+            self._next_position = self.position + self.process_index
+        return batch
+
+    @property
+    def position(self) -> int:
+        """Global stream position: the examples all processes together have consumed."""
+        return self._start + self._steps * self.global_batch_size
+
+    def get_state(self) -> dict[str, Any]:
+        return {"position": self.position, "start": self._start,
+                "next_position": self._next_position,
+                "global_batch_size": self.global_batch_size,
+                "process_index": self.process_index, "process_count": self.process_count,
+                "tracks_positions": self.tracks_positions, "positional": self.positional,
+                "iterator": self._iterator().get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a state this process (same index and count) saved, exactly."""
+        if (state["process_index"], state["process_count"]) != (self.process_index,
+                                                                self.process_count):
+            raise ValueError(f"State of process {state['process_index']} of "
+                             f"{state['process_count']} given to process {self.process_index} "
+                             f"of {self.process_count}; use seek(state['position']).")
+        self._restart(state["start"])
+        self._steps = (state["position"] - state["start"]) // self.global_batch_size
+        self._next_position = state["next_position"]
+        self._iterator().set_state(state["iterator"])
+
+    def seek(self, position: int) -> None:
+        """Continues the global stream at ``position`` (a multiple of the global batch size):
+        the next batch is this process's share of positions ``[position, position + G)``."""
+        if position % self.global_batch_size:
+            raise ValueError(f"Position {position} is not a multiple of the global batch size "
+                             f"{self.global_batch_size}.")
+        self._restart(position)
+        self._next_position = position + self.process_index
+
+    def _restart(self, start: int) -> None:
+        if self._it is not None:
+            self._it.close()
+        self._it, self._start, self._steps = None, start, 0
+
+    def start_prefetch(self) -> None:
+        self._iterator().start_prefetch()
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+
+
 def tokenizer_for(data_dir: str | os.PathLike | None, dataset: str = "shapes",
                   config_name: str = shapes.DEFAULT_CONFIG,
                   context_length: int = 77) -> SentencePieceTokenizer:
@@ -102,7 +231,7 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
                           global_batch_size: int, seed: int, context_length: int,
                           process_index: int | None = None, process_count: int | None = None,
                           worker_count: int = 0, num_epochs: int | None = None,
-                          image_size: int | None = None) -> grain.DatasetIterator:
+                          image_size: int | None = None) -> StreamIterator:
     """Shuffled, sharded, batched iterator over a split for this process.
 
     Yields dicts ``{'image': float32 [B, S, S, 3], 'text': int32 [B, L], 'label': int32 [B]}``
@@ -116,7 +245,8 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
     ``n`` reads the positions ``p`` with ``p % n == i``, so it loads (and decodes) only its own
     ``G / n`` examples of each batch. A run on 2 hosts therefore trains on exactly the batches
     of a run on 1 host (rows in another order, which no batch-mean loss sees), and a run can
-    resume on a different number of hosts.
+    resume on a different number of hosts (:class:`StreamIterator` restarts at the global
+    position ``t * G``).
 
     Args:
         data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets).
@@ -153,21 +283,24 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
     if num_epochs is not None:  # Whole global batches only, so every process stops together.
         ds = ds[:len(ds) // global_batch_size * global_batch_size]
-    ds = ds[process_index::process_count]
-    for op in example_transforms(tokenizer, image_size):
-        ds = ds.map(op)
-    ds = ds.batch(local_batch_size, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(_read_options())
-    if worker_count > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(it_ds)
+    ops = example_transforms(tokenizer, image_size)
+
+    def build(start: int) -> grain.DatasetIterator:
+        part = ds[start + process_index::process_count]
+        for op in ops:
+            part = part.map(op)
+        part = part.batch(local_batch_size, drop_remainder=True)
+        return _iterate(part.to_iter_dataset(_read_options()), worker_count)
+
+    return StreamIterator(build, global_batch_size=global_batch_size,
+                          process_index=process_index, process_count=process_count)
 
 
 def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
                          image_size: int, process_index: int | None = None,
                          process_count: int | None = None, worker_count: int = 0,
                          num_epochs: int | None = None, min_side: int = 8,
-                         max_pixels: int = 8192 * 8192) -> grain.DatasetIterator:
+                         max_pixels: int = 8192 * 8192) -> StreamIterator:
     """Batches of ``{'image', 'text', 'label'}`` from a random-access source of raw image-text
     records (:mod:`input_pipeline.sources`: webdataset tars, ArrayRecord shards), or from a
     weighted mixture given as a list of ``(source, weight)``.
@@ -176,7 +309,10 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
     ``i`` of ``n`` reads positions ``p % n == i``); bad samples are dropped before batching and
     counted in :data:`input_pipeline.transforms.SKIP_STATS` (with their reason), so a batch is
     always full. Dropping happens per process, so with bad samples the 1-process and n-process
-    streams differ by the skipped records.
+    streams differ by the skipped records, and the global position after ``t`` steps is
+    ``t * G`` only while nothing was skipped: a checkpoint re-maps exactly onto another process
+    count only then (the iterator records how far each process has read; see
+    :class:`StreamIterator`).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -202,14 +338,24 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
             ds = ds.random_map(op, seed=seed)  # per-element rng from (seed, position)
         else:
             ds = ds.map(op)
-    # Sliced last: MapDataset is lazy, so each process still decodes only its own positions,
-    # while the random crop of a record depends on its global position, not the process count.
-    ds = ds[process_index::process_count]
-    it_ds = ds.to_iter_dataset(_read_options()).batch(global_batch_size // process_count,
-                                                      drop_remainder=True)
-    if worker_count > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(it_ds)
+    # Each kept example carries its stream position (StreamIterator tracks how far this process
+    # has read: with bad samples dropped, that is further than its share of steps * batch).
+    ds = ds.map_with_index(_WithPosition())
+
+    def build(start: int) -> grain.DatasetIterator:
+        # Sliced last: MapDataset is lazy, so each process still decodes only its own positions,
+        # while the random crop of a record depends on its global position, not the process
+        # count.
+        part = ds[start + process_index::process_count]
+        it_ds = part.to_iter_dataset(_read_options()).batch(global_batch_size // process_count,
+                                                            drop_remainder=True)
+        return _iterate(it_ds, worker_count)
+
+    # With grain workers each worker batches its own share of the process's positions, so the
+    # batches are not consecutive stream positions: such a stream has no global position.
+    return StreamIterator(build, global_batch_size=global_batch_size,
+                          process_index=process_index, process_count=process_count,
+                          tracks_positions=True, positional=worker_count == 0)
 
 
 def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shapes",

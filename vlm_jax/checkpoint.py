@@ -4,13 +4,17 @@ Each step directory has three items:
 
 * ``state``  -- the train state pytree (step, params, optimizer state), saved by every process
   (each writes its shards), restored onto any mesh by passing an abstract target with shardings;
-* ``data``   -- the grain iterator state of each process, so a resumed run sees the same batches;
+* ``data``   -- the data-iterator state of each process (``process_<i>-of-<n>.json``: grain's
+  state and the global stream position), so a resumed run sees the same batches, on the same
+  or on another number of processes (:class:`DataIteratorHandler`);
 * ``config`` -- the config as JSON, to detect changes that break resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import shutil
 import signal
@@ -57,6 +61,175 @@ def check_free_space(directory: epath.Path, needed_bytes: int, what: str) -> Non
             "or lower config.checkpoint.keep.")
 
 
+def _process_index_and_count(item: Any) -> tuple[int, int]:
+    """The process an iterator reads for (a StreamIterator knows), else JAX's."""
+    if hasattr(item, "process_count"):
+        return item.process_index, item.process_count
+    return jax.process_index(), jax.process_count()
+
+
+class DataIteratorHandler:
+    """Orbax handler of the ``data`` item: one ``process_<i>-of-<n>.json`` per process, as
+    grain's own ``grain.checkpoint.CheckpointHandler`` writes, restorable on another number of
+    processes.
+
+    The training iterators (:class:`input_pipeline.pipeline.StreamIterator`) save grain's state
+    together with the global stream position (``steps * global_batch_size``: the stream of every
+    pipeline is the same whatever the process count, see that class). On restore:
+
+    * the file of this process (same index and count) exists: grain's state is restored from
+      it, bit-exact, as grain's handler does;
+    * otherwise (the checkpoint was written by another number of processes, or this process's
+      file is missing): the iterator continues at the global position read from the saved
+      files, each process reading its share ``stream[position + i :: n]`` of the same batches
+      an uninterrupted run sees.
+
+    A position that cannot be re-mapped raises :class:`CheckpointError` naming the reason:
+    files from before positions were recorded, another global batch size, a batch the new
+    process count does not divide, or a stream that dropped bad samples before the checkpoint
+    (its global position then depends on which process skipped what, not on the step alone).
+    """
+
+    def save(self, directory: epath.Path, item: Any = None, args: Any = None) -> None:
+        item = item if item is not None else args.item
+        index, count = _process_index_and_count(item)
+        (epath.Path(directory) / f"process_{index}-of-{count}.json").write_text(
+            json.dumps(item.get_state(), indent=1))
+
+    def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:
+        item = item if item is not None else args.item
+        step = getattr(args, "step", None)
+        directory = epath.Path(directory)
+        index, count = _process_index_and_count(item)
+        own = directory / f"process_{index}-of-{count}.json"
+        if own.exists():
+            state = json.loads(own.read_text())
+            if hasattr(item, "seek") and "iterator" not in state:  # Written before positions.
+                _restore_legacy(state, item, step)
+            else:
+                item.set_state(state)
+        elif hasattr(item, "seek"):
+            position, saved_count = _resume_position(directory, item)
+            item.seek(position)
+            if index == 0:
+                print(f"Data stream: checkpoint written by {saved_count} process(es), resumed "
+                      f"on {count} at global position {position} (step "
+                      f"{position // item.global_batch_size}); each process reads its share.")
+        else:
+            raise CheckpointError(f"{own} does not exist and this data iterator cannot be "
+                                  "re-mapped; resume with the process count that wrote it.")
+        item.start_prefetch()
+        return item
+
+    def structure(self, directory: epath.Path) -> Any:  # Required by orbax's interface.
+        del directory
+
+    def metadata(self, directory: epath.Path) -> Any:
+        del directory
+
+    def finalize(self, directory: epath.Path) -> None:
+        del directory
+
+    def close(self) -> None:
+        pass
+
+    @classmethod
+    def typestr(cls) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    """Saves a data iterator's per-process state (``Checkpointer.save(data_iter=...)``)."""
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    """Restores (or re-maps) a data iterator; ``step`` is the checkpoint's step."""
+    item: Any
+    step: int | None = None
+
+
+def _restore_legacy(grain_state: dict, item: Any, step: int | None) -> None:
+    """Restores a state file holding grain's state only (written, on this process count,
+    before positions were recorded): the iterator started at position 0 and took ``step``
+    batches. Streams that drop samples restore grain's state; the others continue at position
+    ``step * G``, which is the same point and stays right where the pipeline's grain state
+    format changed since (the documents are now batched before the iterator)."""
+    if step is None:
+        raise CheckpointError("Restoring a data-iterator state without a global position "
+                              "needs the checkpoint step.")
+    position = step * item.global_batch_size
+    if not item.tracks_positions:
+        item.seek(position)
+        return
+    item.set_state({"position": position, "start": 0,
+                    "next_position": position + item.process_index,
+                    "global_batch_size": item.global_batch_size,
+                    "process_index": item.process_index, "process_count": item.process_count,
+                    "iterator": grain_state})
+
+
+def _resume_position(directory: epath.Path, item: Any) -> tuple[int, int]:
+    """The global position every process continues from, and the saved process count.
+
+    Raises:
+        CheckpointError: the saved states do not determine one exact global position for this
+            iterator (see :class:`DataIteratorHandler`).
+    """
+    files = sorted(directory.glob("process_*-of-*.json"))
+    _, count = _process_index_and_count(item)
+    if not files:
+        raise CheckpointError(f"{directory} holds no data-iterator state; restore an earlier "
+                              "step, or delete this step to resume from the previous one.")
+    first = json.loads(files[0].read_text())
+    if "position" not in first:
+        raise CheckpointError(
+            f"{files[0]} was written before checkpoints recorded the global data position, so "
+            f"it cannot be re-mapped onto {count} process(es): resume with the process count "
+            f"that wrote it ({files[0].stem.split('-of-')[-1]}), save a checkpoint, then change.")
+    saved_count, position = first["process_count"], first["position"]
+    what = f"The checkpoint in {directory.parent} (written by {saved_count} process(es))"
+    redo = f"resume with {saved_count} processes"
+    if first["global_batch_size"] != item.global_batch_size:
+        raise CheckpointError(
+            f"{what} has global batch size {first['global_batch_size']}, the run now "
+            f"{item.global_batch_size}: the stream position does not map onto other batches; "
+            f"use batch_size={first['global_batch_size']}.")
+    if item.global_batch_size % count:
+        raise CheckpointError(
+            f"{what}: the global batch {item.global_batch_size} does not divide by {count} "
+            f"processes, so they cannot share its batches; use a process count dividing it, or "
+            f"{redo}.")
+    if not first.get("positional", True):
+        raise CheckpointError(
+            f"{what} read raw image-text pairs with grain workers (config.data.worker_count > "
+            "0): each worker batches its own share of the stream, so the batches are not "
+            f"consecutive stream positions and cannot be re-mapped onto {count} process(es). "
+            f"{redo.capitalize()} (the count that wrote it); runs with worker_count=0 re-map.")
+    if first.get("tracks_positions"):  # Per-process skipping: read every process's record.
+        states = [json.loads(f.read_text()) for f in files]
+        if len(states) != saved_count:
+            raise CheckpointError(
+                f"{what} has state files of {len(states)} of its {saved_count} processes; the "
+                "position of a stream that drops bad samples needs all of them. Restore an "
+                "earlier step or " + redo + ".")
+        skipped = {s["process_index"]: (s["next_position"] - s["position"]
+                                        - s["process_index"]) // saved_count for s in states}
+        if any(skipped.values()):
+            listed = ", ".join(f"process {i}: {n}" for i, n in sorted(skipped.items()) if n)
+            raise CheckpointError(
+                f"{what}: its processes skipped bad samples before step "
+                f"{position // item.global_batch_size} ({listed}), each in its own share of "
+                "the stream, so the global position is no longer a function of the step and "
+                f"cannot be re-mapped exactly onto {count} process(es). {redo.capitalize()} "
+                "(the count that wrote it), or restore a step from before the first skip.")
+    return position, saved_count
+
+
 class Checkpointer:
     """Thin wrapper over ``orbax.checkpoint.CheckpointManager`` (keep-N, async, interval)."""
 
@@ -99,9 +272,7 @@ class Checkpointer:
         """Saves ``state`` (and the data iterator / config) if ``step`` is due or ``force``."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
-            import grain  # pylint: disable=import-outside-toplevel
-
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data"] = DataSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         try:
@@ -118,9 +289,12 @@ class Checkpointer:
                 "space and run the same command to resume from it.") from e
 
     def restore(self, step: int | None, abstract_state: Any, *, data_iter: Any = None) -> Any:
-        """Restores the train state (onto the shardings of ``abstract_state``) and data iterator.
+        """Restores the train state (onto the shardings of ``abstract_state``) and data iterator
+        (re-mapped onto this run's processes when another number wrote it:
+        :class:`DataIteratorHandler`).
 
-        Raises CheckpointError naming the first parameter whose shape differs from the config.
+        Raises CheckpointError naming the first parameter whose shape differs from the config,
+        or why the data position cannot be re-mapped.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -128,9 +302,7 @@ class Checkpointer:
         self.check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None and (self.directory / str(step) / "data").exists():
-            import grain  # pylint: disable=import-outside-toplevel
-
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            items["data"] = DataRestore(data_iter, step)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
