@@ -71,6 +71,9 @@ def get_config(arg=None):
     c.checkpoint = dict(every_steps=2000, keep=3, keep_every_steps=50000, async_save=True,
                         allow_data_change=False)
     c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
+    # Trace steps start_step .. start_step+num_steps-1 with jax.profiler into <workdir>/profile
+    # (num_steps=0: off). See vlm_jax/profiling.py.
+    c.profile = dict(start_step=0, num_steps=0)
     # With ImageNet prepared for TFDS: --config.eval.dataset=tfds:imagenet2012
     # --config.eval.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (zero-shot, OpenAI's 80 prompts).
     c.eval = dict(every_steps=10000, evaluators=["zeroshot", "retrieval"], split="validation",

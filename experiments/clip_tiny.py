@@ -64,6 +64,9 @@ def get_config(arg=None):
     # the step (parameters and optimizer state unchanged), stopping after
     # max_consecutive_skips bad steps in a row.
     c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
+    # Trace steps start_step .. start_step+num_steps-1 with jax.profiler into <workdir>/profile
+    # (num_steps=0: off). See vlm_jax/profiling.py.
+    c.profile = dict(start_step=0, num_steps=0)
     # dataset: '' = the shapes splits; 'tfds:<name>' = a prepared TFDS dataset in data_dir
     # (imagenet2012, cifar10, coco_captions...). linear_probe fits on probe_examples images of
     # probe_split and picks its regularisation on probe_val_split.

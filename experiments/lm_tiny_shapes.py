@@ -39,6 +39,9 @@ def get_config(arg=None):
     c.checkpoint = dict(every_steps=500, keep=2, keep_every_steps=0, async_save=True,
                         allow_data_change=False)
     c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
+    # Trace steps start_step .. start_step+num_steps-1 with jax.profiler into <workdir>/profile
+    # (num_steps=0: off). See vlm_jax/profiling.py.
+    c.profile = dict(start_step=0, num_steps=0)
     # Held-out loss / perplexity on 256 documents of the validation split.
     c.eval = dict(every_steps=0, evaluators=["lm_loss"], split="validation", batch_size=64,
                   max_examples=256, dataset="")

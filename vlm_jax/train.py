@@ -31,7 +31,7 @@ from vlm_jax import config as config_lib
 from vlm_jax import data as data_lib
 from vlm_jax import evaluators as evaluators_lib
 from vlm_jax import metrics as metrics_lib
-from vlm_jax import faults, models, objectives, optim, parallel
+from vlm_jax import faults, models, objectives, optim, parallel, profiling
 from vlm_jax.config import ConfigError
 from vlm_jax.evaluators.common import FeatureExtractor
 
@@ -392,6 +392,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     workdir = epath.Path(workdir)
     _check_workdir(workdir)
     guard = _guard_config(config)
+    profiler = profiling.StepProfiler(config, workdir)  # config.profile: trace a step range.
     s = setup(config)
     is_main = jax.process_index() == 0
     faults.install_kill_in_save()  # Reliability battery only; no-op otherwise.
@@ -455,8 +456,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             batch = parallel.make_global_batch({k: local[k] for k in batch_shapes}, s.mesh)
             if step == start and jax.process_count() > 1:
                 train_step = _compile_then_meet(train_step, state, batch)
+            profiler.before_step(step + 1)
             state, metrics = train_step(state, batch)
             done = step + 1
+            profiler.after_step(done, metrics)
             checker.add(done, metrics)
             preempted = preemption.reached(done)
             log_now = done % config.log_every_steps == 0 or done == total
@@ -513,6 +516,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         raise
     finally:
         preemption.close()
+        profiler.close()
     if not results:  # No periodic eval ran (eval.every_steps=0, or training was complete).
         results = evaluate(s, state["params"], eval_data, data.tokenizer)
     results_file = write_eval_results(workdir, config, total, results) if results else None
