@@ -139,3 +139,52 @@ def test_unreachable_workdir_fails_fast_with_the_fix(gcs_emulator, monkeypatch, 
             print("\n" + "\n".join(report))
         monkeypatch.undo()
         emu.apply_env(gcs_emulator.env)
+
+
+def test_data_tools_write_to_gcs(gcs_emulator, shapes_data_dir, tmp_path):
+    """`data export | convert | inspect` with gs:// outputs write what they write locally."""
+    from input_pipeline import sources, tools  # pylint: disable=import-outside-toplevel
+
+    bucket, fs = _bucket(gcs_emulator), _gcsfs()
+    local = tools.export_webdataset(shapes_data_dir, "shapes", "32px", "validation",
+                                    str(tmp_path / "wds"), shard_size=64)
+    remote = tools.export_webdataset(shapes_data_dir, "shapes", "32px", "validation",
+                                     f"{bucket}/wds", shard_size=64)
+    assert remote == [f"{bucket}/wds/validation-{i:05d}.tar" for i in range(2)]
+    assert [fs.cat(p) for p in remote] == [open(p, "rb").read() for p in local]
+    assert not fs.glob(f"{bucket}/wds/.*tmp*")
+
+    pattern = f"{bucket}/wds/validation-*.tar"
+    out = tools.convert_to_array_record(pattern, f"{bucket}/ar/val", num_shards=2)
+    ref = tools.convert_to_array_record(str(tmp_path / "wds" / "validation-*.tar"),
+                                        str(tmp_path / "ar" / "val"), num_shards=2)
+    assert [fs.cat(p) for p in out] == [open(p, "rb").read() for p in ref]
+
+    report = tools.inspect("webdataset", pattern, f"{bucket}/grid.png", max_scan=32)
+    assert report["samples"] == len(sources.WebDatasetSource(pattern)) == 128
+    assert Image.open(io.BytesIO(fs.cat(f"{bucket}/grid.png"))).format == "PNG"
+
+
+def test_convert_into_a_gcs_workdir(gcs_emulator, repo_root):
+    """`vlm-jax convert --workdir gs://...`: checkpoint 0 (orbax through tensorstore's gcs
+    driver) and config.json in the bucket restore to open_clip's embeddings."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import convert, train  # pylint: disable=import-outside-toplevel
+    from vlm_jax.config import load_config, load_json_config  # pylint: disable=import-outside-toplevel
+
+    fixture = repo_root / "tests" / "fixtures" / "open_clip"
+    workdir = f"{_bucket(gcs_emulator)}/converted"
+    base = load_config(str(repo_root / "experiments" / "clip_tiny.py"))
+    convert.convert(str(fixture / "tiny_gelu.safetensors"), workdir, act="gelu",
+                    base_config=base)
+    config = load_json_config(f"{workdir}/config.json")
+    s, params, step = train.restore_for_inference(config, workdir)
+    model = nnx.merge(s.graphdef, params)
+    ref = np.load(fixture / "tiny_gelu_io.npz")
+    img = np.asarray(model.encode_image(jnp.asarray(ref["images_nchw"].transpose(0, 2, 3, 1))))
+    assert step == 0
+    np.testing.assert_allclose(img, ref["image_embeddings"], atol=1e-4, rtol=0)
+    assert {"config.json", "checkpoints"} <= {p.rsplit("/", 1)[-1]
+                                              for p in _gcsfs().ls(workdir)}
