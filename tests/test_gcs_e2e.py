@@ -22,7 +22,7 @@ from vlm_jax import metrics as metrics_lib
 pytestmark = pytest.mark.e2e
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOTAL, EVERY = 24, 4
+TOTAL, EVERY = 12, 4
 RUN_FILES = ("metrics.jsonl", "config.json", "metrics.png")
 
 
@@ -72,8 +72,10 @@ def test_train_preempt_resume_eval_on_gcs(gcs_emulator, shapes_data_dir, tmp_pat
     cmd = [sys.executable, "-m", "vlm_jax.main"]
 
     def run(args, where=cwd):
+        t0 = time.perf_counter()
         proc = subprocess.run(cmd + args, capture_output=True, text=True, cwd=where, env=env,
                               timeout=600)
+        print(f"[gcs e2e] vlm-jax {' '.join(args[:3])}...: {time.perf_counter() - t0:.1f} s")
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
