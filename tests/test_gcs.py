@@ -188,3 +188,17 @@ def test_convert_into_a_gcs_workdir(gcs_emulator, repo_root):
     np.testing.assert_allclose(img, ref["image_embeddings"], atol=1e-4, rtol=0)
     assert {"config.json", "checkpoints"} <= {p.rsplit("/", 1)[-1]
                                               for p in _gcsfs().ls(workdir)}
+
+    # init_from a gs:// run: a fresh model's image tower replaced by the converted one.
+    import jax  # pylint: disable=import-outside-toplevel
+
+    with config.unlocked():
+        config.init_from = {"image": {"workdir": workdir, "subtree": "image"}}
+    fresh = s.init_fn()["params"]
+    loaded = train.load_pretrained(config, s, fresh)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                        loaded["image"], params["image"])
+    assert all(jax.tree.leaves(same))
+    assert not all(jax.tree.leaves(jax.tree.map(
+        lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), fresh["image"],
+        params["image"])))
