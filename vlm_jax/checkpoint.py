@@ -341,6 +341,9 @@ class Checkpointer:
         Parameters are compared before optimizer state, so the message names a model weight.
         """
         path = self.directory / str(step) / "state"
+        if not path.parent.exists():
+            raise CheckpointError(f"No checkpoint of step {step} in {self.directory} (its steps: "
+                                  f"{self.manager.all_steps()}); pass one of those.")
         try:
             meta = ocp.StandardCheckpointer().metadata(path).item_metadata
         except (FileNotFoundError, ValueError) as e:

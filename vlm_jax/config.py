@@ -16,10 +16,12 @@ import ast
 import difflib
 import importlib.util
 import json
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from etils import epath
 from ml_collections import ConfigDict
 
 
@@ -58,13 +60,24 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     return config
 
 
-def load_json_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
-    """Loads the ``config.json`` a run wrote into its workdir (for ``vlm-jax eval``)."""
-    file = pathlib.Path(path)
-    if not file.is_file():
+def load_json_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads the ``config.json`` a run wrote into its workdir (for ``vlm-jax eval``); local or
+    in cloud storage (``gs://bucket/run/config.json``)."""
+    from vlm_jax import paths  # pylint: disable=import-outside-toplevel
+
+    problem = paths.remote_problem(path)
+    if problem:
+        raise ConfigError(problem)
+    try:
+        text = epath.Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError) as e:
         raise ConfigError(f"{path} not found: pass --config experiments/<name>.py, or a --workdir "
-                          "that a `vlm-jax train` run wrote.")
-    config = ConfigDict(json.loads(file.read_text(encoding="utf-8")))
+                          "that a `vlm-jax train` run wrote.") from e
+    try:
+        config = ConfigDict(json.loads(text))
+    except ValueError as e:
+        raise ConfigError(f"{path} is not a valid config JSON ({e}); pass --config "
+                          "experiments/<name>.py.") from e
     for item in overrides:
         apply_override(config, item)
     config.lock()

@@ -126,8 +126,10 @@ def _load(args, overrides):
     spec = args.config
     if spec is None and args.command == "convert":
         spec = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip_openai.py")
-    if spec is None:
-        spec = str(pathlib.Path(args.workdir) / "config.json")
+    if spec is None:  # epath: pathlib would turn gs://bucket/run into a local gs:/bucket/run.
+        from etils import epath  # pylint: disable=import-outside-toplevel
+
+        spec = os.fspath(epath.Path(args.workdir) / "config.json")
     if spec.endswith(".json"):
         return config_lib.load_json_config(spec, overrides)
     return config_lib.load_config(spec, overrides)
@@ -195,12 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
         flags.FLAGS(sys.argv[:1], known_only=True)
     if getattr(args, "checkpoint", None):  # eval --checkpoint <workdir>/checkpoints/<step>
-        ckpt_dir = pathlib.Path(args.checkpoint)
+        from etils import epath  # pylint: disable=import-outside-toplevel
+
+        ckpt_dir = epath.Path(args.checkpoint.rstrip("/"))  # gs:// paths too
         if not ckpt_dir.name.isdigit() or ckpt_dir.parent.name != "checkpoints":
             print(f"vlm-jax eval: --checkpoint {ckpt_dir}: expected <workdir>/checkpoints/<step>.",
                   file=sys.stderr)
             return 2
-        args.workdir, args.step = str(ckpt_dir.parent.parent), int(ckpt_dir.name)
+        args.workdir, args.step = os.fspath(ckpt_dir.parent.parent), int(ckpt_dir.name)
     if getattr(args, "evaluators", None):
         names = [n.strip() for n in args.evaluators.split(",") if n.strip()]
         overrides.append("eval.evaluators=" + repr(names))

@@ -31,7 +31,7 @@ from vlm_jax import config as config_lib
 from vlm_jax import data as data_lib
 from vlm_jax import evaluators as evaluators_lib
 from vlm_jax import metrics as metrics_lib
-from vlm_jax import faults, models, objectives, optim, parallel, profiling
+from vlm_jax import faults, models, objectives, optim, parallel, paths, profiling
 from vlm_jax.config import ConfigError
 from vlm_jax.evaluators.common import FeatureExtractor
 
@@ -261,6 +261,9 @@ def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
 
 
 def _check_workdir(workdir: epath.Path) -> None:
+    problem = paths.remote_problem(workdir)  # gs://: endpoint reachable, bucket exists.
+    if problem:
+        raise ConfigError(f"--workdir {problem}")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write_test.{jax.process_index()}"  # One per process: no race.
@@ -542,6 +545,9 @@ def load_pretrained(config: ConfigDict, s: TrainSetup, params: dict) -> dict:
     for target, spec in config.init_from.items():
         spec = dict(spec)
         workdir = epath.Path(spec["workdir"])
+        problem = paths.remote_problem(workdir)
+        if problem:
+            raise ckpt_lib.CheckpointError(f"config.init_from.{target}.workdir: {problem}")
         if not (workdir / "config.json").exists():
             raise ckpt_lib.CheckpointError(
                 f"config.init_from.{target}.workdir={workdir} has no config.json: train that run "
@@ -584,6 +590,9 @@ def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,
     Raises CheckpointError naming the directory when there is no checkpoint.
     """
     workdir = epath.Path(workdir)
+    problem = paths.remote_problem(workdir)
+    if problem:
+        raise ckpt_lib.CheckpointError(problem)
     s = setup(config)
     ckpt = _inference_checkpointer(workdir)
     step = _checkpoint_step(ckpt, workdir, step)
