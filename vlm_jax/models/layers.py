@@ -425,10 +425,8 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], depth: int, *, scan: bo
     return nnx.List([make(rngs) for _ in range(depth)])
 
 
-def _num_layers(blocks) -> int:
-    if isinstance(blocks, nnx.List):
-        return len(blocks)
-    return jax.tree.leaves(nnx.state(blocks))[0].shape[0]
+def _num_layers(stacked) -> int:
+    return jax.tree.leaves(nnx.state(stacked))[0].shape[0]
 
 
 def _slice_layers(blocks, start: int, stop: int):
@@ -491,10 +489,11 @@ def run_layers(blocks, fn: Callable, x: jax.Array, aux: Any = None, per_layer: A
     return x, jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
-def _encoder_layer(block: TransformerBlock, x, mask, cache):
+def _encoder_layer(block: TransformerBlock, x, aux, cache):
+    """``aux``: the mask (or None); with a cache ``{'mask', 'index'}``."""
     if cache is None:
-        return block(x, mask=mask), None
-    return block(x, mask=mask["mask"], cache=cache, cache_index=mask["index"])
+        return block(x, mask=aux), None
+    return block(x, mask=aux["mask"], cache=cache, cache_index=aux["index"])
 
 
 class Encoder(nnx.Module):
@@ -598,6 +597,7 @@ def attention_flops(num_tokens: int, width: int, mlp_dim: int,
 __all__ = [
     "ACTIVATIONS", "REMAT_POLICIES", "as_dtype", "param", "activation", "remat_policy",
     "xavier_uniform", "LayerNorm", "Dense", "Embed", "MultiHeadAttention", "CACHE_AXES",
-    "rotary", "Mlp", "TransformerBlock", "stack_layers", "run_layers", "Encoder", "MAPHead", "l2_normalize", "attention_flops",
+    "rotary", "Mlp", "TransformerBlock", "stack_layers", "run_layers", "Encoder", "MAPHead",
+    "l2_normalize", "attention_flops",
 ]
 
