@@ -15,11 +15,12 @@ V = 40  # LM vocabulary; <image> = 40, <|endofchunk|> = 41
 IMG, EOC = V, V + 1
 
 
-def _model(cross_attn_every=1, depth=2, style="llama", seed=0):
+def _model(cross_attn_every=1, depth=2, style="llama", seed=0, scan_layers=False):
     return Flamingo(
         vision=dict(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64),
         lm=dict(style=style, vocab_size=V, width=32, depth=depth, num_heads=4, num_kv_heads=2
-                if style == "llama" else 0, mlp_dim=64, max_length=64, bos_id=2, eos_id=3),
+                if style == "llama" else 0, mlp_dim=64, max_length=64, bos_id=2, eos_id=3,
+                scan_layers=scan_layers),
         resampler=dict(depth=1, num_latents=4, num_heads=2), cross_attn=dict(num_heads=2),
         cross_attn_every=cross_attn_every, rngs=nnx.Rngs(seed))
 
@@ -123,6 +124,31 @@ def test_kv_cached_steps_and_generation_match_the_full_forward():
         want = seq[len(p):]
         assert got[i, :len(want)].tolist() == want
         assert np.all(got[i, len(want):] == 0)  # pad after the stop token
+
+
+def test_scanned_lm_layers_between_cross_attention_equal_unrolled():
+    """``lm.scan_layers``: the LM runs as one scan per group of layers between the
+    cross-attention blocks; logits and cached greedy generation equal the unrolled model."""
+    unrolled = _model(cross_attn_every=2, depth=5)
+    _open_gates(unrolled, 0.7)
+    scanned = _model(cross_attn_every=2, depth=5, scan_layers=True)
+    assert scanned.lm.blocks.attn.query.kernel.shape[0] == 5
+    pure = nnx.state(unrolled, nnx.Param).to_pure_dict()
+    blocks = [pure["lm"]["blocks"][i] for i in range(5)]
+    pure["lm"]["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *blocks)
+    state = nnx.state(scanned, nnx.Param)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(scanned, state)
+    images = _images()
+    valid = jnp.ones((2, 8), bool)
+
+    @nnx.jit
+    def run(m):
+        return m(images, TOKENS), greedy_generate(m, images, TOKENS[:, :8], valid, 4)
+
+    (want, want_gen), (got, got_gen) = run(unrolled), run(scanned)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got_gen), np.asarray(want_gen))
 
 
 FLAMINGO = "experiments/flamingo_tiny_shapes.py:test"

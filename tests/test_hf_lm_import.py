@@ -45,11 +45,12 @@ def _max_error(logits, io):
     return np.abs(logits - ref)[valid].max(), 1e-4 * max(1.0, np.abs(ref[valid]).max())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_logits_match_transformers(name):
+@pytest.mark.parametrize("name,scan", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_logits_match_transformers(name, scan):
     io = _io(name)
-    params, cfg = convert.convert_hf_lm(FIXTURE / name)
+    params, cfg = convert.convert_hf_lm(FIXTURE / name, scan_layers=scan)
     assert cfg["name"] == "lm" and cfg["style"] == name
+    assert cfg.get("scan_layers", False) == scan
     err, tol = _max_error(_logits(_model(params, cfg), io), io)
     assert err < tol, (err, tol)
 

@@ -301,6 +301,43 @@ def test_cross_attention_matches_numpy():
                                atol=2e-5, rtol=1e-4)
 
 
+def test_grouped_query_cross_attention_with_mask_and_cache_matches_numpy():
+    """GQA (6 query heads on 2 key/value heads, HF ``repeat_kv``), keys of another width, an
+    arbitrary boolean mask, and the KV cache: one call on the whole sequence equals numpy, and
+    so does writing the keys/values into a cache chunk by chunk."""
+    d, dkv, heads, kv_heads, hd = 12, 10, 6, 2, 4
+    mha = filled(lambda: layers.MultiHeadAttention(d, heads, num_kv_heads=kv_heads, head_dim=hd,
+                                                   kv_width=dkv, rngs=nnx.Rngs(1)),
+                 seed=4, scale=0.3)
+    p = np_params(mha)
+    rs = np.random.RandomState(2)
+    xq, xkv = rs.randn(2, 5, d), rs.randn(2, 7, dkv)
+    mask = rs.rand(2, 1, 5, 7) < 0.7
+    mask[..., 0] = True  # every query sees at least one key
+    q = np.einsum("bld,dhk->blhk", xq, p["query.kernel"]) + p["query.bias"]
+    k = np.einsum("bld,dhk->blhk", xkv, p["key.kernel"]) + p["key.bias"]
+    v = np.einsum("bld,dhk->blhk", xkv, p["value.kernel"]) + p["value.bias"]
+    k, v = np.repeat(k, heads // kv_heads, axis=2), np.repeat(v, heads // kv_heads, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+    s = np.where(mask, s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd->bqhd", a, v)
+    want = np.einsum("bqhd,hde->bqe", want, p["out.kernel"]) + p["out.bias"]
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    got = mha(f32(xq), f32(xkv), mask=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-4)
+
+    # The cache: keys/values of xkv written in chunks of 3 and 4 at slots 0 and 3 of 9.
+    cache = mha.init_cache(2, 9)
+    assert cache["k"].shape == (2, 9, kv_heads, hd)
+    _, cache = mha(f32(xq[:, :2]), f32(xkv[:, :3]), cache=cache, cache_index=0)
+    pad = np.zeros((2, 1, 5, 2), bool)  # the two unused slots are masked
+    got, cache = mha(f32(xq), f32(xkv[:, 3:]), mask=jnp.asarray(np.concatenate([mask, pad], -1)),
+                     cache=cache, cache_index=3)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-4)
+
+
 def test_map_head_matches_numpy():
     # big_vision MAPHead: probe attends to x, then y + mlp(LayerNorm(y)), first (only) token.
     head = filled(lambda: layers.MAPHead(16, 2, 32, act="quick_gelu", ln_eps=1e-6,
@@ -600,3 +637,50 @@ def test_uint8_pixels_are_normalised_on_device_like_the_host_transform():
     host = np.stack([Normalize().map({"image": p})["image"] for p in pixels])
     np.testing.assert_allclose(model.encode_image(jnp.asarray(pixels)),
                                model.encode_image(jnp.asarray(host)), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# The language model's layer stack: scanned equals unrolled.
+# ------------------------------------------------------------------------------------------
+
+
+def _lm_pair(style, remat="none"):
+    """An unrolled LM with random weights and the same LM with scanned (stacked) layers."""
+    from vlm_jax.models.lm import LanguageModel  # pylint: disable=import-outside-toplevel
+    kw = dict(style=style, vocab_size=40, width=16, depth=3, num_heads=4,
+              num_kv_heads=2 if style == "llama" else 0, mlp_dim=32, max_length=24, bos_id=1,
+              eos_id=2)
+    unrolled = filled(lambda: LanguageModel(**kw, rngs=nnx.Rngs(0)), seed=7, scale=0.3)
+    scanned = LanguageModel(**kw, scan_layers=True, remat=remat, rngs=nnx.Rngs(1))
+    assert scanned.blocks.attn.key.kernel.shape == (3, 16, kw["num_kv_heads"] or 4, 4)
+    state = nnx.state(scanned, nnx.Param)
+    pure = nnx.state(unrolled, nnx.Param).to_pure_dict()
+    pure["blocks"] = _stack(unrolled.blocks)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(scanned, state)
+    return unrolled, scanned
+
+
+@pytest.mark.parametrize("style,remat", [("llama", "full"), ("gpt2", "none")])
+def test_scanned_lm_equals_unrolled_logits_and_cached_decoding(style, remat):
+    from vlm_jax.models.lm import lm_greedy  # pylint: disable=import-outside-toplevel
+    unrolled, scanned = _lm_pair(style, remat)
+    rs = np.random.RandomState(3)
+    tokens = jnp.asarray(rs.randint(3, 40, (2, 9)), jnp.int32)
+    valid = jnp.arange(9)[None] >= jnp.array([[0], [4]])  # the second row left-padded
+
+    @nnx.jit
+    def run_all(m):
+        logits = m(tokens, valid)
+        cache = m.init_cache(2, 14)
+        step_logits, cache = m.step(tokens, cache, valid)
+        one, cache = m.step(tokens[:, :1], cache)
+        return logits, step_logits, one, lm_greedy(m, tokens, valid, 4)
+
+    want, got = run_all(unrolled), run_all(scanned)
+    for w, g in zip(want[:3], got[:3]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+    # The cached prompt step equals the full forward at the valid positions.
+    np.testing.assert_allclose(np.asarray(got[1])[np.asarray(valid)],
+                               np.asarray(got[0])[np.asarray(valid)], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(want[3]))

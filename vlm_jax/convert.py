@@ -572,13 +572,16 @@ def convert_hf_lm_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> di
 
 
 def convert_hf_lm(source: str | pathlib.Path | Mapping[str, Any],
-                  hf_config: Mapping | None = None) -> tuple[dict, dict]:
+                  hf_config: Mapping | None = None, *, scan_layers: bool = False
+                  ) -> tuple[dict, dict]:
     """Imports a Hugging Face ``LlamaForCausalLM`` or ``GPT2LMHeadModel``.
 
     Args:
       source: a model directory (``config.json`` + ``model.safetensors``, see
         :func:`load_hf_lm`), a state dict file, or a state dict ``{key: numpy array}``.
       hf_config: the ``config.json`` contents; read from the directory when omitted.
+      scan_layers: lay the layers out stacked (``blocks.attn.query.kernel [depth, ...]``) for a
+        model with ``scan_layers=True``.
 
     Returns:
       ``(params, model_config)``: the :class:`~vlm_jax.models.lm.LanguageModel` parameters as
@@ -600,6 +603,8 @@ def convert_hf_lm(source: str | pathlib.Path | Mapping[str, Any],
         raise ConvertError("Pass the model's config.json contents (hf_config) with a state "
                            "dict, or a model directory that holds config.json.")
     model_cfg = hf_lm_config(hf_config)
+    if scan_layers:
+        model_cfg["scan_layers"] = True
     flat = convert_hf_lm_state_dict(sd, model_cfg)
     abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
                                                                    rngs=nnx.Rngs(0))), nnx.Param)
@@ -659,7 +664,8 @@ def convert(input_path: str, workdir: str, *, act: str | None = None,
             raise ConvertError(f"--act {act!r} is for CLIP state dicts; {input_path} is a "
                                "Hugging Face model directory, whose activation is in its "
                                "config.json: leave --act out.")
-        params, model_cfg = convert_hf_lm(input_path)
+        params, model_cfg = convert_hf_lm(
+            input_path, scan_layers=bool(base_model.get("scan_layers", False)))
         for key in ("dtype", "remat"):  # How to run it: the base config's choice.
             if key in base_model:
                 model_cfg[key] = base_model[key]

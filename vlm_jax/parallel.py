@@ -55,6 +55,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("act_kv", None),
     ("act_vocab", "tensor"),
+    # KV caches of decoding ([layers,] batch, slots, kv heads, head dim): own names, so that a
+    # decoding layout can differ from the training activations'.
+    ("cache_batch", BATCH_AXES),
+    ("cache_len", None),
+    ("cache_heads", "tensor"),
+    ("cache_kv", None),
 )
 
 log = logging.getLogger(__name__)

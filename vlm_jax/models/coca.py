@@ -110,7 +110,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -126,117 +126,6 @@ from vlm_jax.parallel import constrain
 POOLER_MODES = ("single", "parallel", "cascade")
 
 _X = ("act_batch", "act_len", "act_embed")
-_QKV = ("act_batch", "act_len", "act_heads", "act_kv")
-_NEG = float(jnp.finfo(jnp.float32).min)
-
-
-# -------------------------------------------------------------------------------------------
-# Attention with explicit keys / values (shared by the full forward and the KV-cached step).
-# -------------------------------------------------------------------------------------------
-
-
-def _kv(attn: layers.MultiHeadAttention, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values ``[B, L, heads, kv]`` of ``x`` through ``attn.key`` / ``attn.value``."""
-    return constrain(attn.key(x), *_QKV), constrain(attn.value(x), *_QKV)
-
-
-def _attend(attn: layers.MultiHeadAttention, x_q: jax.Array, k: jax.Array, v: jax.Array,
-            mask: jax.Array | None) -> jax.Array:
-    """``attn`` applied to queries from ``x_q`` and the given keys/values.
-
-    The arithmetic of :class:`layers.MultiHeadAttention` (queries scaled by ``head_dim ** -0.5``,
-    float32 logits and softmax). ``mask``: boolean, broadcastable to ``[B, heads, Lq, Lk]``,
-    True = attend.
-    """
-    q = constrain(attn.query(x_q), *_QKV)
-    q = q * jnp.asarray(attn.head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, _NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(attn.dtype)
-    y = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(attn.dtype))
-    return attn.out(constrain(y, *_QKV))
-
-
-class KVAttention(layers.MultiHeadAttention):
-    """:class:`layers.MultiHeadAttention` whose keys/values are read from inputs of width
-    ``kv_width`` (torch ``nn.MultiheadAttention(kdim=vdim=kv_width)``): ``key|value.kernel
-    [kv_width, heads, kv]``. Same parameter names as the parent."""
-
-    def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
-                 dtype: layers.Dtype = jnp.float32, rngs: nnx.Rngs):
-        super().__init__(width, num_heads, dtype=dtype, rngs=rngs)
-        if kv_width is not None and kv_width != width:
-            hd = (num_heads, self.head_dim)
-            names = ("embed", "heads", "kv")
-            self.key = layers.Dense(kv_width, hd, names, dtype=dtype, rngs=rngs)
-            self.value = layers.Dense(kv_width, hd, names, dtype=dtype, rngs=rngs)
-
-
-# -------------------------------------------------------------------------------------------
-# Layer stacks (unrolled or scanned) with masks and per-layer cache slices.
-# -------------------------------------------------------------------------------------------
-
-
-def _make_stack(make: Callable[[nnx.Rngs], nnx.Module], depth: int, scan: bool,
-                rngs: nnx.Rngs):
-    """``depth`` modules from ``make``: an ``nnx.List`` (``blocks.0 ...``) or, with ``scan``, one
-    module whose parameters are stacked along a leading ``'layers'`` axis (as
-    :class:`layers.Encoder` does)."""
-    if scan:
-        @nnx.split_rngs(splits=depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_stacked(r: nnx.Rngs) -> nnx.Module:
-            return make(r)
-
-        return make_stacked(rngs)
-    return nnx.List([make(rngs) for _ in range(depth)])
-
-
-def _run_stack(blocks, fn: Callable, x: jax.Array, aux: Any, per_layer: Any, *, scan: bool,
-               remat: str) -> tuple[jax.Array, Any]:
-    """Runs ``x, out_i = fn(block_i, x, aux, per_layer[i])`` over the stack.
-
-    ``aux`` is shared by every layer; ``per_layer`` is a pytree with a leading layer axis (or
-    None); the ``out_i`` are stacked along a new leading axis (None if ``fn`` returns None).
-    """
-    enabled, policy = layers.remat_policy(remat)
-    if enabled:
-        fn = nnx.remat(fn, policy=policy, prevent_cse=not scan)
-    if scan:
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0),
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def body(carry, block, aux_, per):
-            return fn(block, carry, aux_, per)
-
-        return body(x, blocks, aux, per_layer)
-    outs = []
-    for i, block in enumerate(blocks):
-        per = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
-        x, out = fn(block, x, aux, per)
-        outs.append(out)
-    if outs[0] is None:
-        return x, None
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-
-def _self_attention_block(block: layers.TransformerBlock, x: jax.Array, mask: jax.Array,
-                          cache: Mapping | None, index: jax.Array | None):
-    """Pre-LN block ``x + attn(norm1(x))``, ``x + mlp(norm2(x))`` with an explicit mask; with a
-    ``cache`` (``k``, ``v`` ``[B, Lmax, heads, kv]``) the new keys/values are written at
-    ``index`` and attention reads the whole cache. Returns ``(x, new k/v or None)``."""
-    x = constrain(x.astype(block.dtype), *_X)
-    h = block.norm1(x)
-    k, v = _kv(block.attn, h)
-    new = None
-    if cache is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
-        v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
-        new = {"k": k, "v": v}
-    x = constrain(x + _attend(block.attn, h, k, v, mask), *_X)
-    x = x + block.mlp(block.norm2(x))
-    return constrain(x, *_X), new
 
 
 # -------------------------------------------------------------------------------------------
@@ -248,7 +137,8 @@ class AttentionalPooler(nnx.Module):
     """open_clip ``AttentionalPooler``: ``attn(norm_q(query), norm_kv(x))``, no residual, no MLP.
 
     Params: ``query [n_queries, width]`` (logical ``(None, 'embed')``), ``norm_q`` (width),
-    ``norm_kv`` (``context_width``), ``attn`` (:class:`KVAttention`). ``x [B, T, context_width]``
+    ``norm_kv`` (``context_width``), ``attn`` (:class:`layers.MultiHeadAttention` reading keys /
+    values of width ``context_width``). ``x [B, T, context_width]``
     -> ``[B, n_queries, width]``.
     """
 
@@ -260,7 +150,8 @@ class AttentionalPooler(nnx.Module):
                                   (None, "embed"))
         self.norm_q = layers.LayerNorm(width, eps=ln_eps, dtype=dtype, rngs=rngs)
         self.norm_kv = layers.LayerNorm(context_width, eps=ln_eps, dtype=dtype, rngs=rngs)
-        self.attn = KVAttention(width, num_heads, kv_width=context_width, dtype=dtype, rngs=rngs)
+        self.attn = layers.MultiHeadAttention(width, num_heads, kv_width=context_width,
+                                              dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.norm_kv(x)
@@ -387,10 +278,6 @@ class CoCaVision(nnx.Module):
 # -------------------------------------------------------------------------------------------
 
 
-def _text_layer(block, x, aux, per):
-    return _self_attention_block(block, x, aux["mask"], per, aux.get("index"))
-
-
 class CoCaText(nnx.Module):
     """CoCa unimodal text tower (open_clip ``TextTransformer(embed_cls=True)``).
 
@@ -447,11 +334,6 @@ class CoCaText(nnx.Module):
                  else jnp.concatenate([one, tok], 1))
         return valid if with_cls else valid[:, :tokens.shape[1]]
 
-    def _run(self, x, mask, cache=None, index=None):
-        enc = self.encoder
-        return _run_stack(enc.blocks, _text_layer, x, {"mask": mask, "index": index}, cache,
-                          scan=enc.scan_layers, remat=enc.remat)
-
     def hidden(self, tokens: jax.Array, *, with_cls: bool) -> jax.Array:
         """Block outputs before ``final_norm``: ``[B, L, width]`` (``[B, L + 1, width]`` with
         the CLS appended)."""
@@ -465,7 +347,7 @@ class CoCaText(nnx.Module):
         x = constrain(x + self.pos_embed[...][:n].astype(x.dtype), *_X)
         causal = jnp.tril(jnp.ones((n, n), jnp.bool_))
         mask = (causal[None] & self.key_valid(tokens, with_cls)[:, None, :])[:, None]
-        return self._run(x, mask)[0]
+        return self.encoder(x, mask=mask)
 
     def step(self, tokens: jax.Array, cache: Mapping) -> tuple[jax.Array, dict]:
         """Block outputs ``[B, T, width]`` of ``tokens [B, T]`` at positions ``cache['index'] +
@@ -486,7 +368,9 @@ class CoCaText(nnx.Module):
         x = self.token_embed(tokens)
         pe = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], index, t, 0)
         x = constrain(x + pe.astype(x.dtype), *_X)
-        x, kv = self._run(x, mask[:, None], {"k": cache["text_k"], "v": cache["text_v"]}, index)
+        x, kv = self.encoder(x, mask=mask[:, None], cache={"k": cache["text_k"],
+                                                           "v": cache["text_v"]},
+                             cache_index=index)
         return x, {"text_k": kv["k"], "text_v": kv["v"], "valid": valid,
                    "last_token": tokens[:, -1].astype(jnp.int32)}
 
@@ -510,17 +394,18 @@ class CrossAttentionBlock(nnx.Module):
         self.dtype = layers.as_dtype(dtype)
         self.norm1 = layers.LayerNorm(width, eps=ln_eps, dtype=dtype, rngs=rngs)
         self.norm1_kv = layers.LayerNorm(context_width, eps=ln_eps, dtype=dtype, rngs=rngs)
-        self.attn = KVAttention(width, num_heads, kv_width=context_width, dtype=dtype, rngs=rngs)
+        self.attn = layers.MultiHeadAttention(width, num_heads, kv_width=context_width,
+                                              dtype=dtype, rngs=rngs)
         self.norm2 = layers.LayerNorm(width, eps=ln_eps, dtype=dtype, rngs=rngs)
         self.mlp = layers.Mlp(width, mlp_dim, act=act, dtype=dtype, rngs=rngs)
 
     def context_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys / values ``[B, N, heads, kv]`` of the image context."""
-        return _kv(self.attn, self.norm1_kv(constrain(context, *_X)))
+        return self.attn.kv(self.norm1_kv(constrain(context, *_X)))
 
     def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         x = constrain(x.astype(self.dtype), *_X)
-        x = constrain(x + _attend(self.attn, self.norm1(x), k, v, None), *_X)
+        x = constrain(x + self.attn(self.norm1(x), kv=(k, v)), *_X)
         x = x + self.mlp(self.norm2(x))
         return constrain(x, *_X)
 
@@ -539,12 +424,12 @@ class DecoderLayer(nnx.Module):
 
 
 def _decoder_layer(layer: DecoderLayer, x, aux, per):
-    self_cache = None if per is None else {"k": per["k"], "v": per["v"]}
-    x, new = _self_attention_block(layer.self_block, x, aux["mask"], self_cache,
-                                   aux.get("index"))
     if per is None:
+        x, new = layer.self_block(x, mask=aux["mask"]), None
         ck, cv = layer.cross_block.context_kv(aux["context"])
     else:
+        x, new = layer.self_block(x, mask=aux["mask"], cache={"k": per["k"], "v": per["v"]},
+                                  cache_index=aux["index"])
         ck, cv = per["cross_k"], per["cross_v"]
     return layer.cross_block(x, ck, cv), new
 
@@ -577,7 +462,7 @@ class MultimodalDecoder(nnx.Module):
             return DecoderLayer(width, context_width, num_heads, mlp_dim, act=act,
                                 ln_eps=ln_eps, dtype=dtype, rngs=r)
 
-        self.blocks = _make_stack(make, depth, self.scan_layers, rngs)
+        self.blocks = layers.stack_layers(make, depth, scan=self.scan_layers, rngs=rngs)
         self.final_norm = layers.LayerNorm(width, eps=ln_eps, dtype=dtype, rngs=rngs)
         self.vocab_projection = layers.Dense(width, vocab_size, ("embed", "vocab"),
                                              use_bias=False,
@@ -585,7 +470,8 @@ class MultimodalDecoder(nnx.Module):
                                              dtype=dtype, rngs=rngs)
 
     def _run(self, fn, x, aux, per):
-        return _run_stack(self.blocks, fn, x, aux, per, scan=self.scan_layers, remat=self.remat)
+        return layers.run_layers(self.blocks, fn, x, aux, per, scan=self.scan_layers,
+                                 remat=self.remat)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """``final_norm`` + ``vocab_projection``: ``[B, T, vocab]`` float32."""
@@ -772,7 +658,7 @@ class CoCa(nnx.Module):
         t_heads, t_hd = t.num_heads, t.width // t.num_heads
         d_heads, d_hd = d.num_heads, d.width // d.num_heads
 
-        kv_axes = (None, "act_batch", "act_len", "act_heads", "act_kv")
+        kv_axes = ("layers", *layers.CACHE_AXES)
 
         def z(depth, h, hd):
             return constrain(jnp.zeros((depth, b, lmax, h, hd), self.dtype), *kv_axes)
@@ -953,5 +839,5 @@ def coca_config(name: str) -> dict:
 
 
 __all__ = ["CoCa", "CoCaVision", "CoCaText", "MultimodalDecoder", "AttentionalPooler",
-           "CrossAttentionBlock", "DecoderLayer", "KVAttention", "POOLER_MODES", "COCA_PRESETS",
+           "CrossAttentionBlock", "DecoderLayer", "POOLER_MODES", "COCA_PRESETS",
            "coca_config", "coca_flops", "captioning_loss", "reorder_cache"]

@@ -96,13 +96,22 @@ class PerceiverResampler(nnx.Module):
         x = features + self.time[...][:f][None, None, :, None].astype(features.dtype)
         x = x.reshape(b * t, f * n, d)
         lat = jnp.broadcast_to(self.latents[...].astype(x.dtype), (b * t, self.num_latents, d))
-        for norm_m, norm_l, attn, ffw in zip(self.norm_media, self.norm_latents, self.attn,
-                                             self.ffw):
-            q = norm_l(lat)
-            kv = jnp.concatenate([norm_m(x), q], axis=1)
-            lat = constrain(lat + attn(q, kv), *_X)
-            lat = constrain(lat + ffw(lat), *_X)
+        # The layers' parameters are per-kind lists (``norm_media.{i}``, ``attn.{i}`` ...), the
+        # layout of saved Flamingo checkpoints; the shared layer loop runs their zip unscanned.
+        per_layer = list(zip(self.norm_media, self.norm_latents, self.attn, self.ffw))
+        lat, _ = layers.run_layers(per_layer, _resampler_layer, lat, x, scan=False)
         return self.final_norm(lat).reshape(b, t, self.num_latents, d)
+
+
+def _resampler_layer(layer, lat, x, per):
+    """One Perceiver layer: ``lat += attn(norm_l(lat), [norm_m(x); norm_l(lat)])``, ``lat +=
+    ffw(lat)``."""
+    del per
+    norm_m, norm_l, attn, ffw = layer
+    q = norm_l(lat)
+    kv = jnp.concatenate([norm_m(x), q], axis=1)
+    lat = constrain(lat + attn(q, kv), *_X)
+    return constrain(lat + ffw(lat), *_X), None
 
 
 def media_attention_mask(media_locations: jax.Array, num_media: int,
@@ -133,14 +142,9 @@ class GatedCrossAttentionBlock(nnx.Module):
                  dtype: layers.Dtype = "float32", rngs: nnx.Rngs):
         media_dim = media_dim or dim
         self.norm = layers.LayerNorm(dim, dtype=dtype, rngs=rngs)
-        self.attn = layers.MultiHeadAttention(dim, num_heads, head_dim=head_dim, qkv_bias=False,
+        self.attn = layers.MultiHeadAttention(dim, num_heads, head_dim=head_dim,
+                                              kv_width=media_dim, qkv_bias=False,
                                               out_bias=False, dtype=dtype, rngs=rngs)
-        if media_dim != dim:  # keys / values read media_dim features
-            hd = (num_heads, head_dim or dim // num_heads)
-            self.attn.key = layers.Dense(media_dim, hd, ("embed", "heads", "kv"),
-                                         use_bias=False, dtype=dtype, rngs=rngs)
-            self.attn.value = layers.Dense(media_dim, hd, ("embed", "heads", "kv"),
-                                           use_bias=False, dtype=dtype, rngs=rngs)
         self.attn_gate = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
         self.ffw = FeedForward(dim, ff_mult, dtype=dtype, rngs=rngs)
         self.ff_gate = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
@@ -187,7 +191,10 @@ class Flamingo(nnx.Module):
         paper by default).
       cross_attn: ``num_heads``, ``head_dim``, ``ff_mult`` of the gated cross-attention blocks.
       cross_attn_every: a block before every N-th LM layer (before layers ``N-1, 2N-1, ...``
-        as open_flamingo's ``cross_attn_every_n_layers``; 1 = before every layer).
+        as open_flamingo's ``cross_attn_every_n_layers``; 1 = before every layer). With
+        ``lm.scan_layers`` the LM's stacked layers run as one ``nnx.scan`` per group between
+        two cross-attention blocks (:func:`~vlm_jax.models.layers.run_layers` with ``before``
+        hooks), so the LM checkpoint keeps its ``[depth, ...]`` stacking.
 
     Vocabulary: the LM's ``vocab_size`` ids, then ``<image>`` (``image_id = vocab_size``) and
     ``<|endofchunk|>`` (``eoc_id = vocab_size + 1``), whose input embeddings

@@ -13,7 +13,8 @@ Conventions (see ``docs``/DESIGN.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -198,58 +199,165 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
-class MultiHeadAttention(nnx.Module):
-    """Multi-head dot-product attention with separate ``query``/``key``/``value``/``out``.
+_QKV = ("act_batch", "act_len", "act_heads", "act_kv")
+# Logical axes of a KV cache entry ``[batch, slots, kv_heads, head_dim]``: its own names, so that
+# a decoding layout (e.g. cache heads over ``tensor``, slots unsharded) can differ from the
+# activations' (``parallel.DEFAULT_RULES``).
+CACHE_AXES = ("cache_batch", "cache_len", "cache_heads", "cache_kv")
+_NEG = float(jnp.finfo(jnp.float32).min)
 
-    Kernels: ``query|key|value.kernel [embed, heads, kv]``, ``out.kernel [heads, kv, embed]``.
-    Logits and softmax are float32; ``causal=True`` masks future positions. Queries are scaled by
-    ``head_dim ** -0.5``. Mathematically identical to ``torch.nn.MultiheadAttention`` (whose
-    fused ``in_proj_weight`` splits into the three kernels).
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding of ``x [B, L, H, D]`` at integer ``positions [B, L]``
+    (HF ``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin``), computed in float32."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, D]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+    """The one dot-product attention of vlm_jax: self- or cross-attention, grouped-query heads,
+    rotary or no positions (learned positions are added to the inputs by the model), boolean
+    masks and an optional KV cache.
+
+    Kernels: ``query.kernel [embed, heads, kv]``, ``key|value.kernel [embed, kv_heads, kv]``
+    (``embed`` = ``kv_width``: the key/value inputs may be wider or narrower than the queries,
+    torch's ``kdim``/``vdim``), ``out.kernel [heads, kv, embed]``; optional biases with the names
+    of the output axes. ``num_kv_heads < num_heads`` groups the query heads (GQA / MQA: query
+    head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``, as Hugging Face's
+    ``repeat_kv``). Queries are scaled by ``head_dim ** -0.5``; logits and softmax are float32.
+    With ``rope_theta`` the queries and keys are rotated at the given ``positions``
+    (:func:`rotary`). ``causal=True`` masks keys after each query (with a cache: slots after
+    ``cache_index + t``). Mathematically identical to ``torch.nn.MultiheadAttention`` (whose
+    fused ``in_proj_weight`` splits into the three kernels) and to HF Llama / GPT-2 attention.
+
+    The attention itself is written out (two einsums and a float32 softmax) rather than calling
+    ``jax.nn.dot_product_attention``: the arithmetic must stay bitwise that of the converted
+    checkpoints' parity tests, and masked rows / grouped heads / cache slots are handled here.
     """
 
-    def __init__(self, width: int, num_heads: int, *, head_dim: int | None = None,
+    def __init__(self, width: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, kv_width: int | None = None,
                  qkv_bias: bool = True, out_bias: bool = True, causal: bool = False,
+                 rope_theta: float | None = None, kernel_init: Initializer | None = None,
                  dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         if head_dim is None:
             if width % num_heads:
-                raise ValueError(f"width={width} is not divisible by num_heads={num_heads}.")
+                raise ValueError(f"width={width} is not divisible by num_heads={num_heads}; "
+                                 "set head_dim.")
             head_dim = width // num_heads
-        self.num_heads = num_heads
-        self.head_dim = head_dim
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of "
+                             f"num_kv_heads={num_kv_heads}.")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.causal = causal
+        self.rope_theta = rope_theta
         self.dtype = as_dtype(dtype)
-        hd = (num_heads, head_dim)
-        qkv_names = ("embed", "heads", "kv")
-        kw = dict(use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.query = Dense(width, hd, qkv_names, **kw)
-        self.key = Dense(width, hd, qkv_names, **kw)
-        self.value = Dense(width, hd, qkv_names, **kw)
-        self.out = Dense(hd, width, ("heads", "kv", "embed"), use_bias=out_bias, dtype=dtype,
-                         rngs=rngs)
+        names = ("embed", "heads", "kv")
+        kw = dict(use_bias=qkv_bias, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+        kv_in = width if kv_width is None else kv_width
+        self.query = Dense(width, (num_heads, head_dim), names, **kw)
+        self.key = Dense(kv_in, (num_kv_heads, head_dim), names, **kw)
+        self.value = Dense(kv_in, (num_kv_heads, head_dim), names, **kw)
+        self.out = Dense((num_heads, head_dim), width, ("heads", "kv", "embed"),
+                         use_bias=out_bias, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+
+    def kv(self, inputs_kv: jax.Array, positions: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array]:
+        """Keys and values ``[B, S, kv_heads, kv]`` of ``inputs_kv [B, S, kv_width]`` (keys
+        rotated at ``positions [B, S]`` with rotary embeddings). Cross-attention to a fixed
+        context computes them once and passes them back as ``kv=``."""
+        k = constrain(self.key(inputs_kv), *_QKV)
+        v = constrain(self.value(inputs_kv), *_QKV)
+        if self.rope_theta is not None:
+            k = rotary(k, self._positions(positions), self.rope_theta)
+        return k, v
+
+    def _positions(self, positions):
+        if positions is None:
+            raise ValueError("MultiHeadAttention with rope_theta needs the token positions "
+                             "(positions=[batch, length]).")
+        return positions
+
+    def init_cache(self, batch: int, length: int, dtype: Dtype | None = None) -> dict:
+        """An empty KV cache ``{'k', 'v'}`` of ``length`` slots, ``[B, length, kv_heads, kv]``
+        each, with logical axes :data:`CACHE_AXES`."""
+        shape = (batch, length, self.num_kv_heads, self.head_dim)
+        dt = self.dtype if dtype is None else as_dtype(dtype)
+        return {n: constrain(jnp.zeros(shape, dt), *CACHE_AXES) for n in ("k", "v")}
 
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
-                 mask: jax.Array | None = None) -> jax.Array:
-        """``inputs_q [B, Lq, D]``, ``inputs_kv [B, Lk, D]`` (default: self-attention).
+                 mask: jax.Array | None = None, positions: jax.Array | None = None,
+                 kv: tuple[jax.Array, jax.Array] | None = None, cache: Mapping | None = None,
+                 cache_index: jax.Array | None = None):
+        """Attention of ``inputs_q [B, T, width]`` to ``inputs_kv [B, S, kv_width]`` (default:
+        self-attention) or to precomputed ``kv`` (from :meth:`kv`).
 
-        ``mask``: optional boolean, broadcastable to ``[B, heads, Lq, Lk]``, True = attend.
+        ``mask``: optional boolean broadcastable to ``[B, heads, T, S]``, True = attend (over the
+        cache slots when a cache is given). ``positions [B, T]``: token positions for rotary
+        embeddings. ``cache`` (``{'k', 'v'}`` from :meth:`init_cache`, ``S`` slots): the new
+        keys/values are written at slots ``cache_index + arange(T)`` and the queries attend to
+        all ``S`` slots. Returns ``[B, T, width]``, or ``(output, updated cache)`` when a cache
+        is given.
         """
-        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-        qkv_axes = ("act_batch", "act_len", "act_heads", "act_kv")
-        q = constrain(self.query(inputs_q), *qkv_axes)
-        k = constrain(self.key(inputs_kv), *qkv_axes)
-        v = constrain(self.value(inputs_kv), *qkv_axes)
-        q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        q = constrain(self.query(inputs_q), *_QKV)
+        if self.rope_theta is not None:
+            if inputs_kv is not None or kv is not None:
+                raise ValueError("Rotary embeddings are for self-attention; cross-attention "
+                                 "takes no rope_theta.")
+            q = rotary(q, self._positions(positions), self.rope_theta)
+        if kv is None:
+            k, v = self.kv(inputs_q if inputs_kv is None else inputs_kv, positions)
+        else:
+            k, v = kv
+        new_cache = None
+        if cache is not None:
+            if cache_index is None:
+                raise ValueError("A KV cache needs cache_index (the slot of the first new token).")
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                    cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                    cache_index, 1)
+            k, v = constrain(k, *CACHE_AXES), constrain(v, *CACHE_AXES)
+            new_cache = {"k": k, "v": v}
         if self.causal:
-            lq, lk = logits.shape[-2:]
-            causal = jnp.tril(jnp.ones((lq, lk), jnp.bool_), k=lk - lq)
+            lq, lk = q.shape[1], k.shape[1]
+            if cache is None:
+                causal = jnp.tril(jnp.ones((lq, lk), jnp.bool_), k=lk - lq)
+            else:
+                causal = jnp.arange(lk)[None, :] <= (cache_index + jnp.arange(lq))[:, None]
             mask = causal if mask is None else jnp.logical_and(mask, causal)
+        y = self.out(self._attend(q, k, v, mask))
+        return y if cache is None else (y, new_cache)
+
+    def _attend(self, q, k, v, mask):
+        """``softmax(q k^T / sqrt(d) | mask) v`` for ``q [B, T, H, D]``, ``k, v [B, S, Hkv, D]``."""
+        b, t, h, d = q.shape
+        s = k.shape[1]
+        group = h // self.num_kv_heads
+        q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+        if group == 1:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            qg = q.reshape(b, t, self.num_kv_heads, group, d)
+            logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(q.dtype),
+                                preferred_element_type=jnp.float32).reshape(b, h, t, s)
         if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            logits = jnp.where(mask, logits, _NEG)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
-        y = constrain(y, *qkv_axes)
-        return self.out(y)
+        if group == 1:
+            y = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
+        else:
+            probs = probs.reshape(b, self.num_kv_heads, group, t, s)
+            y = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(self.dtype)).reshape(b, t, h, d)
+        return constrain(y, *_QKV)
 
 
 class Mlp(nnx.Module):
@@ -280,17 +388,112 @@ class TransformerBlock(nnx.Module):
         self.norm2 = LayerNorm(width, eps=ln_eps, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, act=act, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+                 cache: Mapping | None = None, cache_index: jax.Array | None = None):
+        """``x [B, L, width]``; ``mask``/``cache``/``cache_index`` as
+        :class:`MultiHeadAttention`. Returns ``x``, or ``(x, updated cache)`` with a cache."""
         axes = ("act_batch", "act_len", "act_embed")
         x = constrain(x.astype(self.dtype), *axes)
-        x = x + self.attn(self.norm1(x))
+        h = self.attn(self.norm1(x), mask=mask, cache=cache, cache_index=cache_index)
+        h, new_cache = (h, None) if cache is None else h
+        x = x + h
         x = constrain(x, *axes)
         x = x + self.mlp(self.norm2(x))
-        return constrain(x, *axes)
+        x = constrain(x, *axes)
+        return x if cache is None else (x, new_cache)
 
 
-def _apply_block(block: TransformerBlock, x: jax.Array) -> jax.Array:
-    return block(x)
+# -------------------------------------------------------------------------------------------
+# The layer stack: unrolled or scanned, with remat, per-layer inputs / outputs and hooks.
+# -------------------------------------------------------------------------------------------
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], depth: int, *, scan: bool,
+                 rngs: nnx.Rngs):
+    """``depth`` modules from ``make(rngs)``: an ``nnx.List`` (parameters ``blocks.0 ...``) or,
+    with ``scan``, one module whose parameters are stacked along a leading axis with logical
+    name ``'layers'`` (``blocks.attn.query.kernel [depth, embed, heads, kv]``), built by
+    ``nnx.vmap`` over ``depth`` split keys. Store the result as the owner's ``blocks`` and run it
+    with :func:`run_layers`."""
+    if scan:
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_stacked(r: nnx.Rngs) -> nnx.Module:
+            return make(r)
+
+        return make_stacked(rngs)
+    return nnx.List([make(rngs) for _ in range(depth)])
+
+
+def _num_layers(stacked) -> int:
+    return jax.tree.leaves(nnx.state(stacked))[0].shape[0]
+
+
+def _slice_layers(blocks, start: int, stop: int):
+    """Layers ``start:stop`` of a stacked (scanned) module, as a stacked module."""
+    graphdef, state = nnx.split(blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+
+
+def run_layers(blocks, fn: Callable, x: jax.Array, aux: Any = None, per_layer: Any = None, *,
+               scan: bool, remat: str = "none",
+               before: Mapping[int, Callable[[jax.Array], jax.Array]] | None = None
+               ) -> tuple[jax.Array, Any]:
+    """Runs ``x, out_i = fn(block_i, x, aux, per_layer_i)`` over a stack from
+    :func:`stack_layers` (the one layer loop of every vlm_jax model).
+
+    ``aux``: a pytree shared by every layer (masks, positions, a context). ``per_layer``: a
+    pytree whose leaves have a leading layer axis (a KV cache), or None; layer ``i`` gets their
+    ``[i]`` slices. The ``out_i`` are stacked along a new leading axis (None if ``fn`` returns
+    None). ``remat`` (:func:`remat_policy`) checkpoints each layer. ``scan``: ``blocks`` is
+    stacked and runs under ``nnx.scan`` (one compiled layer body). ``before[i](x)`` runs before
+    layer ``i`` (Flamingo's cross-attention blocks); a scanned stack then runs as one scan per
+    segment between hooks (``nnx.scan`` over a slice of the stacked parameters), so the
+    compiled program holds one layer body per segment, not one per layer.
+    """
+    enabled, policy = remat_policy(remat)
+    if enabled:
+        fn = nnx.remat(fn, policy=policy, prevent_cse=not scan)
+    before = dict(before or {})
+    if not scan:
+        outs = []
+        for i, block in enumerate(blocks):
+            if i in before:
+                x = before[i](x)
+            per = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
+            x, out = fn(block, x, aux, per)
+            outs.append(out)
+        if not outs or outs[0] is None:
+            return x, None
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0),
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def body(carry, block, aux_, per):
+        return fn(block, carry, aux_, per)
+
+    if not before:
+        return body(x, blocks, aux, per_layer)
+    depth = _num_layers(blocks)
+    bounds = sorted({0, depth, *(i for i in before if 0 < i < depth)})
+    outs = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if start in before:
+            x = before[start](x)
+        per = (None if per_layer is None
+               else jax.tree.map(lambda a, s=start, e=stop: a[s:e], per_layer))
+        x, out = body(x, _slice_layers(blocks, start, stop), aux, per)
+        outs.append(out)
+    if outs[0] is None:
+        return x, None
+    return x, jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+
+
+def _encoder_layer(block: TransformerBlock, x, aux, cache):
+    """``aux``: the mask (or None); with a cache ``{'mask', 'index'}``."""
+    if cache is None:
+        return block(x, mask=aux), None
+    return block(x, mask=aux["mask"], cache=cache, cache_index=aux["index"])
 
 
 class Encoder(nnx.Module):
@@ -299,7 +502,8 @@ class Encoder(nnx.Module):
     ``remat``: name of the rematerialisation policy applied per block (:func:`remat_policy`).
     ``scan_layers``: if True the block parameters are stacked along a leading axis with logical
     name ``'layers'`` (``blocks.attn.query.kernel [depth, embed, heads, kv]``) and run with
-    ``nnx.scan``; otherwise they are ``blocks.0 ... blocks.{depth-1}``.
+    ``nnx.scan``; otherwise they are ``blocks.0 ... blocks.{depth-1}``
+    (:func:`stack_layers` / :func:`run_layers`).
     """
 
     def __init__(self, depth: int, width: int, num_heads: int, mlp_dim: int, *,
@@ -310,37 +514,20 @@ class Encoder(nnx.Module):
         self.depth = depth
         self.remat = remat
         self.scan_layers = bool(scan_layers)
+        self.blocks = stack_layers(
+            lambda r: TransformerBlock(width, num_heads, mlp_dim, act=act, causal=causal,
+                                       ln_eps=ln_eps, dtype=dtype, rngs=r),
+            depth, scan=self.scan_layers, rngs=rngs)
 
-        def make(r: nnx.Rngs) -> TransformerBlock:
-            return TransformerBlock(width, num_heads, mlp_dim, act=act, causal=causal,
-                                    ln_eps=ln_eps, dtype=dtype, rngs=r)
-
-        if self.scan_layers:
-            @nnx.split_rngs(splits=depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0,
-                      transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_stacked(r: nnx.Rngs) -> TransformerBlock:
-                return make(r)
-
-            self.blocks = make_stacked(rngs)
-        else:
-            self.blocks = nnx.List([make(rngs) for _ in range(depth)])
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        enabled, policy = remat_policy(self.remat)
-        fn = _apply_block
-        if enabled:
-            fn = nnx.remat(_apply_block, policy=policy, prevent_cse=not self.scan_layers)
-        if self.scan_layers:
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                      transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def body(carry: jax.Array, block: TransformerBlock) -> jax.Array:
-                return fn(block, carry)
-
-            return body(x, self.blocks)
-        for block in self.blocks:
-            x = fn(block, x)
-        return x
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+                 cache: Mapping | None = None, cache_index: jax.Array | None = None):
+        """``x [B, L, width]`` through every block. With a ``cache`` (``{'k', 'v'}`` of shape
+        ``[depth, B, S, heads, kv]``) returns ``(x, updated cache)``."""
+        run = functools.partial(run_layers, self.blocks, _encoder_layer, scan=self.scan_layers,
+                                remat=self.remat)
+        if cache is None:
+            return run(x, mask)[0]
+        return run(x, {"mask": mask, "index": cache_index}, cache)
 
 
 class MAPHead(nnx.Module):
@@ -409,7 +596,8 @@ def attention_flops(num_tokens: int, width: int, mlp_dim: int,
 
 __all__ = [
     "ACTIVATIONS", "REMAT_POLICIES", "as_dtype", "param", "activation", "remat_policy",
-    "xavier_uniform", "LayerNorm", "Dense", "Embed", "MultiHeadAttention", "Mlp",
-    "TransformerBlock", "Encoder", "MAPHead", "l2_normalize", "attention_flops",
+    "xavier_uniform", "LayerNorm", "Dense", "Embed", "MultiHeadAttention", "CACHE_AXES",
+    "rotary", "Mlp", "TransformerBlock", "stack_layers", "run_layers", "Encoder", "MAPHead",
+    "l2_normalize", "attention_flops",
 ]
 

@@ -23,7 +23,10 @@ does), and the positions of the real tokens do not depend on the padding.
 cache. The full forward and the cached steps compute the same logits (test_lm.py).
 
 The pieces are exposed (:meth:`embed`, :meth:`layers` with its ``before`` hooks, :meth:`logits`)
-so that Flamingo can insert its gated cross-attention blocks between the frozen layers.
+so that Flamingo can insert its gated cross-attention blocks between the frozen layers. The
+layers are :func:`vlm_jax.models.layers.stack_layers` (``scan_layers``: stacked, run under
+``nnx.scan``; ``remat`` per layer) and the attention is
+:class:`vlm_jax.models.layers.MultiHeadAttention`.
 """
 
 from __future__ import annotations
@@ -41,8 +44,6 @@ from vlm_jax.parallel import constrain
 
 STYLES = ("llama", "gpt2")
 _X = ("act_batch", "act_len", "act_embed")
-_QKV = ("act_batch", "act_len", "act_heads", "act_kv")
-_NEG = float(jnp.finfo(jnp.float32).min)
 
 
 class RMSNorm(nnx.Module):
@@ -59,68 +60,7 @@ class RMSNorm(nnx.Module):
         return (self.scale[...].astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding of ``x [B, L, H, D]`` at integer ``positions [B, L]``
-    (HF ``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin``), computed in float32."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, D]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
-
-
-class Attention(nnx.Module):
-    """Causal self-attention with ``num_kv_heads`` key/value heads (grouped-query when fewer
-    than ``num_heads``). Kernels ``query [embed, heads, kv]``, ``key|value [embed, kv_heads,
-    kv]``, ``out [heads, kv, embed]``."""
-
-    def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 use_bias: bool, rope_theta: float | None, dtype: layers.Dtype, rngs: nnx.Rngs):
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a multiple of "
-                             f"num_kv_heads={num_kv_heads}.")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope_theta, self.dtype = rope_theta, layers.as_dtype(dtype)
-        init = nnx.initializers.normal(0.02)
-        names = ("embed", "heads", "kv")
-        kw = dict(use_bias=use_bias, kernel_init=init, dtype=dtype, rngs=rngs)
-        self.query = layers.Dense(width, (num_heads, head_dim), names, **kw)
-        self.key = layers.Dense(width, (num_kv_heads, head_dim), names, **kw)
-        self.value = layers.Dense(width, (num_kv_heads, head_dim), names, **kw)
-        self.out = layers.Dense((num_heads, head_dim), width, ("heads", "kv", "embed"), **kw)
-
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: Mapping | None = None, index: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict | None]:
-        """``x [B, T, D]`` at ``positions [B, T]``; ``mask [B, 1, T, S]`` over the keys (the
-        ``T`` new ones, or the ``S`` cache slots with ``cache`` given, the new keys/values
-        written at slot ``index``). Returns the output and the updated ``k``/``v``."""
-        q = constrain(self.query(x), *_QKV)
-        k = constrain(self.key(x), *_QKV)
-        v = constrain(self.value(x), *_QKV)
-        if self.rope_theta is not None:
-            q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
-        new = None
-        if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
-                                                    index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
-                                                    index, 1)
-            new = {"k": k, "v": v}
-        b, t = q.shape[:2]
-        group = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, group, self.head_dim)
-        q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-        logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, :, None], logits, _NEG)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        y = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(self.dtype))
-        y = constrain(y.reshape(b, t, self.num_heads, self.head_dim), *_QKV)
-        return self.out(y), new
+rotary = layers.rotary  # Re-exported: it lives with the attention module.
 
 
 class MLP(nnx.Module):
@@ -157,15 +97,22 @@ class Block(nnx.Module):
             return layers.LayerNorm(cfg.width, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
 
         self.norm1 = norm()
-        self.attn = Attention(cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              use_bias=not llama, rope_theta=cfg.rope_theta if llama else None,
-                              dtype=dt, rngs=rngs)
+        self.attn = layers.MultiHeadAttention(
+            cfg.width, cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            qkv_bias=not llama, out_bias=not llama,
+            rope_theta=cfg.rope_theta if llama else None,
+            kernel_init=nnx.initializers.normal(0.02), dtype=dt, rngs=rngs)
         self.norm2 = norm()
         self.mlp = MLP(cfg.width, cfg.mlp_dim, style=cfg.style, use_bias=not llama, dtype=dt,
                        rngs=rngs)
 
     def __call__(self, x, positions, mask, cache=None, index=None):
-        h, new = self.attn(self.norm1(x), positions, mask, cache, index)
+        """``x [B, T, D]`` at ``positions [B, T]``, ``mask [B, 1, T, S]``; with a ``cache``
+        (``{'k', 'v'}`` of this layer) the new keys/values go to slot ``index``. Returns
+        ``(x, updated cache or None)``."""
+        h = self.attn(self.norm1(x), mask=mask, positions=positions, cache=cache,
+                      cache_index=index)
+        h, new = (h, None) if cache is None else h
         x = constrain(x + h, *_X)
         return constrain(x + self.mlp(self.norm2(x)), *_X), new
 
@@ -190,6 +137,7 @@ class LMConfig:
     pad_id: int = 0
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.style not in STYLES:
@@ -206,7 +154,8 @@ class LanguageModel(nnx.Module):
     """Decoder-only transformer LM. Arguments: the fields of :class:`LMConfig`.
 
     Parameters: ``token_embed.embedding [vocab, embed]``, ``pos_embed [max_length, embed]``
-    (gpt2 only), ``blocks.{i}.{norm1,attn.{query,key,value,out},norm2,mlp.{gate,up,down}}``,
+    (gpt2 only), ``blocks.{i}.{norm1,attn.{query,key,value,out},norm2,mlp.{gate,up,down}}``
+    (with ``scan_layers`` stacked along a leading ``'layers'`` axis: ``blocks.attn...``),
     ``final_norm``, ``lm_head.kernel [embed, vocab]`` (absent with ``tie_embeddings``: the
     logits are then ``x @ token_embed.embedding.T``, as GPT-2).
     """
@@ -219,7 +168,9 @@ class LanguageModel(nnx.Module):
         if cfg.style == "gpt2":
             self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01),
                                           (cfg.max_length, cfg.width), ("pos", "embed"))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        layers.remat_policy(cfg.remat)  # validate early
+        self.blocks = layers.stack_layers(lambda r: Block(cfg, rngs=r), cfg.depth,
+                                          scan=cfg.scan_layers, rngs=rngs)
         if cfg.style == "llama":
             self.final_norm = RMSNorm(cfg.width, eps=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)
         else:
@@ -237,7 +188,7 @@ class LanguageModel(nnx.Module):
     pad_id = property(lambda self: self.cfg.pad_id)
     context_length = property(lambda self: self.cfg.max_length)
 
-    # -- pieces (Flamingo runs its own loop over them) -----------------------------------------
+    # -- pieces (Flamingo inserts its blocks between the layers) --------------------------------
 
     def embed(self, tokens: jax.Array, positions: jax.Array,
               embeddings: jax.Array | None = None) -> jax.Array:
@@ -247,14 +198,6 @@ class LanguageModel(nnx.Module):
             pos = jnp.clip(positions, 0, self.cfg.max_length - 1)
             x = x + jnp.take(self.pos_embed[...], pos, axis=0).astype(x.dtype)
         return constrain(x, *_X)
-
-    def block(self, i: int, x, positions, mask, cache=None, index=None):
-        """Layer ``i`` (remat per config); returns ``(x, new k/v or None)``."""
-        enabled, policy = layers.remat_policy(self.cfg.remat)
-        if enabled and cache is None:
-            fn = nnx.remat(lambda blk, *a: blk(*a), policy=policy)
-            return fn(self.blocks[i], x, positions, mask)
-        return self.blocks[i](x, positions, mask, cache, index)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Next-token logits ``[B, L, vocab]`` (float32) of final-layer features."""
@@ -283,21 +226,13 @@ class LanguageModel(nnx.Module):
         """All layers; ``before[i](x)`` runs before layer ``i`` (Flamingo's cross-attention
         blocks). With a ``cache`` (from :meth:`step_inputs`) the layers read and extend it:
         returns ``(x, cache with the new keys / values and the index advanced)``."""
-        before = before or {}
-        ks, vs = [], []
-        for i in range(self.cfg.depth):
-            if i in before:
-                x = before[i](x)
-            if cache is None:
-                x, _ = self.block(i, x, positions, mask)
-                continue
-            x, new = self.block(i, x, positions, mask, {"k": cache["k"][i], "v": cache["v"][i]},
-                                cache["index"])
-            ks.append(new["k"])
-            vs.append(new["v"])
+        aux = {"positions": positions, "mask": mask,
+               "index": None if cache is None else cache["index"]}
+        per = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        x, kv = layers.run_layers(self.blocks, _layer, x, aux, per, scan=self.cfg.scan_layers,
+                                  remat=self.cfg.remat, before=before)
         if cache is not None:
-            cache = dict(cache, k=jnp.stack(ks), v=jnp.stack(vs),
-                         index=cache["index"] + x.shape[1])
+            cache = dict(cache, k=kv["k"], v=kv["v"], index=cache["index"] + x.shape[1])
         return x, cache
 
     def prepare(self, tokens, valid=None, embeddings=None):
@@ -318,7 +253,8 @@ class LanguageModel(nnx.Module):
         """An empty cache for ``max_length`` tokens per row (prompt included)."""
         cfg = self.cfg
         shape = (cfg.depth, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
+        kv = constrain(jnp.zeros(shape, self.dtype), "layers", *layers.CACHE_AXES)
+        return {"k": kv, "v": kv,
                 "valid": jnp.zeros((batch, max_length), jnp.bool_),
                 "next_pos": jnp.zeros((batch,), jnp.int32),
                 "index": jnp.zeros((), jnp.int32)}
@@ -353,6 +289,10 @@ class LanguageModel(nnx.Module):
         cfg.pop("name", None)
         check_keys(cfg, {f.name for f in dataclasses.fields(LMConfig)}, "model")
         return cls(**cfg, rngs=rngs)
+
+
+def _layer(block: Block, x, aux, cache):
+    return block(x, aux["positions"], aux["mask"], cache, aux["index"])
 
 
 def positions_of(valid: jax.Array) -> jax.Array:
