@@ -6,6 +6,13 @@ metadata server's answers (there is no metadata server here): the only two thing
 at import when libtpu and TPU chips are present). jax's own cluster classes take the decision;
 ``jax.distributed`` is never touched.
 """
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 from jax._src.clusters import cloud_tpu_cluster
 
@@ -151,3 +158,66 @@ def test_metadata_server_down_is_not_a_cluster(machine, monkeypatch):
 
     monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", down)
     assert runtime.plan_distributed() == runtime.DistributedPlan(False, "single")
+
+
+# -------------------------------------------------------------------------------------------
+# Stop decisions taken together (end to end, 2 processes via vlm_jax.launch_local).
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_bad_samples_read_by_one_process_stop_both(repo_root, shapes_data_dir, tmp_path):
+    """Bad samples only in the records process 1 reads (the odd positions of the global stream):
+    both processes stop with the same DataError and exit code within 60 s of the first batch,
+    instead of process 1 stopping alone and process 0 waiting in the next collective."""
+    import grain
+    from tests.test_sources import good, write_shard
+
+    n, seed = 256, 0
+    # The pipeline's global stream: one shuffle of the records (grain, seed = config.seed);
+    # process i of 2 reads positions i, i + 2, ... Half of process 1's positions are bad.
+    order = list(grain.MapDataset.source(list(range(n))).shuffle(seed=seed))
+    bad = {order[p] for p in range(n) if p % 4 == 1}
+    samples = []
+    for i in range(n):
+        key, members = good(i)
+        if i in bad:
+            members = {"png": members["png"], "txt": b"   "}  # empty caption
+        samples.append((key, members))
+    write_shard(tmp_path / "train-0.tar", samples[:n // 2])
+    write_shard(tmp_path / "train-1.tar", samples[n // 2:])
+    workdir = tmp_path / "run"
+    args = ["train", "--config", str(repo_root / "experiments/clip_tiny.py") + ":test",
+            "--workdir", str(workdir), f"--config.data.data_dir={shapes_data_dir}",
+            "--config.data.name=webdataset", f"--config.data.train_files={tmp_path}/train-*.tar",
+            "--config.data.max_skipped_fraction=0.1", f"--config.seed={seed}",
+            "--config.total_steps=30", "--config.log_every_steps=1",
+            "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=0",
+            "--config.eval.evaluators=[]"]
+    cmd = [sys.executable, "-u", "-m", "vlm_jax.launch_local", "--num_processes", "2",
+           "--devices_per_process", "1", "--timeout", "300", "--grace", "120", "--", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=repo_root)
+    lines = []  # (arrival time, line)
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), x)
+                                                          for x in proc.stdout), daemon=True)
+    reader.start()
+    proc.wait(timeout=400)
+    t_exit = time.monotonic()
+    reader.join(timeout=10)
+    out = "".join(x for _, x in lines)
+    # The training loop starts (and reads its first batch) right after this line.
+    t_start = next((t for t, x in lines if "[p0] Model clip" in x), None)
+    errors = {p: (t, msg) for t, x in lines
+              for p, msg in re.findall(r"\[p(\d)\] .*?vlm-jax train: (DataError: .*)", x)}
+    codes = dict(re.findall(r"\[launch_local\] process (\d) exited with code (-?\d+)", out))
+    assert t_start is not None and errors.keys() == {"0", "1"}, out[-3000:]
+    first = min(t for t, _ in errors.values())
+    print(f"\nfirst batch -> both processes exited: {t_exit - t_start:.1f} s (first error "
+          f"printed -> both exited: {t_exit - first:.1f} s); exit codes {codes}; "
+          f"messages {[m for _, m in errors.values()]}")
+    assert codes == {"0": "2", "1": "2"}, out[-3000:]
+    assert errors["0"][1] == errors["1"][1], out[-3000:]  # The same message on both.
+    message = errors["0"][1]
+    assert "max_skipped_fraction=0.1" in message and "empty_caption" in message
+    assert t_exit - t_start < 60

@@ -38,8 +38,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import threading
-import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -164,45 +164,63 @@ class AgreedStop(RuntimeError):
 class StopAgreement:
     """Makes an error that one process meets the error of every process, within seconds.
 
-    The process that meets it calls :meth:`announce` (the message names that process) before
-    raising it; it is stored in the coordination service's key-value store (the one
-    ``jax.distributed`` runs; no device collective, so it works while the others wait inside
-    one). On every process a watcher thread waits on that key; :meth:`check` (called once per
-    step: it reads a ``threading.Event``, nothing else) then raises the same error type with the
-    same message. A process that cannot reach :meth:`check` because it waits in a collective
-    that the failed process will never join prints the message and exits with the same code
-    after ``grace_s``: nothing it could still do would complete.
+    The process that meets it calls :meth:`announce` before raising: the error (type name and
+    ``process <i>: <message>``) is stored in the coordination service's key-value store (the one
+    ``jax.distributed`` runs: no device collective, so it works while the others wait inside
+    one); the first announcement wins, and the announcing processes raise the winning one. On
+    every process a watcher thread waits on that key; :meth:`check` (called once per step: it
+    reads a ``threading.Event``, nothing else) then raises the same error type with the same
+    message. A process that cannot reach :meth:`check` because it waits in a collective that the
+    failed process will never join prints the error as ``vlm-jax`` does and exits with the same
+    code (``exit_codes``) after ``grace_s``: nothing it could still do would complete.
 
-    One process (no coordination service): every method is a no-op.
+    One process (no coordination service): :meth:`announce` returns the error unchanged and
+    :meth:`check` never raises.
     """
 
     KEY = "vlm_jax/stop"
+    POLL_S = 1.0
 
-    def __init__(self, exit_codes: Mapping[type, int] | None = None, grace_s: float = 10.0):
+    def __init__(self, exit_codes: Mapping[type, int] | None = None, grace_s: float = 10.0,
+                 command: str = "vlm-jax train"):
         import jax  # pylint: disable=import-outside-toplevel
 
         self._client = _client() if jax.process_count() > 1 else None
         self._process = jax.process_index()
         self._codes = dict(exit_codes or {})
-        self._grace = grace_s
-        self._event = threading.Event()
-        self._handled = threading.Event()
+        self._grace, self._command = grace_s, command
+        self._event = threading.Event()  # An announcement arrived.
+        self._handled = threading.Event()  # The main thread raises it (or its own).
+        self._closed = threading.Event()
         self._message = ""
-        self._closed = False
+        self._thread = None
         if self._client is not None:
-            threading.Thread(target=self._watch, name="vlm_jax-stop-agreement",
-                             daemon=True).start()
+            self._thread = threading.Thread(target=self._watch, name="vlm_jax-stop-agreement",
+                                            daemon=True)
+            self._thread.start()
 
-    def announce(self, error: BaseException) -> None:
-        """Tells every process that this one stops with ``error`` (first announcement wins)."""
-        if self._client is None or self._event.is_set():
-            return
-        text = f"{type(error).__name__}|process {self._process}: {error}"
-        try:
-            self._client.key_value_set(self.KEY, text)
-        except Exception:  # pylint: disable=broad-except  # Another process announced first.
-            pass
-        self._handled.set()  # This process raises its own error.
+    def announce(self, error: BaseException) -> BaseException:
+        """Tells every process that this one stops with ``error``; returns the error to raise:
+        the first one announced by any process (type and message), or ``error`` itself with a
+        single process or a type without an exit code (its traceback is then the useful part)."""
+        if self._client is None:
+            return error
+        self._handled.set()
+        if not self._event.is_set():
+            try:
+                self._client.key_value_set(
+                    self.KEY, f"{type(error).__name__}|process {self._process}: {error}")
+            except Exception:  # pylint: disable=broad-except  # Another process was first.
+                pass
+            try:
+                self._message = self._client.blocking_key_value_get(self.KEY, 10_000)
+            except Exception:  # pylint: disable=broad-except  # Coordination service gone.
+                return error
+        agreed = self._error()
+        if isinstance(agreed, AgreedStop) or type(agreed) is type(error) and str(agreed) == str(
+                error):
+            return error
+        return agreed
 
     def check(self) -> None:
         """Raises the announced error (same type name, same message) if there is one."""
@@ -211,8 +229,10 @@ class StopAgreement:
             raise self._error()
 
     def close(self) -> None:
-        """Stops watching (the run ended normally)."""
-        self._closed = True
+        """Stops watching (the run ended, normally or not); returns within ``POLL_S``."""
+        self._closed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _error(self) -> BaseException:
         kind, _, message = self._message.partition("|")
@@ -220,31 +240,28 @@ class StopAgreement:
         if cls is not None:
             try:
                 return cls(message)
-            except Exception:  # pylint: disable=broad-except
+            except Exception:  # pylint: disable=broad-except  # A constructor of another form.
                 pass
         return AgreedStop(f"{kind}: {message}")
 
     def _watch(self) -> None:
-        while not self._closed:
+        # Long-polls of POLL_S: the thread must not sit inside the client's C++ call when the
+        # interpreter exits (a daemon thread is then unwound by force and the process aborts),
+        # so close() ends the poll and joins the thread.
+        while True:
             try:
-                value = self._client.blocking_key_value_get(self.KEY, 60 * 60 * 1000)
+                value = self._client.blocking_key_value_get(self.KEY, int(self.POLL_S * 1000))
                 break
-            except Exception:  # pylint: disable=broad-except  # Timeout, or shutdown.
-                if self._closed:
+            except Exception:  # pylint: disable=broad-except  # No announcement yet.
+                if self._closed.is_set():
                     return
-                time.sleep(1.0)
-        else:
-            return
-        self._message = value
+        if not self._message:
+            self._message = value
         self._event.set()
-        deadline = time.monotonic() + self._grace
-        while time.monotonic() < deadline:
-            if self._handled.is_set() or self._closed:
-                return
-            time.sleep(0.1)
-        if self._handled.is_set() or self._closed:
+        if self._closed.wait(self._grace) or self._handled.is_set():
             return
-        error = self._error()  # The main thread is stuck (a collective with the failed process).
-        code = self._codes.get(type(error), 1)
-        print(f"vlm-jax: {type(error).__name__}: {error}", flush=True)
-        os._exit(code)  # pylint: disable=protected-access
+        # The main thread did not get to check(): it waits in a collective that the process that
+        # failed will never join.
+        error = self._error()
+        print(f"{self._command}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        os._exit(self._codes.get(type(error), 1))  # pylint: disable=protected-access
