@@ -7,6 +7,7 @@ at import when libtpu and TPU chips are present). jax's own cluster classes take
 ``jax.distributed`` is never touched.
 """
 import json
+import os
 import re
 import subprocess
 import sys
@@ -221,3 +222,38 @@ def test_bad_samples_read_by_one_process_stop_both(repo_root, shapes_data_dir, t
     message = errors["0"][1]
     assert "max_skipped_fraction=0.1" in message and "empty_caption" in message
     assert t_exit - t_start < 60
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fault,code,shown", [
+    ("data_error@3:p1", 2, "vlm-jax train: DataError: process 1: injected fault data_error@3"),
+    ("eval_error@2:p1", 1, "RuntimeError: process 1: injected fault eval_error@2")])
+def test_an_error_on_one_process_stops_both(fault, code, shown, repo_root, shapes_data_dir,
+                                            tmp_path):
+    """Process 1 alone fails (its data iterator, or an evaluator) while process 0 goes on into
+    the next collective: process 0 stops too, with the same error and exit code, in seconds."""
+    args = ["train", "--config", str(repo_root / "experiments/clip_tiny.py") + ":test",
+            "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={shapes_data_dir}",
+            "--config.total_steps=30", "--config.log_every_steps=1",
+            "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=2",
+            "--config.eval.evaluators=['zeroshot']"]
+    cmd = [sys.executable, "-u", "-m", "vlm_jax.launch_local", "--num_processes", "2",
+           "--devices_per_process", "1", "--timeout", "300", "--grace", "120", "--", *args]
+    lines = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=repo_root, env=dict(os.environ, VLM_JAX_FAULTS=fault))
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), x)
+                                                          for x in proc.stdout), daemon=True)
+    reader.start()
+    proc.wait(timeout=400)
+    t_exit = time.monotonic()
+    reader.join(timeout=10)
+    out = "".join(x for _, x in lines)
+    codes = dict(re.findall(r"\[launch_local\] process (\d) exited with code (-?\d+)", out))
+    t_fail = next((t for t, x in lines if "[p1]" in x and "injected fault" in x), None)
+    assert t_fail is not None, out[-3000:]
+    print(f"\n{fault}: process 1 failed -> both exited: {t_exit - t_fail:.1f} s; exit codes "
+          f"{codes}")
+    assert codes == {"0": str(code), "1": str(code)}, out[-3000:]
+    assert any(x.startswith("[p0]") and shown in x for _, x in lines), out[-3000:]
+    assert t_exit - t_fail < 60

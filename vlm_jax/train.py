@@ -464,6 +464,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     try:
         for step in range(start, total):
             agreement.check()
+            faults.maybe_fail("data_error", step + 1)  # Reliability tests only.
             local = next(train_iter)
             batch = parallel.make_global_batch({k: local[k] for k in batch_shapes}, s.mesh)
             if step == start and jax.process_count() > 1:
@@ -509,6 +510,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
                 writer.close()
                 return {"preempted_at_step": done}
             if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
+                faults.maybe_fail("eval_error", done)  # Reliability tests only.
                 results = evaluate(s, state["params"], eval_data, data.tokenizer)
                 agreement.check()
                 writer.write(done, {f"eval/{k}": v for k, v in results.items()})
