@@ -180,6 +180,7 @@ class StopAgreement:
 
     KEY = "vlm_jax/stop"
     POLL_S = 1.0
+    SHUTDOWN_S = 20.0
 
     def __init__(self, exit_codes: Mapping[type, int] | None = None, grace_s: float = 10.0,
                  command: str = "vlm-jax train"):
@@ -264,4 +265,13 @@ class StopAgreement:
         # failed will never join.
         error = self._error()
         print(f"{self._command}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        # Leave the coordination service in order first: the failed process waits for this one
+        # at jax's shutdown barrier, and if this process (process 0 hosts the service) vanished
+        # without it, that process would abort on the lost service instead of exiting with its
+        # error. Bounded, in case a peer is really dead.
+        import jax  # pylint: disable=import-outside-toplevel
+
+        done = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+        done.start()
+        done.join(timeout=self.SHUTDOWN_S)
         os._exit(self._codes.get(type(error), 1))  # pylint: disable=protected-access
