@@ -107,7 +107,11 @@ def plan_distributed(coordinator_address: str | None = None, num_processes: int 
         return DistributedPlan(False, "single")
     # The count and id come from the same classes jax.distributed.initialize() asks; the
     # coordinator address is left to jax (on TPU it waits for the worker's DNS name).
-    count, pid = env.get_process_count(), env.get_process_id()
+    try:
+        count, pid = env.get_process_count(), env.get_process_id()
+    except Exception as e:  # pylint: disable=broad-except  # jax reports it with its context.
+        log.warning("Cluster %s detected but its size is unknown (%s); jax decides.", env.name, e)
+        return DistributedPlan(True, "cluster", env.name)
     if count <= 1:  # A single-host TPU VM, a one-task job: nothing to coordinate.
         return DistributedPlan(False, "cluster", env.name, None, count, pid)
     return DistributedPlan(True, "cluster", env.name, None, count, pid)
@@ -153,7 +157,9 @@ def global_counts(counts: Mapping[str, int], keys: tuple[str, ...]) -> dict[str,
         return dict(zip(keys, local.tolist()))
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-    total = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys)).sum(0)
+    # Gathered as int32 (jax without x64), summed as int64: billions of samples over a pod.
+    gathered = np.asarray(multihost_utils.process_allgather(local), np.int64)
+    total = gathered.reshape(-1, len(keys)).sum(0)
     return dict(zip(keys, total.tolist()))
 
 
