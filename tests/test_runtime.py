@@ -6,7 +6,6 @@ metadata server's answers (there is no metadata server here): the only two thing
 at import when libtpu and TPU chips are present). jax's own cluster classes take the decision;
 ``jax.distributed`` is never touched.
 """
-import json
 import os
 import re
 import subprocess
