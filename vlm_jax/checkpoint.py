@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -381,6 +382,12 @@ class Checkpointer:
         self.manager.close()
 
 
+def _preemption_sync_manager():
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
+    return distributed.global_state.preemption_sync_manager
+
+
 def _dotted(path: tuple) -> str:
     """A pytree path as ``params.image.cls_token`` (dict keys, attributes and indices alike)."""
     return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
@@ -388,13 +395,17 @@ def _dotted(path: tuple) -> str:
 
 
 class PreemptionWatcher:
-    """Tells the train loop when to save and stop because the VM is being preempted (SIGTERM).
+    """Tells the train loop when to save and stop because the VM is being preempted (SIGTERM) or
+    the user pressed Ctrl-C (SIGINT).
 
     Cloud TPU VMs get SIGTERM before preemption, and on a pod the hosts may get it at different
-    steps. With several processes the decision goes through JAX's preemption sync manager
-    (started by ``jax.distributed.initialize``, which catches SIGTERM), so that every process
-    sees ``reached(step)`` true at the same step and all save that step together. A single
-    process catches SIGTERM (and SIGINT) itself.
+    steps, or only some of them. With several processes the decision goes through JAX's
+    preemption sync manager (started by ``jax.distributed.initialize``): its notifier catches
+    SIGTERM in C++ (xla/tsl ``SigtermNotifier``, SIGTERM only), tells the coordination service,
+    and every process sees ``reached(step)`` true at the same step, so all save that step
+    together even if one process alone got the signal. SIGINT is routed into the same path: the
+    handler re-raises it to this process as SIGTERM (a second Ctrl-C interrupts at once, as
+    usual). A single process catches SIGTERM and SIGINT itself.
     """
 
     def __init__(self):
@@ -405,10 +416,18 @@ class PreemptionWatcher:
         if not self._multi:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handler)
+        elif _preemption_sync_manager() is not None:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._sigint_to_sigterm)
 
     def _handler(self, signum, _frame):
         self.signal_name = signal.Signals(signum).name
         self._flag.set()
+
+    def _sigint_to_sigterm(self, signum, frame):
+        if self._flag.is_set():  # Second Ctrl-C: the user does not want to wait for the save.
+            signal.default_int_handler(signum, frame)
+        self._handler(signum, frame)
+        os.kill(os.getpid(), signal.SIGTERM)  # Caught by JAX's preemption notifier.
 
     def reached(self, step: int) -> bool:
         """True once a preemption notice has arrived (at the same step on every process)."""
@@ -419,8 +438,8 @@ class PreemptionWatcher:
                 hit = multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # Preemption service disabled: nothing to watch.
                 return False
-            if hit:
-                self.signal_name = "SIGTERM"
+            if hit and self.signal_name is None:
+                self.signal_name = "SIGTERM (here or on another process)"
             return hit
         return self._flag.is_set()
 

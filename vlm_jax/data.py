@@ -339,8 +339,32 @@ def _captions_per_image(retrieval: dict) -> list[list[str]]:
     return per_image
 
 
+def global_skip_stats() -> dict[str, int]:
+    """The bad-sample counts of :data:`input_pipeline.transforms.SKIP_STATS` (``seen``,
+    ``skipped``, ``skipped/<reason>``) summed over all processes.
+
+    Every process gets the same numbers, so :func:`check_skipped` takes the same decision on all
+    of them (a process whose shards hold the bad samples does not stop alone, leaving the others
+    waiting in the next collective), and the logged ``data/*`` are those of the whole run.
+    A collective: call it at the same steps on every process (the log steps).
+    """
+    from input_pipeline.transforms import SKIP_REASONS, SKIP_STATS  # pylint: disable=C0415
+    from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
+
+    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_REASONS))
+    local = SKIP_STATS.snapshot()
+    unknown = [k for k in local if k not in keys]
+    if unknown:  # A reason added to the pipeline but not to SKIP_REASONS would be lost.
+        raise ValueError(f"SKIP_STATS has reasons {unknown} that SKIP_REASONS does not list.")
+    total = runtime.global_counts(local, keys)
+    return {k: v for k, v in total.items() if v or not k.startswith("skipped/")}
+
+
 def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
     """Stops the run when bad samples exceed ``config.data.max_skipped_fraction``.
+
+    ``stats``: :func:`global_skip_stats` (the counts of all processes), so that every process
+    raises the same error at the same step.
 
     Raises:
         DataError: naming the fraction, the threshold and the commonest reasons.
@@ -355,8 +379,8 @@ def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
                           if k.startswith("skipped/")), reverse=True)
         listed = ", ".join(f"{r}: {n}" for n, r in reasons[:4])
         raise DataError(
-            f"{100 * frac:.1f}% of the {seen} samples read were skipped ({listed}), more than "
-            f"config.data.max_skipped_fraction={limit}. Check config.data.train_files "
+            f"{100 * frac:.1f}% of the {seen} samples read (all processes) were skipped "
+            f"({listed}), more than config.data.max_skipped_fraction={limit}. Check config.data.train_files "
             f"({config.data.get('train_files', '')}) or raise the threshold.")
 
 

@@ -8,8 +8,15 @@ starts ``python -m vlm_jax.main <command> ... --coordinator_address 127.0.0.1:<p
 ``--xla_force_host_platform_device_count`` CPU devices, connected by ``jax.distributed`` and
 gloo collectives exactly as the hosts of a TPU pod are. Each process loads only its share of
 every batch; process 0 writes logs; all take part in checkpointing. Output lines are prefixed
-with ``[p<i>]``. If one process fails the others are stopped, and the exit code is the first
-non-zero one. SIGINT/SIGTERM are forwarded to every process (a preemption rehearsal).
+with ``[p<i>]``; the launcher first prints ``[launch_local] process <i>: pid <pid>`` for each, so
+that a signal can be sent to one process alone (``kill -TERM <pid>``: a preemption of one host).
+
+SIGINT/SIGTERM sent to the launcher (Ctrl-C) are forwarded once to every process (a preemption of
+all hosts); the processes run in their own session, so a terminal's Ctrl-C reaches them only
+through the launcher. If one process fails, the others get ``grace`` seconds to stop on their own
+(vlm-jax agrees on stop decisions, so they fail with the same error within seconds); any still
+running then are killed, as a dead host's peers would otherwise wait in a collective. The exit
+code is the first non-zero one.
 """
 
 from __future__ import annotations
@@ -40,8 +47,11 @@ def _pump(proc: subprocess.Popen, prefix: str, sink) -> None:
 
 def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: int = 4,
            port: int | None = None, env: dict | None = None, timeout: float | None = None,
-           sink=None) -> int:
-    """Runs ``vlm-jax <command>`` as ``num_processes`` local processes; returns the exit code."""
+           sink=None, grace: float = 30.0) -> int:
+    """Runs ``vlm-jax <command>`` as ``num_processes`` local processes; returns the exit code.
+
+    ``grace``: seconds the others may take to stop after one process failed, before being
+    killed."""
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError("num_processes and devices_per_process must be >= 1.")
     port = port or _free_port()
@@ -58,8 +68,10 @@ def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: 
                "--coordinator_address", f"127.0.0.1:{port}",
                "--num_processes", str(num_processes), "--process_id", str(i)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=base)
+                                env=base, start_new_session=True)
         procs.append(proc)
+        sink.write(f"[launch_local] process {i}: pid {proc.pid}\n")
+        sink.flush()
         t = threading.Thread(target=_pump, args=(proc, f"[p{i}] ", sink), daemon=True)
         t.start()
         pumps.append(t)
@@ -74,6 +86,7 @@ def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: 
     try:
         remaining = list(procs)
         deadline = None if timeout is None else time.monotonic() + timeout
+        kill_at = None
         while remaining:
             for p in list(remaining):
                 try:
@@ -81,10 +94,16 @@ def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: 
                 except subprocess.TimeoutExpired:
                     continue
                 remaining.remove(p)
+                sink.write(f"[launch_local] process {procs.index(p)} exited with code {rc}\n")
+                sink.flush()
                 if rc != 0 and code == 0:
                     code = rc
-                    for other in remaining:  # A dead peer would leave the others hanging.
-                        other.terminate()
+                    kill_at = time.monotonic() + grace
+            if kill_at is not None and remaining and time.monotonic() > kill_at:
+                sink.write(f"[launch_local] killing {len(remaining)} process(es) still running "
+                           f"{grace:.0f} s after one failed\n")
+                for p in remaining:  # A dead peer would leave them waiting in a collective.
+                    p.kill()
             if deadline is not None and time.monotonic() > deadline:
                 for p in remaining:
                     p.kill()
@@ -112,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="CPU devices per process (the global mesh spans all of them)")
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before killing all")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds the others may take to stop after one process failed")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         split = argv.index("--")
@@ -123,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         parser.error("no vlm-jax command given (e.g. -- train --config ... --workdir ...)")
     return launch(command, args.num_processes, args.devices_per_process, args.port,
-                  timeout=args.timeout)
+                  timeout=args.timeout, grace=args.grace)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -136,15 +135,11 @@ def _load(args, overrides):
 
 
 def _init_distributed(args) -> None:
-    import jax  # pylint: disable=import-outside-toplevel
+    """Starts jax.distributed from explicit flags or a cluster jax detects (vlm_jax.runtime)."""
+    from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
 
-    if args.coordinator_address or args.num_processes:
-        # Cross-process collectives of the CPU backend (local multi-process runs); the setting
-        # does not affect TPU/GPU backends. No backend may be initialised before this point.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()  # Multi-host Cloud TPU: topology from the environment.
+    runtime.initialize(runtime.plan_distributed(args.coordinator_address, args.num_processes,
+                                                args.process_id))
 
 
 def _data_command(args, config) -> int:

@@ -25,13 +25,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from input_pipeline.transforms import SKIP_STATS
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config as config_lib
 from vlm_jax import data as data_lib
 from vlm_jax import evaluators as evaluators_lib
 from vlm_jax import metrics as metrics_lib
-from vlm_jax import faults, models, objectives, optim, parallel, paths, profiling
+from vlm_jax import faults, models, objectives, optim, parallel, paths, profiling, runtime
 from vlm_jax.config import ConfigError
 from vlm_jax.evaluators.common import FeatureExtractor
 
@@ -47,6 +46,12 @@ GUARD_DEFAULTS = {"nonfinite": "stop", "max_consecutive_skips": 10}
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient became NaN/Inf (``config.guard``); the last good checkpoint is kept."""
+
+
+# The errors `vlm-jax train` reports with an exit code (main.py); a process that stops because
+# another one met such an error raises the same type and exits with the same code.
+STOP_EXIT_CODES = {data_lib.DataError: 2, ConfigError: 2, ckpt_lib.CheckpointError: 2,
+                   TrainingDiverged: 3}
 
 
 @dataclasses.dataclass
@@ -451,10 +456,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     progress = _Progress(start, total, enabled=is_main)
     checker = _StepChecker(guard, workdir, progress)
     preemption = ckpt_lib.PreemptionWatcher()
+    # An error one process meets (a DataError from its shards, an evaluator failing) stops every
+    # process with the same error, instead of leaving them in the next collective.
+    agreement = runtime.StopAgreement(STOP_EXIT_CODES)
     results: dict[str, float] = {}
     t0, t0_step = time.perf_counter(), start
     try:
         for step in range(start, total):
+            agreement.check()
+            faults.maybe_fail("data_error", step + 1)  # Reliability tests only.
             local = next(train_iter)
             batch = parallel.make_global_batch({k: local[k] for k in batch_shapes}, s.mesh)
             if step == start and jax.process_count() > 1:
@@ -480,8 +490,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
                 t0, t0_step = time.perf_counter(), done
                 if checker.skipped:
                     metrics["train/skipped_steps"] = checker.skipped
-                if data.source is not None:  # Raw shards: bad samples skipped so far, by reason.
-                    stats = SKIP_STATS.snapshot()
+                if data.source is not None:  # Raw shards: bad samples skipped so far, by reason,
+                    stats = data_lib.global_skip_stats()  # of all processes: the same decision.
                     metrics.update({f"data/{k}": v for k, v in stats.items() if k != "seen"})
                     data_lib.check_skipped(stats, config)
                 writer.write(done, metrics)
@@ -500,28 +510,36 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
                 writer.close()
                 return {"preempted_at_step": done}
             if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
+                faults.maybe_fail("eval_error", done)  # Reliability tests only.
                 results = evaluate(s, state["params"], eval_data, data.tokenizer)
+                agreement.check()
                 writer.write(done, {f"eval/{k}": v for k, v in results.items()})
                 progress.write(f"step {done}: " + ", ".join(f"{k}={v:.3f}" for k, v in
                                                            results.items()))
+        if not results:  # No periodic eval ran (eval.every_steps=0, or training was complete).
+            results = evaluate(s, state["params"], eval_data, data.tokenizer)
+        agreement.check()
         progress.close()
         ckpt.close()
     except Exception as e:
         if ckpt_lib.is_disk_full(e):
-            raise ckpt_lib.CheckpointError(
+            error = ckpt_lib.CheckpointError(
                 f"Disk full while writing to {workdir} ({e}). The complete checkpoints are "
                 f"intact (latest: step {ckpt.latest_step()}); free space and run the same "
-                "command to resume.") from e
+                "command to resume.")
+            raise agreement.announce(error) from e
+        agreed = agreement.announce(e)  # The others stop too, with the same error.
         try:  # Commit the saves still in flight: they hold states from before the failure.
             ckpt.wait()
         except Exception:  # pylint: disable=broad-except
             log.exception("A checkpoint save in flight failed while stopping.")
+        if agreed is not e:
+            raise agreed from e
         raise
     finally:
         preemption.close()
         profiler.close()
-    if not results:  # No periodic eval ran (eval.every_steps=0, or training was complete).
-        results = evaluate(s, state["params"], eval_data, data.tokenizer)
+        agreement.close()
     results_file = write_eval_results(workdir, config, total, results) if results else None
     writer.close()
     plot = metrics_lib.plot_metrics(workdir)
