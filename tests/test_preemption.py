@@ -139,3 +139,22 @@ def test_signals_to_one_process_save_the_same_step_everywhere_and_resume(
     assert sorted(got) == list(range(1, TOTAL + 1))
     for step in range(a + 1, TOTAL + 1):
         assert got[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_preempted_exit_code(repo_root, shapes_data_dir, tmp_path):
+    """``--preempted_exit_code 42`` (xpk / JobSet restart on 42): a SIGTERM'd single-process run
+    saves its step and exits 42 instead of 0; the same command resumes from that step."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-u", "-m", "vlm_jax.main",
+           *_args(repo_root, shapes_data_dir, workdir), "--preempted_exit_code", "42"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=repo_root, env=env)
+    run = type("Run", (), {"proc": proc, "out": ""})()
+    _wait_for_step(workdir, 2, run)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 42, out[-3000:]
+    saved = int(re.search(r"Preempted \(SIGTERM\) at step (\d+)", out)[1])
+    assert (workdir / "checkpoints" / str(saved)).is_dir()
+    assert max(_losses(workdir)) == saved < TOTAL

@@ -47,6 +47,10 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p = sub.add_parser("train", help="train (or resume) a model in --workdir, then evaluate")
     common(p)
     p.add_argument("--workdir", required=True)
+    p.add_argument("--preempted_exit_code", type=int, default=0,
+                   help="exit code after saving on a preemption notice (SIGTERM) or Ctrl-C "
+                        "(default 0); e.g. 42 under xpk / JobSet, which restarts a workload on "
+                        "that code and treats 0 as finished")
     p = sub.add_parser("eval", help="evaluate the latest (or --step) checkpoint of a workdir")
     common(p, config_required=False)
     where = p.add_mutually_exclusive_group(required=True)
@@ -216,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 
             try:
-                train.train_and_evaluate(config, args.workdir)
+                out = train.train_and_evaluate(config, args.workdir)
+                if "preempted_at_step" in out:  # Saved; the same command resumes.
+                    return args.preempted_exit_code
             except train.TrainingDiverged as e:
                 print(f"vlm-jax train: TrainingDiverged: {e}", file=sys.stderr)
                 return 3
