@@ -20,8 +20,13 @@ bad sample never stops a run.
 * :class:`ArrayRecordSource` reads ArrayRecord shards written by :func:`write_array_record`
   (one msgpack-encoded record each), the format `vlm-jax data convert` produces.
 
-Paths may be local or remote (``gs://...`` through etils.epath) and may use brace ranges
-(``shard-{00000..00099}.tar``) and globs.
+Paths may be local or remote (``gs://...``) and may use brace ranges
+(``shard-{00000..00099}.tar``) and globs. Listing and tar shards go through etils.epath
+(gcsfs for ``gs://``); ArrayRecord files (ours and TFDS's) are read by array_record's own C++
+reader, which opens ``gs://`` objects with riegeli's ``GcsReader`` (google-cloud-cpp, REST):
+it uses Application Default Credentials and, for an emulator or another endpoint,
+``CLOUD_STORAGE_EMULATOR_ENDPOINT`` -- not gcsfs's ``STORAGE_EMULATOR_HOST``
+(:func:`check_array_record_gcs`).
 """
 
 from __future__ import annotations
@@ -72,11 +77,44 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
             except ImportError as e:  # fsspec names the missing backend (gcsfs, s3fs, ...)
                 raise DataError(f"Cannot read {expanded!r}: {e} (`pip install -e \".[tpu]\"` "
                                 "brings gcsfs for gs:// paths).") from e
+            except FileNotFoundError:  # gcsfs: the bucket of a glob does not exist.
+                matches, why = [], " (its bucket or directory does not exist)"
+            except OSError as e:  # e.g. no permission to list the bucket, no network
+                raise DataError(f"Cannot list {expanded!r} (from {pattern!r}): "
+                                f"{type(e).__name__}: {e}; check the path and the credentials "
+                                "(`gcloud storage ls` with the same account).") from e
+            else:
+                why = ""
             if not matches:
-                raise DataError(f"No file matches {expanded!r} (from {pattern!r}); check the path "
-                                "in config.data.train_files.")
+                raise DataError(f"No file matches {expanded!r} (from {pattern!r}){why}; check "
+                                "the path in config.data.train_files.")
             out.extend(matches)
     return out
+
+
+def check_array_record_gcs(path: str | os.PathLike) -> None:
+    """Fails fast where array_record's C++ GCS client would hang on ``gs://`` ``path``.
+
+    array_record reads ``gs://`` objects through google-cloud-cpp, which is pointed at an
+    emulator (or any GCS-compatible endpoint) by ``CLOUD_STORAGE_EMULATOR_ENDPOINT``; it ignores
+    ``STORAGE_EMULATOR_HOST`` (gcsfs's variable). With only the latter set, gcsfs lists and
+    stats the emulator's objects while array_record goes to storage.googleapis.com and, without
+    credentials or a route there, retries for up to 15 minutes. Local paths pass.
+
+    Raises:
+        DataError: ``STORAGE_EMULATOR_HOST`` is set and ``CLOUD_STORAGE_EMULATOR_ENDPOINT``
+            is not.
+    """
+    if not os.fspath(path).startswith("gs://"):
+        return
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator and not os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        raise DataError(
+            f"Cannot read ArrayRecord data at {os.fspath(path)!r}: STORAGE_EMULATOR_HOST="
+            f"{emulator} points gcsfs at a GCS emulator, but array_record's GCS client "
+            "(google-cloud-cpp) reads CLOUD_STORAGE_EMULATOR_ENDPOINT and would go to "
+            f"storage.googleapis.com. Set CLOUD_STORAGE_EMULATOR_ENDPOINT={emulator} too (or "
+            "unset STORAGE_EMULATOR_HOST to read the real bucket).")
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -193,10 +231,13 @@ class ArrayRecordSource:
         from array_record.python import array_record_data_source  # pylint: disable=import-outside-toplevel
 
         self.paths = expand_paths(patterns)
+        check_array_record_gcs(self.paths[0])
         try:
             self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
         except Exception as e:  # array_record raises several types for unreadable files.
-            raise DataError(f"Cannot open ArrayRecord shards {self.paths[:3]}: {e}") from e
+            raise DataError(f"Cannot open ArrayRecord shards {self.paths[:3]}"
+                            f"{'...' if len(self.paths) > 3 else ''}: {e}".rstrip()
+                            + _gcs_hint(self.paths[0])) from e
 
     def __len__(self) -> int:
         return len(self._source)
@@ -208,6 +249,14 @@ class ArrayRecordSource:
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} samples)"
+
+
+def _gcs_hint(path: str) -> str:
+    if not path.startswith("gs://"):
+        return ""
+    return (" (array_record reads gs:// with Application Default Credentials; check that the "
+            "objects exist and are readable, e.g. `gcloud storage ls`, or mount the bucket with "
+            "gcsfuse / copy the shards to local disk and use those paths.)")
 
 
 def write_array_record(records: Iterable[Record], path_prefix: str, num_shards: int = 1,
@@ -266,6 +315,7 @@ class TfdsPairSource:
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
         name, _, split = spec.partition("@")
+        check_array_record_gcs(os.fspath(data_dir or os.environ.get("TFDS_DATA_DIR", "")))
         try:
             builder = tfds.builder(name, data_dir=data_dir or None)
             self._source = tfds.data_source(name, split=split or "train",
