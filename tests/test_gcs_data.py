@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from input_pipeline import DataError, pipeline, sources
+from input_pipeline import DataError, eval_data, pipeline, sources
 from input_pipeline.shapes import builder as shapes_builder
 from input_pipeline.tokenizers import SentencePieceTokenizer
 from tests.data_fixtures import tiny_data_dir  # noqa: F401
@@ -114,6 +114,18 @@ def test_tfds_data_dir_on_gcs_reads_like_local(bucket, tiny_data_dir):  # noqa: 
     for k in ref:
         np.testing.assert_array_equal(np.asarray(ev[k]), np.asarray(ref[k]), err_msg=k)
 
+    # eval.dataset=tfds:<name> with eval.data_dir on gs://.
+    ref = eval_data.load_tfds_classification("shapes/64px", split="test", data_dir=tiny_data_dir,
+                                             image_size=32)
+    ev = eval_data.load_tfds_classification("shapes/64px", split="test", data_dir=data_dir,
+                                            image_size=32)
+    assert ev.keys() == ref.keys()
+    for k in ref:
+        if isinstance(ref[k], np.ndarray):
+            np.testing.assert_array_equal(ev[k], ref[k], err_msg=k)
+        else:
+            assert ev[k] == ref[k], k
+
     src = sources.open_source("tfds", "shapes/64px@train", data_dir=data_dir)
     local = sources.open_source("tfds", "shapes/64px@train", data_dir=tiny_data_dir)
     assert len(src) == len(local) and src[5]["image"] == local[5]["image"]
@@ -166,4 +178,7 @@ def test_array_record_gcs_client_not_pointed_at_the_emulator_fails_fast(bucket, 
     with pytest.raises(DataError, match="CLOUD_STORAGE_EMULATOR_ENDPOINT"):
         pipeline.create_train_iterator(data_dir=f"{bucket}/tfds", global_batch_size=8, seed=0,
                                        context_length=16, process_index=0, process_count=1)
+    with pytest.raises(DataError, match="CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        eval_data.load_tfds_classification("shapes/64px", split="test",
+                                           data_dir=f"{bucket}/tfds", image_size=32)
     assert time.monotonic() - start < 5
