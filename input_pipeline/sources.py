@@ -59,8 +59,7 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     Raises:
         DataError: a pattern matches no file.
     """
-    if isinstance(patterns, str):
-        patterns = [p for p in re.split(r"[,\s]+", patterns) if p]
+    patterns = _split_patterns(patterns)
     out: list[str] = []
     for pattern in patterns:
         for expanded in _expand_braces(pattern):
@@ -92,18 +91,29 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     return out
 
 
+def _split_patterns(patterns: str | Sequence[str]) -> list[str]:
+    """``'a,b c'`` -> ``['a', 'b', 'c']``; a sequence is returned as a list."""
+    if isinstance(patterns, str):
+        return [p for p in re.split(r"[,\s]+", patterns) if p]
+    return list(patterns)
+
+
 def check_array_record_gcs(path: str | os.PathLike) -> None:
     """Fails fast where array_record's C++ GCS client would hang on ``gs://`` ``path``.
 
     array_record reads ``gs://`` objects through google-cloud-cpp, which is pointed at an
     emulator (or any GCS-compatible endpoint) by ``CLOUD_STORAGE_EMULATOR_ENDPOINT``; it ignores
     ``STORAGE_EMULATOR_HOST`` (gcsfs's variable). With only the latter set, gcsfs lists and
-    stats the emulator's objects while array_record goes to storage.googleapis.com and, without
-    credentials or a route there, retries for up to 15 minutes. Local paths pass.
+    stats the emulator's objects while array_record goes to storage.googleapis.com. Against
+    real GCS it takes Application Default Credentials; with none (no
+    ``GOOGLE_APPLICATION_CREDENTIALS``, no ``gcloud auth application-default login``, not on a
+    GCP VM) it asks the GCE metadata server for a token and retries for many minutes without
+    an error. Both cases are refused here in well under a second (google-auth performs the same
+    credentials search). Local paths pass.
 
     Raises:
         DataError: ``STORAGE_EMULATOR_HOST`` is set and ``CLOUD_STORAGE_EMULATOR_ENDPOINT``
-            is not.
+            is not, or no Application Default Credentials are found.
     """
     if not os.fspath(path).startswith("gs://"):
         return
@@ -115,6 +125,21 @@ def check_array_record_gcs(path: str | os.PathLike) -> None:
             "(google-cloud-cpp) reads CLOUD_STORAGE_EMULATOR_ENDPOINT and would go to "
             f"storage.googleapis.com. Set CLOUD_STORAGE_EMULATOR_ENDPOINT={emulator} too (or "
             "unset STORAGE_EMULATOR_HOST to read the real bucket).")
+    if os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        return  # google-cloud-cpp uses anonymous credentials with an emulator.
+    try:
+        import google.auth  # pylint: disable=import-outside-toplevel
+        import google.auth.exceptions  # pylint: disable=import-outside-toplevel
+    except ImportError:  # google-auth comes with gcsfs; without it, let array_record try.
+        return
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError as e:
+        raise DataError(
+            f"Cannot read ArrayRecord data at {os.fspath(path)!r}: no Google credentials "
+            f"({str(e).splitlines()[0]}). Run `gcloud auth application-default login`, set "
+            "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run on a GCP VM "
+            "whose service account can read the bucket.") from e
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -230,8 +255,11 @@ class ArrayRecordSource:
     def __init__(self, patterns: str | Sequence[str]):
         from array_record.python import array_record_data_source  # pylint: disable=import-outside-toplevel
 
+        # Before gcsfs lists anything; one check covers all (same client and credentials).
+        remote = [p for p in _split_patterns(patterns) if p.startswith("gs://")]
+        if remote:
+            check_array_record_gcs(remote[0])
         self.paths = expand_paths(patterns)
-        check_array_record_gcs(self.paths[0])
         try:
             self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
         except Exception as e:  # array_record raises several types for unreadable files.

@@ -182,3 +182,20 @@ def test_array_record_gcs_client_not_pointed_at_the_emulator_fails_fast(bucket, 
         eval_data.load_tfds_classification("shapes/64px", split="test",
                                            data_dir=f"{bucket}/tfds", image_size=32)
     assert time.monotonic() - start < 5
+
+
+def test_array_record_on_gcs_without_credentials_fails_fast(monkeypatch, tmp_path):
+    # Real GCS, no Application Default Credentials: google-cloud-cpp would ask the GCE metadata
+    # server for a token and retry for minutes; refused up front, naming the path and the fix.
+    for var in ("STORAGE_EMULATOR_HOST", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+                "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # no gcloud ADC file
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # not on a GCP VM
+    path = "gs://vlm-data/ar/pairs-00000-of-00002.array_record"
+    start = time.monotonic()
+    with pytest.raises(DataError, match="(?s)pairs-00000-of-00002.*application-default login"):
+        sources.ArrayRecordSource(path)
+    with pytest.raises(DataError, match="no Google credentials"):
+        sources.open_source("tfds", "shapes/64px@train", data_dir="gs://vlm-data/tfds")
+    assert time.monotonic() - start < 5
