@@ -42,6 +42,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import fsspec
 import msgpack
 from etils import epath
 
@@ -220,9 +221,21 @@ class WebDatasetSource:
     def _read(self, member: _Member | None) -> bytes | None:
         if member is None:
             return None
-        f = self._file(member.shard)
-        f.seek(member.offset)
-        data = f.read(member.size)
+        path = self.paths[member.shard]
+        if "://" in path:
+            # One ranged GET of exactly the member's bytes (thread-safe, no handle to keep). A
+            # gcsfs file object reads ahead (5 MiB blocks, prefetch tuned to sequential reads),
+            # which the random access of a shuffled stream wastes; epath's open() takes no
+            # block_size / cache_type, hence fsspec (epath's own gs:// backend) here.
+            fs, fs_path = fsspec.core.url_to_fs(path)
+            try:
+                data = fs.cat_file(fs_path, start=member.offset, end=member.offset + member.size)
+            except FileNotFoundError:  # removed since it was indexed
+                return None
+        else:
+            f = self._file(member.shard)
+            f.seek(member.offset)
+            data = f.read(member.size)
         return data if len(data) == member.size else None  # truncated payload
 
     def __getitem__(self, index: int) -> Record:
