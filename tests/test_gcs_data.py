@@ -8,6 +8,7 @@ DataError naming the path, fast.
 """
 
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -98,6 +99,38 @@ def test_array_record_on_gcs_trains_like_local(tmp_path, bucket, tokenizer):
     assert len(got) == len(want) == 20
     assert [got[i] for i in range(20)] == [want[i] for i in range(20)]
     _assert_same_batches(_batches(got, tokenizer), _batches(want, tokenizer))
+
+
+def test_grain_worker_process_reads_a_gcs_mixture_like_local(tmp_path, bucket, tokenizer):
+    # Grain's worker processes reopen the sources: gcsfs for the tar members, array_record's
+    # C++ client for the ArrayRecord shards. A weighted mixture of both kinds, read by one
+    # worker process from gs://, must give the batches of the local copies read in-process.
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (as vlm_jax.main does)
+        flags.FLAGS(sys.argv[:1], known_only=True)
+    write_shard(tmp_path / "m.tar", [good(i) for i in range(12)])
+    remote = f"{bucket}/mixture"  # the layout of tmp_path
+    _upload(tmp_path / "m.tar", f"{remote}/m.tar")
+    records = [{"key": f"{i:04d}", "image": good(i)[1]["png"], "caption": f"c {i}",
+                "metadata": None} for i in range(100, 112)]
+    sources.write_array_record(records, str(tmp_path / "mix" / "p"))
+    sources.write_array_record(records, f"{remote}/mix/p")
+
+    def batches(root, worker_count):
+        mixture = [(sources.WebDatasetSource(f"{root}/m.tar"), 1.0),
+                   (sources.ArrayRecordSource(f"{root}/mix/p-*.array_record"), 1.0)]
+        it = pipeline.create_pair_iterator(mixture, tokenizer=tokenizer, global_batch_size=4,
+                                           seed=5, image_size=16, process_index=0,
+                                           process_count=1, worker_count=worker_count)
+        try:
+            return [next(it) for _ in range(4)]
+        finally:
+            it.close()
+
+    want = batches(str(tmp_path), 0)
+    got = batches(remote, 1)
+    _assert_same_batches(got, want)
 
 
 def test_tfds_data_dir_on_gcs_reads_like_local(bucket, tiny_data_dir):  # noqa: F811
