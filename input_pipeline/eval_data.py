@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from input_pipeline import DataError, pipeline, shapes
+from input_pipeline import DataError, pipeline, shapes, sources
 from input_pipeline.transforms import DecodeImage, ResizeCenterCrop, to_str
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def _open(name: str, split: str, data_dir: str | os.PathLike | None,
     bytes, decoded later with PIL as RGB (which also converts greyscale and CMYK JPEGs).
     """
     data_dir = os.fspath(data_dir) if data_dir else shapes.default_data_dir()
+    sources.check_array_record_gcs(data_dir)  # gs:// records are read by array_record's client
     builder = open_builder(name, [split], data_dir, image_key)
     features = builder.info.features
     decoders = ({image_key: tfds.decode.SkipDecoding()}

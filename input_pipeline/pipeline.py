@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from input_pipeline import DataError
-from input_pipeline import shapes
+from input_pipeline import shapes, sources
 from input_pipeline.tokenizers import SentencePieceTokenizer
 from input_pipeline.transforms import example_transforms, pair_transforms, to_str
 
@@ -75,7 +75,12 @@ def split_builder(data_dir: str | os.PathLike | None, dataset: str, config_name:
 
 def _data_source(data_dir: str | os.PathLike | None, dataset: str, config_name: str,
                  split: str) -> tuple[Any, tfds.core.DatasetBuilder]:
-    """Random-access source of one split and its builder (for metadata)."""
+    """Random-access source of one split and its builder (for metadata).
+
+    Metadata is read through etils.epath, records through array_record (``gs://`` data_dirs
+    too: see :func:`input_pipeline.sources.check_array_record_gcs`).
+    """
+    sources.check_array_record_gcs(os.fspath(data_dir or shapes.default_data_dir()))
     builder = split_builder(data_dir, dataset, config_name, [split])
     return builder.as_data_source(split), builder
 

@@ -20,8 +20,13 @@ bad sample never stops a run.
 * :class:`ArrayRecordSource` reads ArrayRecord shards written by :func:`write_array_record`
   (one msgpack-encoded record each), the format `vlm-jax data convert` produces.
 
-Paths may be local or remote (``gs://...`` through etils.epath) and may use brace ranges
-(``shard-{00000..00099}.tar``) and globs.
+Paths may be local or remote (``gs://...``) and may use brace ranges
+(``shard-{00000..00099}.tar``) and globs. Listing and tar shards go through etils.epath
+(gcsfs for ``gs://``); ArrayRecord files (ours and TFDS's) are read by array_record's own C++
+reader, which opens ``gs://`` objects with riegeli's ``GcsReader`` (google-cloud-cpp, REST):
+it uses Application Default Credentials and, for an emulator or another endpoint,
+``CLOUD_STORAGE_EMULATOR_ENDPOINT`` -- not gcsfs's ``STORAGE_EMULATOR_HOST``
+(:func:`check_array_record_gcs`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import fsspec
 import msgpack
 from etils import epath
 
@@ -54,8 +60,7 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     Raises:
         DataError: a pattern matches no file.
     """
-    if isinstance(patterns, str):
-        patterns = [p for p in re.split(r"[,\s]+", patterns) if p]
+    patterns = _split_patterns(patterns)
     out: list[str] = []
     for pattern in patterns:
         for expanded in _expand_braces(pattern):
@@ -72,11 +77,70 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
             except ImportError as e:  # fsspec names the missing backend (gcsfs, s3fs, ...)
                 raise DataError(f"Cannot read {expanded!r}: {e} (`pip install -e \".[tpu]\"` "
                                 "brings gcsfs for gs:// paths).") from e
+            except FileNotFoundError:  # gcsfs: the bucket of a glob does not exist.
+                matches, why = [], " (its bucket or directory does not exist)"
+            except OSError as e:  # e.g. no permission to list the bucket, no network
+                raise DataError(f"Cannot list {expanded!r} (from {pattern!r}): "
+                                f"{type(e).__name__}: {e}; check the path and the credentials "
+                                "(`gcloud storage ls` with the same account).") from e
+            else:
+                why = ""
             if not matches:
-                raise DataError(f"No file matches {expanded!r} (from {pattern!r}); check the path "
-                                "in config.data.train_files.")
+                raise DataError(f"No file matches {expanded!r} (from {pattern!r}){why}; check "
+                                "the path in config.data.train_files.")
             out.extend(matches)
     return out
+
+
+def _split_patterns(patterns: str | Sequence[str]) -> list[str]:
+    """``'a,b c'`` -> ``['a', 'b', 'c']``; a sequence is returned as a list."""
+    if isinstance(patterns, str):
+        return [p for p in re.split(r"[,\s]+", patterns) if p]
+    return list(patterns)
+
+
+def check_array_record_gcs(path: str | os.PathLike) -> None:
+    """Fails fast where array_record's C++ GCS client would hang on ``gs://`` ``path``.
+
+    array_record reads ``gs://`` objects through google-cloud-cpp, which is pointed at an
+    emulator (or any GCS-compatible endpoint) by ``CLOUD_STORAGE_EMULATOR_ENDPOINT``; it ignores
+    ``STORAGE_EMULATOR_HOST`` (gcsfs's variable). With only the latter set, gcsfs lists and
+    stats the emulator's objects while array_record goes to storage.googleapis.com. Against
+    real GCS it takes Application Default Credentials; with none (no
+    ``GOOGLE_APPLICATION_CREDENTIALS``, no ``gcloud auth application-default login``, not on a
+    GCP VM) it asks the GCE metadata server for a token and retries for many minutes without
+    an error. Both cases are refused here in well under a second (google-auth performs the same
+    credentials search). Local paths pass.
+
+    Raises:
+        DataError: ``STORAGE_EMULATOR_HOST`` is set and ``CLOUD_STORAGE_EMULATOR_ENDPOINT``
+            is not, or no Application Default Credentials are found.
+    """
+    if not os.fspath(path).startswith("gs://"):
+        return
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator and not os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        raise DataError(
+            f"Cannot read ArrayRecord data at {os.fspath(path)!r}: STORAGE_EMULATOR_HOST="
+            f"{emulator} points gcsfs at a GCS emulator, but array_record's GCS client "
+            "(google-cloud-cpp) reads CLOUD_STORAGE_EMULATOR_ENDPOINT and would go to "
+            f"storage.googleapis.com. Set CLOUD_STORAGE_EMULATOR_ENDPOINT={emulator} too (or "
+            "unset STORAGE_EMULATOR_HOST to read the real bucket).")
+    if os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        return  # google-cloud-cpp uses anonymous credentials with an emulator.
+    try:
+        import google.auth  # pylint: disable=import-outside-toplevel
+        import google.auth.exceptions  # pylint: disable=import-outside-toplevel
+    except ImportError:  # google-auth comes with gcsfs; without it, let array_record try.
+        return
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError as e:
+        raise DataError(
+            f"Cannot read ArrayRecord data at {os.fspath(path)!r}: no Google credentials "
+            f"({str(e).splitlines()[0]}). Run `gcloud auth application-default login`, set "
+            "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run on a GCP VM "
+            "whose service account can read the bucket.") from e
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -157,9 +221,21 @@ class WebDatasetSource:
     def _read(self, member: _Member | None) -> bytes | None:
         if member is None:
             return None
-        f = self._file(member.shard)
-        f.seek(member.offset)
-        data = f.read(member.size)
+        path = self.paths[member.shard]
+        if "://" in path:
+            # One ranged GET of exactly the member's bytes (thread-safe, no handle to keep). A
+            # gcsfs file object reads ahead (5 MiB blocks, prefetch tuned to sequential reads),
+            # which the random access of a shuffled stream wastes; epath's open() takes no
+            # block_size / cache_type, hence fsspec (epath's own gs:// backend) here.
+            fs, fs_path = fsspec.core.url_to_fs(path)
+            try:
+                data = fs.cat_file(fs_path, start=member.offset, end=member.offset + member.size)
+            except FileNotFoundError:  # removed since it was indexed
+                return None
+        else:
+            f = self._file(member.shard)
+            f.seek(member.offset)
+            data = f.read(member.size)
         return data if len(data) == member.size else None  # truncated payload
 
     def __getitem__(self, index: int) -> Record:
@@ -192,11 +268,17 @@ class ArrayRecordSource:
     def __init__(self, patterns: str | Sequence[str]):
         from array_record.python import array_record_data_source  # pylint: disable=import-outside-toplevel
 
+        # Before gcsfs lists anything; one check covers all (same client and credentials).
+        remote = [p for p in _split_patterns(patterns) if p.startswith("gs://")]
+        if remote:
+            check_array_record_gcs(remote[0])
         self.paths = expand_paths(patterns)
         try:
             self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
         except Exception as e:  # array_record raises several types for unreadable files.
-            raise DataError(f"Cannot open ArrayRecord shards {self.paths[:3]}: {e}") from e
+            raise DataError(f"Cannot open ArrayRecord shards {self.paths[:3]}"
+                            f"{'...' if len(self.paths) > 3 else ''}: {e}".rstrip()
+                            + _gcs_hint(self.paths[0])) from e
 
     def __len__(self) -> int:
         return len(self._source)
@@ -208,6 +290,14 @@ class ArrayRecordSource:
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} samples)"
+
+
+def _gcs_hint(path: str) -> str:
+    if not path.startswith("gs://"):
+        return ""
+    return (" (array_record reads gs:// with Application Default Credentials; check that the "
+            "objects exist and are readable, e.g. `gcloud storage ls`, or mount the bucket with "
+            "gcsfuse / copy the shards to local disk and use those paths.)")
 
 
 def write_array_record(records: Iterable[Record], path_prefix: str, num_shards: int = 1,
@@ -266,6 +356,7 @@ class TfdsPairSource:
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
         name, _, split = spec.partition("@")
+        check_array_record_gcs(os.fspath(data_dir or os.environ.get("TFDS_DATA_DIR", "")))
         try:
             builder = tfds.builder(name, data_dir=data_dir or None)
             self._source = tfds.data_source(name, split=split or "train",

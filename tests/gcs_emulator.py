@@ -29,12 +29,16 @@ def emulator_env(url: str) -> dict[str, str]:
       not serve; each lookup then retries for a minute before falling back.
     * ``TENSORSTORE_GCS_HTTP_URL=<url>``: tensorstore's ``gcs`` kvstore driver (orbax's array
       writes and reads) sends requests there.
+    * ``CLOUD_STORAGE_EMULATOR_ENDPOINT=<url>``: array_record's reader (riegeli's GcsReader
+      on google-cloud-cpp: ArrayRecord shards and TFDS records on gs://) sends requests there,
+      with anonymous credentials; it ignores ``STORAGE_EMULATOR_HOST``.
     * ``GOOGLE_AUTH_TOKEN_FOR_TESTING=emulator``: tensorstore uses this fixed bearer token (the
       emulator ignores it) instead of searching for credentials, which would end in a query
       of the GCE metadata server.
     """
     return {"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-            "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+            "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
 
 
 def binary() -> str:
