@@ -608,11 +608,8 @@ def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,
     Raises CheckpointError naming the directory when there is no checkpoint.
     """
     workdir = epath.Path(workdir)
-    problem = paths.remote_problem(workdir)
-    if problem:
-        raise ckpt_lib.CheckpointError(problem)
-    s = setup(config)
     ckpt = _inference_checkpointer(workdir)
+    s = setup(config)
     step = _checkpoint_step(ckpt, workdir, step)
     params = ckpt.restore_params(step, s.abstract_state["params"])
     ckpt.close()
@@ -620,6 +617,11 @@ def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,
 
 
 def _inference_checkpointer(workdir: epath.Path) -> ckpt_lib.Checkpointer:
+    """The checkpoints of ``workdir`` for reading; CheckpointError (in seconds, not after the
+    storage clients' retries) when a gs:// endpoint does not answer or the bucket is missing."""
+    problem = paths.remote_problem(workdir)
+    if problem:
+        raise ckpt_lib.CheckpointError(problem)
     return ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
                                  async_save=False)
 
