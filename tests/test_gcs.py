@@ -177,8 +177,13 @@ def test_convert_into_a_gcs_workdir(gcs_emulator, repo_root):
     fixture = repo_root / "tests" / "fixtures" / "open_clip"
     workdir = f"{_bucket(gcs_emulator)}/converted"
     base = load_config(str(repo_root / "experiments" / "clip_tiny.py"))
-    convert.convert(str(fixture / "tiny_gelu.safetensors"), workdir, act="gelu",
+    # The input in the bucket too (safetensors needs a local file: it is copied to a temp dir).
+    _gcsfs().put(str(fixture / "tiny_gelu.safetensors"), f"{workdir}_input/tiny_gelu.safetensors")
+    convert.convert(f"{workdir}_input/tiny_gelu.safetensors", workdir, act="gelu",
                     base_config=base)
+    with pytest.raises(convert.ConvertError, match="does not exist"):
+        convert.convert(f"{workdir}_input/missing.safetensors", f"{workdir}_2", act="gelu",
+                        base_config=base)
     config = load_json_config(f"{workdir}/config.json")
     s, params, step = train.restore_for_inference(config, workdir)
     model = nnx.merge(s.graphdef, params)

@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 HEAD_WIDTH = 64  # OpenAI / open_clip ViT CLIPs: heads = width // 64.
@@ -649,6 +650,22 @@ def convert(input_path: str, workdir: str, *, act: str | None = None,
     by the inferred one, keeping its ``dtype``, ``scan_layers`` and ``remat`` (``dtype`` and
     ``remat`` for a language model). Refuses a workdir that already holds checkpoints.
     """
+    from vlm_jax import paths  # pylint: disable=import-outside-toplevel
+
+    if paths.is_remote(input_path):  # gs://: the readers below need a local file.
+        problem = paths.remote_problem(input_path)
+        if problem:
+            raise ConvertError(problem)
+        if not epath.Path(input_path).exists():
+            raise ConvertError(f"--input {input_path} does not exist.")
+        with paths.local_copy(input_path) as local:
+            return _convert(local, workdir, act=act, base_config=base_config,
+                            name=epath.Path(input_path).name)
+    return _convert(input_path, workdir, act=act, base_config=base_config)
+
+
+def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
+             name: str | None = None) -> pathlib.Path:
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -694,7 +711,7 @@ def convert(input_path: str, workdir: str, *, act: str | None = None,
                 f"{img['image_size']} px, text {txt['width']}x{txt['depth']}, act {act}")
     with config.unlocked():
         config.model = model_cfg
-        config.name = f"converted:{pathlib.Path(input_path).name}"
+        config.name = f"converted:{name or pathlib.Path(input_path).name}"
     workdir = write_workdir(workdir, params, config)
     n = models.count_params(params)
     print(f"Converted {input_path} ({n / 1e6:.1f}M parameters; {what}) into {workdir}.")

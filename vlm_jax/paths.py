@@ -13,9 +13,13 @@ connection for ~35 s, tensorstore for minutes).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pathlib
 import socket
+import tempfile
 import urllib.parse
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -66,3 +70,30 @@ def remote_problem(path: PathLike, timeout: float = 10.0) -> str | None:
         return (f"{path}: bucket gs://{bucket} does not exist (or these credentials cannot see "
                 f"it). Create it (gcloud storage buckets create gs://{bucket}) or fix the path.")
     return None
+
+
+@contextlib.contextmanager
+def local_copy(path: PathLike) -> Iterator[str]:
+    """``path`` itself if local; for a ``gs://`` file or directory, a temporary local copy of it
+    (deleted afterwards). For readers that need a local file: safetensors memory-maps its input
+    and torch / transformers-style directories are read by name, so neither takes a file object.
+
+    Raises FileNotFoundError naming ``path`` when it does not exist.
+    """
+    if not is_remote(path):
+        yield os.fspath(path)
+        return
+    src = epath.Path(path)
+    if not src.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    with tempfile.TemporaryDirectory(prefix="vlm_jax_copy_") as tmp:
+        dst = pathlib.Path(tmp) / src.name
+        if src.is_dir():
+            for f in src.rglob("*"):
+                if f.is_file():
+                    out = dst / os.fspath(f)[len(os.fspath(src)):].lstrip("/")
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(f.read_bytes())
+        else:
+            dst.write_bytes(src.read_bytes())
+        yield str(dst)
