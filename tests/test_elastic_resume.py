@@ -19,6 +19,7 @@ from input_pipeline import interleaved, pipeline, sources
 from input_pipeline.shapes import builder as shapes_builder
 from input_pipeline.tokenizers import SentencePieceTokenizer
 from tests.data_fixtures import tiny_data_dir  # noqa: F401
+from tests.runs import train_losses_per_run
 from tests.test_sources import _image_bytes, _tar_dataset, write_shard
 from vlm_jax.checkpoint import CheckpointError, DataIteratorHandler, DataRestore, DataSave
 
@@ -210,13 +211,7 @@ def test_state_without_position_is_not_remapped(tiny_data_dir,  # noqa: F811
 
 # --- end to end ---------------------------------------------------------------------------------
 
-def _losses(workdir):
-    out = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "train/loss" in r:
-            out.setdefault(r["step"], []).append(r["train/loss"])
-    return out
+_losses = train_losses_per_run
 
 
 TOTAL = 9  # steps; checkpoints every 3

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from vlm_jax import metrics as metrics_lib
+from tests.runs import train_losses
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +35,7 @@ def _args(workdir: str, data_dir: str) -> list[str]:
             "--config.eval.every_steps=0"]
 
 
-def _losses(workdir) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in metrics_lib.read_metrics(workdir)
-            if "train/loss" in r}
+_losses = train_losses
 
 
 def _local_run_files(*roots: pathlib.Path) -> list[str]:

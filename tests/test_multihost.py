@@ -3,23 +3,18 @@
 Uses the shipped launcher ``python -m vlm_jax.launch_local``: 2 processes x 4 CPU devices form
 one 8-device mesh; each process loads only its half of every global batch.
 """
-import json
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tests.runs import train_losses_per_run
+
 pytestmark = pytest.mark.e2e
 
 
-def _losses(workdir):
-    out = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "train/loss" in r:
-            out.setdefault(r["step"], []).append(r["train/loss"])
-    return out
+_losses = train_losses_per_run
 
 
 def _train_args(repo_root, shapes_data_dir, workdir):

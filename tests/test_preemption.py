@@ -6,7 +6,6 @@ the losses from there on equal those of an uninterrupted 2-process run (the refe
 for the module). The signal to all processes (through the launcher) is the reliability battery's
 ``sigterm_two_processes``; SIGINT there takes the same handler as here.
 """
-import json
 import os
 import re
 import signal
@@ -16,6 +15,8 @@ import threading
 import time
 
 import pytest
+
+from tests.runs import train_losses
 
 pytestmark = pytest.mark.e2e
 
@@ -59,14 +60,7 @@ class Launch:
         return "".join(self.lines)
 
 
-def _losses(workdir):
-    """Step -> train/loss, the last record of each step (a resumed run logs steps again)."""
-    out = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "train/loss" in r:
-            out[r["step"]] = r["train/loss"]
-    return out
+_losses = train_losses
 
 
 def _wait_for_step(workdir, step, launch, timeout=300):

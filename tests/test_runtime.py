@@ -165,6 +165,22 @@ def test_metadata_server_down_is_not_a_cluster(machine, monkeypatch):
 # -------------------------------------------------------------------------------------------
 
 
+def _launch_two(repo_root, args, env=None):
+    """Runs ``args`` as 2 local processes; returns ([(arrival time, line)], exit time, output)."""
+    cmd = [sys.executable, "-u", "-m", "vlm_jax.launch_local", "--num_processes", "2",
+           "--devices_per_process", "1", "--timeout", "300", "--grace", "120", "--", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=repo_root, env=env)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), x)
+                                                          for x in proc.stdout), daemon=True)
+    reader.start()
+    proc.wait(timeout=400)
+    t_exit = time.monotonic()
+    reader.join(timeout=10)
+    return lines, t_exit, "".join(x for _, x in lines)
+
+
 @pytest.mark.e2e
 def test_bad_samples_read_by_one_process_stop_both(repo_root, shapes_data_dir, tmp_path):
     """Bad samples only in the records process 1 reads (the odd positions of the global stream):
@@ -194,18 +210,7 @@ def test_bad_samples_read_by_one_process_stop_both(repo_root, shapes_data_dir, t
             "--config.total_steps=30", "--config.log_every_steps=1",
             "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=0",
             "--config.eval.evaluators=[]"]
-    cmd = [sys.executable, "-u", "-m", "vlm_jax.launch_local", "--num_processes", "2",
-           "--devices_per_process", "1", "--timeout", "300", "--grace", "120", "--", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=repo_root)
-    lines = []  # (arrival time, line)
-    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), x)
-                                                          for x in proc.stdout), daemon=True)
-    reader.start()
-    proc.wait(timeout=400)
-    t_exit = time.monotonic()
-    reader.join(timeout=10)
-    out = "".join(x for _, x in lines)
+    lines, t_exit, out = _launch_two(repo_root, args)
     # The training loop starts (and reads its first batch) right after this line.
     t_start = next((t for t, x in lines if "[p0] Model clip" in x), None)
     errors = {p: (t, msg) for t, x in lines
@@ -236,18 +241,7 @@ def test_an_error_on_one_process_stops_both(fault, code, shown, repo_root, shape
             "--config.total_steps=30", "--config.log_every_steps=1",
             "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=2",
             "--config.eval.evaluators=['zeroshot']"]
-    cmd = [sys.executable, "-u", "-m", "vlm_jax.launch_local", "--num_processes", "2",
-           "--devices_per_process", "1", "--timeout", "300", "--grace", "120", "--", *args]
-    lines = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=repo_root, env=dict(os.environ, VLM_JAX_FAULTS=fault))
-    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), x)
-                                                          for x in proc.stdout), daemon=True)
-    reader.start()
-    proc.wait(timeout=400)
-    t_exit = time.monotonic()
-    reader.join(timeout=10)
-    out = "".join(x for _, x in lines)
+    lines, t_exit, out = _launch_two(repo_root, args, env=dict(os.environ, VLM_JAX_FAULTS=fault))
     codes = dict(re.findall(r"\[launch_local\] process (\d) exited with code (-?\d+)", out))
     t_fail = next((t for t, x in lines if "[p1]" in x and "injected fault" in x), None)
     assert t_fail is not None, out[-3000:]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vlm_jax import config as config_lib
+from tests.runs import train_losses
 from vlm_jax import parallel, train
 
 TINY = "experiments/clip_tiny.py:test"
@@ -108,13 +109,7 @@ def _cli(repo_root, workdir, *extra, wait=True):
                             cwd=repo_root, env=env)
 
 
-def _losses_by_step(workdir):
-    out = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "train/loss" in r:
-            out[r["step"]] = r["train/loss"]
-    return out
+_losses_by_step = train_losses
 
 
 def test_eval_without_checkpoint_names_the_directory(repo_root, tmp_path):
