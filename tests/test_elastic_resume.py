@@ -284,6 +284,7 @@ def test_two_process_checkpoint_resumes_on_one(resumed_on_one, reference_run):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 4 processes on 2 cores; 2 -> 1 and 1 -> 2 run in the default suite.
 def test_two_process_checkpoint_resumes_on_four(reference_run, repo_root, shapes_data_dir):
     workdir = _resume(reference_run, 3, 4, reference_run.parent / "on_four", repo_root,
                       shapes_data_dir)
