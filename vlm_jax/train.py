@@ -607,33 +607,38 @@ def restore_for_inference(config: ConfigDict, workdir: str | epath.Path,
 
     Raises CheckpointError naming the directory when there is no checkpoint.
     """
-    workdir = epath.Path(workdir)
-    ckpt = _inference_checkpointer(workdir)
-    s = setup(config)
-    step = _checkpoint_step(ckpt, workdir, step)
-    params = ckpt.restore_params(step, s.abstract_state["params"])
-    ckpt.close()
-    return s, params, step
+    ckpt, step = _open_checkpoint(epath.Path(workdir), step)
+    try:
+        return _restore_params(config, ckpt, step)
+    finally:
+        ckpt.close()
 
 
-def _inference_checkpointer(workdir: epath.Path) -> ckpt_lib.Checkpointer:
-    """The checkpoints of ``workdir`` for reading; CheckpointError (in seconds, not after the
-    storage clients' retries) when a gs:// endpoint does not answer or the bucket is missing."""
+def _open_checkpoint(workdir: epath.Path, step: int | None
+                     ) -> tuple[ckpt_lib.Checkpointer, int]:
+    """The checkpoints of ``workdir`` opened for reading, and ``step`` (default: the latest).
+
+    Raises CheckpointError naming the directory if it holds no checkpoint, and (in seconds, not
+    after the storage clients' retries) when a gs:// endpoint does not answer or the bucket is
+    missing."""
     problem = paths.remote_problem(workdir)
     if problem:
         raise ckpt_lib.CheckpointError(problem)
-    return ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=10**6,
                                  async_save=False)
-
-
-def _checkpoint_step(ckpt: ckpt_lib.Checkpointer, workdir: epath.Path, step: int | None) -> int:
-    """``step``, or the latest checkpoint's; CheckpointError naming the directory if none."""
     step = ckpt.latest_step() if step is None else step
     if step is None:
+        ckpt.close()
         raise ckpt_lib.CheckpointError(
             f"No checkpoint found in {workdir / 'checkpoints'}; train first with "
             f"`vlm-jax train --workdir {workdir}` or pass the workdir of a trained run.")
-    return step
+    return ckpt, step
+
+
+def _restore_params(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, step: int
+                    ) -> tuple[TrainSetup, Any, int]:
+    s = setup(config)
+    return s, ckpt.restore_params(step, s.abstract_state["params"]), step
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None
@@ -642,14 +647,13 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = Non
 
     The evaluators are checked against the dataset's metadata before the checkpoint is read
     (after finding it: an empty workdir is reported without preparing any data)."""
-    ckpt = _inference_checkpointer(epath.Path(workdir))
+    ckpt, step = _open_checkpoint(epath.Path(workdir), step)
     try:
-        step = _checkpoint_step(ckpt, epath.Path(workdir), step)
+        data = data_lib.prepare(config, for_eval=True)
+        check_eval_data(config, data)
+        s, params, step = _restore_params(config, ckpt, step)
     finally:
         ckpt.close()
-    data = data_lib.prepare(config, for_eval=True)
-    check_eval_data(config, data)
-    s, params, step = restore_for_inference(config, workdir, step)
     results = evaluate(s, params, data.eval_split(), data.tokenizer)
     write_eval_results(epath.Path(workdir), config, step, results)
     return results
