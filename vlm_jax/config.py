@@ -103,6 +103,9 @@ def with_base(config: ConfigDict | dict, source: str) -> ConfigDict:
     ``config`` lacks keep their defaults; sections the base does not hold (``model``, ``eval``,
     ...: :data:`vlm_jax.configs.OPEN_SECTIONS`) are taken as they are.
 
+    Values are copied into the base: a ``FieldReference`` between keys of ``config`` is
+    resolved here, so a later override of one key does not reach the other.
+
     Raises ConfigError naming ``source`` and the key when ``config`` has a key the base does not
     know, or a value of another type than the default's.
     """

@@ -22,12 +22,13 @@ therefore reads these keys directly (``config.optim.trainable``), never with a s
 
 Keys that only some model families read (``data.seq_length``, ``loss.caption_weight``,
 ``optim.trainable``, ...) are here too, with values that leave the other families unchanged.
-This module imports nothing heavy, so that configs load before jax is touched.
 """
 
 from __future__ import annotations
 
 from ml_collections import ConfigDict
+
+from vlm_jax import parallel
 
 # Top-level keys every experiment must set (None in the base): what the experiment is.
 REQUIRED = ("name", "total_steps", "batch_size")
@@ -42,9 +43,6 @@ def base_config() -> ConfigDict:
 
     Returns a new, unlocked ConfigDict on every call (experiments add ``model`` and ``eval``).
     """
-    # vlm_jax.parallel imports jax; it is needed only for the default rules table.
-    from vlm_jax import parallel  # pylint: disable=import-outside-toplevel
-
     c = ConfigDict()
 
     # ---- The run -------------------------------------------------------------------------------
