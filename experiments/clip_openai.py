@@ -26,9 +26,7 @@ LAION-400M (experiments/clip_laion400m.py).
 
 import math
 
-import ml_collections
-
-from vlm_jax import parallel
+from vlm_jax import configs
 from vlm_jax.models.clip import clip_config
 
 # Table 20 of the paper: learning rate per tower.
@@ -41,39 +39,28 @@ def get_config(arg=None):
     if tower not in LEARNING_RATES:
         raise ValueError(f"clip_openai.py: unknown tower {tower!r}; use one of "
                          f"{sorted(LEARNING_RATES)}.")
-    c = ml_collections.ConfigDict()
+    c = configs.base_config()  # The defaults, and what every key means: vlm_jax/configs.py.
     c.name = f"clip_openai_{tower.replace('/', '')}"
-    c.seed = 0
     c.batch_size = 32768
     c.total_steps = 32 * 400_000_000 // c.batch_size  # 390,625
-    c.log_every_steps = 100
 
     # WIT is not public: point train_files at webdataset shards of (image, caption) pairs (e.g.
     # LAION-400M as img2dataset writes them, experiments/clip_laion400m.py). 'clip_bpe' is
     # OpenAI's BPE (bpe_simple_vocab_16e6.txt.gz), which ships with vlm_jax.
     # Until the ImageNet evaluator is configured, evaluation runs on the shapes splits.
-    c.data = dict(name="webdataset", config_name="64px", data_dir="", num_train=0,
-                  worker_count=16, train_files="gs://YOUR_BUCKET/wit400m/{00000..39999}.tar",
-                  tokenizer="clip_bpe", eval_name="shapes",
-                  max_skipped_fraction=0.1, min_side=8, mixture=[], image_key="image",
-                  caption_key="caption")
+    c.data.update(name="webdataset", worker_count=16,
+                  train_files="gs://YOUR_BUCKET/wit400m/{00000..39999}.tar", tokenizer="clip_bpe")
 
     c.model = clip_config(f"ViT-{tower}")
     c.model.update(dtype="bfloat16", scan_layers=True, remat="full",
                    logit_scale_init=math.log(1 / 0.07), logit_scale_max=math.log(100.0),
                    logit_bias_init=None)
-    c.loss = dict(name="softmax", variant="gather", chunk_size=0)
-    c.optim = dict(name="adamw", lr=LEARNING_RATES[tower], b1=0.9, b2=0.98, eps=1e-6,
-                   weight_decay=0.2, warmup_steps=2000, schedule="cosine", end_lr_factor=0.0,
-                   grad_clip_norm=0.0, grad_accum_steps=1)
-    c.mesh = dict(slice=1, data=1, fsdp=-1, tensor=1)
-    c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
-    c.checkpoint = dict(every_steps=2000, keep=3, keep_every_steps=50000, async_save=True,
-                        allow_data_change=False)
-    c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
-    # Trace steps start_step .. start_step+num_steps-1 with jax.profiler into <workdir>/profile
-    # (num_steps=0: off). See vlm_jax/profiling.py.
-    c.profile = dict(start_step=0, num_steps=0)
+    # loss: the base's all-gathered softmax loss. optim: the base is this paper's recipe (AdamW
+    # b2 0.98, eps 1e-6, weight decay 0.2, 2,000 warm-up steps, cosine, no clipping); the
+    # learning rate is the tower's.
+    c.optim.lr = LEARNING_RATES[tower]
+    c.mesh.update(data=1, fsdp=-1)  # Parameters and optimizer state sharded over every chip.
+    c.checkpoint.update(every_steps=2000, keep_every_steps=50000)
     # With ImageNet prepared for TFDS: --config.eval.dataset=tfds:imagenet2012
     # --config.eval.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (zero-shot, OpenAI's 80 prompts).
     c.eval = dict(every_steps=10000, evaluators=["zeroshot", "retrieval"], split="validation",

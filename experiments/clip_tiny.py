@@ -10,28 +10,16 @@ select a variant: ``clip_tiny.py:test`` is a seconds-long smoke config used by t
 
 import math
 
-import ml_collections
-
-from vlm_jax import parallel
+from vlm_jax import configs
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
+    c = configs.base_config()  # The defaults, and what every key means: vlm_jax/configs.py.
     c.name = "clip_tiny"
-    c.seed = 0
     c.total_steps = 1200
     c.batch_size = 128
     c.log_every_steps = 20
-
-    # name: 'shapes' (embedded, built on first use) or raw image-text shards, 'webdataset' /
-    # 'array_record', read from train_files (brace ranges and globs; local or gs://) and
-    # evaluated on the shapes splits (eval_name, config_name). tokenizer: a sentencepiece model
-    # file for raw shards ('' = the shapes tokenizer). Bad samples are skipped and counted; the
-    # run stops when more than max_skipped_fraction of them are.
-    c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0,
-                  train_files="", tokenizer="", eval_name="shapes", max_skipped_fraction=0.1,
-                  min_side=8, mixture=[],  # mixture: [dict(name, train_files, weight), ...]
-                  image_key="image", caption_key="caption")  # name='tfds': feature names
+    # data: the base's, the embedded shapes dataset at 64 px (built on first use).
 
     c.model = dict(
         name="clip",
@@ -47,26 +35,11 @@ def get_config(arg=None):
         remat="none",
         scan_layers=False,
     )
-    # softmax (CLIP) or sigmoid (SigLIP); variant: how the loss is distributed over devices
-    # (gather | ring | chunked; chunk_size for chunked, 0 = default). See vlm_jax/losses.py.
-    c.loss = dict(name="softmax", variant="gather", chunk_size=0)
-    c.optim = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
-                   warmup_steps=100, schedule="cosine", end_lr_factor=0.0, grad_clip_norm=1.0,
-                   grad_accum_steps=1)
-    c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
-    c.axis_rules = [list(r) for r in parallel.DEFAULT_RULES]
-    # Saved every every_steps (and on SIGTERM, at the end); the newest `keep` are kept, plus every
-    # keep_every_steps-th (0 = none) for later evaluation. allow_data_change: resume although
-    # data.train_files / mixture / tokenizer differ from the checkpoint's (refused otherwise).
-    c.checkpoint = dict(every_steps=200, keep=3, keep_every_steps=0, async_save=True,
-                        allow_data_change=False)
-    # A NaN/Inf loss or gradient: 'stop' the run (the last good checkpoint is kept) or 'skip'
-    # the step (parameters and optimizer state unchanged), stopping after
-    # max_consecutive_skips bad steps in a row.
-    c.guard = dict(nonfinite="stop", max_consecutive_skips=10)
-    # Trace steps start_step .. start_step+num_steps-1 with jax.profiler into <workdir>/profile
-    # (num_steps=0: off). See vlm_jax/profiling.py.
-    c.profile = dict(start_step=0, num_steps=0)
+    # loss: the base's softmax contrastive loss, all-gathered. optim: CLIP's recipe (the base's
+    # AdamW b2 0.98, eps 1e-6, weight decay 0.2, cosine) at a small model's learning rate,
+    # warm-up and clipping.
+    c.optim.update(lr=1e-3, warmup_steps=100, grad_clip_norm=1.0)
+    c.checkpoint.every_steps = 200
     # dataset: '' = the shapes splits; 'tfds:<name>' = a prepared TFDS dataset in data_dir
     # (imagenet2012, cifar10, coco_captions...). linear_probe fits on probe_examples images of
     # probe_split and picks its regularisation on probe_val_split.

@@ -36,8 +36,7 @@ def get_config(arg=None):
         logit_scale_init=clip.logit_scale_init,
         logit_scale_max=clip.logit_scale_max,
         dtype=clip.dtype, remat=clip.remat, scan_layers=clip.scan_layers)
-    c.loss = dict(name="softmax", variant="gather", chunk_size=0, contrastive_weight=1.0,
-                  caption_weight=2.0)
+    # loss: the base's, 1.0 x contrastive (all-gathered) + 2.0 x captioning, open_clip's weights.
     c.eval.evaluators = ["zeroshot", "retrieval", "captioning"]
     # Captions for the captioning evaluator: greedy, or dict(method='beam', beam_size=3).
     c.eval.caption = dict(method="greedy")

@@ -1,4 +1,6 @@
 """Config loading: overrides keep types, unknown keys fail naming the key, CLI fails early."""
+import json
+import pathlib
 import subprocess
 import sys
 import time
@@ -6,6 +8,7 @@ import time
 import pytest
 
 from vlm_jax import config as config_lib
+from vlm_jax import configs
 
 TINY = "experiments/clip_tiny.py"
 
@@ -61,3 +64,118 @@ def test_config_diff():
     saved = {"model": {"width": 8, "depth": 2}, "seed": 0}
     now = {"model": {"width": 16, "depth": 2}, "seed": 0}
     assert config_lib.diff(saved, now) == [("model.width", 8, 16)]
+
+
+# ---- The base config (vlm_jax/configs.py) ------------------------------------------------------
+
+EXPERIMENTS = json.loads((pathlib.Path(__file__).parent / "fixtures" / "experiment_configs"
+                          / "before_base_config.json").read_text())
+
+# Keys each experiment gained from the base config (at their defaults); the values of every key
+# it had are unchanged. Image-text experiments (CLIP, SigLIP, CoCa) gain the document keys and
+# optim.trainable (CLIP / SigLIP also CoCa's loss weights); LM / Flamingo gain the image-text
+# data keys and a loss section, which they do not read.
+_DOCS = {"data.max_images", "data.seq_length", "data.docs_per_row"}
+_PAIRS = {"data.train_files", "data.tokenizer", "data.eval_name", "data.max_skipped_fraction",
+          "data.min_side", "data.mixture", "data.image_key", "data.caption_key"}
+_LOSS = {"loss.name", "loss.variant", "loss.chunk_size", "loss.contrastive_weight",
+         "loss.caption_weight"}
+_WEIGHTS = {"loss.contrastive_weight", "loss.caption_weight"}
+NEW_DEFAULTS = {
+    "clip_tiny": _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
+    "siglip_tiny": _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
+    "clip_openai": _DOCS | _WEIGHTS | {"optim.trainable", "init_from"},
+    "clip_laion400m": _DOCS | _WEIGHTS | {"optim.trainable", "init_from"},
+    "coca_tiny_shapes": _DOCS | {"optim.trainable", "init_from", "published"},
+    "coca_laion2b": _DOCS | {"optim.trainable", "init_from"},
+    "lm_tiny_shapes": _PAIRS | _LOSS | {"init_from", "published"},
+    "flamingo_tiny_shapes": _PAIRS | _LOSS | {"published"},
+}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def test_every_experiment_is_listed():
+    listed = {spec.split(":")[0] for spec in EXPERIMENTS}
+    files = {f"experiments/{p.name}" for p in pathlib.Path(
+        __file__).parents[1].joinpath("experiments").glob("*.py") if p.name != "__init__.py"}
+    assert listed == files
+    assert set(NEW_DEFAULTS) == {pathlib.Path(f).stem for f in files}
+
+
+@pytest.mark.parametrize("spec", sorted(EXPERIMENTS))
+def test_experiment_configs_are_unchanged_by_the_base(repo_root, spec):
+    """Every experiment (and variant) loads to the config the code loaded before the base config
+    existed (tests/fixtures/experiment_configs/before_base_config.json, written by the code at
+    4a01cc9): the same keys with the same values, plus the base's keys listed in NEW_DEFAULTS at
+    their default. ``eval`` / ``evals`` are left out: they are not part of the base. A deliberate
+    change of an experiment updates the fixture in the same commit."""
+    before = {k: v for k, v in _flat(EXPERIMENTS[spec]).items()
+              if k.split(".")[0] not in ("eval", "evals")}
+    now = _flat(json.loads(config_lib.to_json(config_lib.load_config(str(repo_root / spec)))))
+    now = {k: v for k, v in now.items() if k.split(".")[0] not in ("eval", "evals")}
+    changed = {k: (v, now.get(k, "<missing>")) for k, v in before.items()
+               if now.get(k, "<missing>") != v}
+    assert not changed
+    base = _flat(json.loads(config_lib.to_json(configs.base_config())))
+    added = {k: v for k, v in now.items() if k not in before}
+    assert set(added) == NEW_DEFAULTS[pathlib.Path(spec.split(":")[0]).stem]
+    assert added == {k: base[k] for k in added}
+
+
+def test_base_defaults_fill_a_config_that_lacks_them(tmp_path):
+    """A file or config.json without some of the base's keys (written before they existed, or
+    not starting from the base) loads with the defaults, and overrides reach them."""
+    def get_config_source(extra=""):
+        return ("def get_config(arg=None):\n"
+                "    return dict(name='x', total_steps=10, batch_size=4,\n"
+                "                optim=dict(lr=0.1, warmup_steps=2), model=dict(name='clip')"
+                f"{extra})\n")
+
+    (tmp_path / "exp.py").write_text(get_config_source())
+    c = config_lib.load_config(str(tmp_path / "exp.py"), ["guard.nonfinite=skip"])
+    defaults = configs.base_config()
+    assert c.optim.lr == 0.1 and c.optim.warmup_steps == 2  # The file's values...
+    assert c.optim.b2 == defaults.optim.b2 == 0.98  # ...and the base's for what it lacks.
+    assert c.optim.trainable == "" and c.checkpoint.allow_data_change is False
+    assert c.data.to_dict() == defaults.data.to_dict()
+    assert c.axis_rules == defaults.axis_rules and c.guard.nonfinite == "skip"
+    assert c.model.to_dict() == {"name": "clip"}  # Not in the base: taken as it is.
+
+    saved = json.loads(config_lib.to_json(c))
+    del saved["optim"]["trainable"], saved["checkpoint"]["allow_data_change"], saved["profile"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = config_lib.load_json_config(tmp_path / "config.json", ["profile.num_steps=3"])
+    assert loaded.optim.trainable == "" and loaded.checkpoint.allow_data_change is False
+    assert loaded.profile.to_dict() == {"start_step": 0, "num_steps": 3}
+    assert loaded.guard.nonfinite == "skip"
+
+    # Keys the base does not know fail, naming the key and the file, with a suggestion.
+    (tmp_path / "typo.py").write_text(get_config_source(", checkpoint=dict(every_step=5)"))
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"'checkpoint.every_step' in config file .*typo.py.*Did you mean "
+                             r"'checkpoint.every_steps'"):
+        config_lib.load_config(str(tmp_path / "typo.py"))
+    saved["optim"]["lr_decay"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(config_lib.ConfigError, match=r"'optim.lr_decay' in .*config.json"):
+        config_lib.load_json_config(tmp_path / "config.json")
+    (tmp_path / "top.py").write_text(get_config_source(", total_step=5"))
+    with pytest.raises(config_lib.ConfigError, match="Did you mean 'total_steps'"):
+        config_lib.load_config(str(tmp_path / "top.py"))
+    # A value of another type than the default's, and a required key left unset.
+    (tmp_path / "type.py").write_text(get_config_source(", mesh=dict(fsdp=2.5)"))
+    with pytest.raises(config_lib.ConfigError, match=r"'mesh.fsdp' .* 2.5"):
+        config_lib.load_config(str(tmp_path / "type.py"))
+    (tmp_path / "unset.py").write_text(
+        "def get_config(arg=None):\n    return dict(name='x', batch_size=4)\n")
+    with pytest.raises(config_lib.ConfigError, match="config.total_steps is not set"):
+        config_lib.load_config(str(tmp_path / "unset.py"))

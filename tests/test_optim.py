@@ -7,13 +7,13 @@ import numpy as np
 import optax
 import pytest
 
-from vlm_jax import optim
+from vlm_jax import configs, optim
 
 
 def _cfg(**kw):
-    base = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
-                warmup_steps=10, schedule="cosine", end_lr_factor=0.0, grad_clip_norm=1.0,
-                grad_accum_steps=1)
+    base = dict(configs.base_config().optim.to_dict(), name="adamw", lr=1e-3, b1=0.9, b2=0.98,
+                eps=1e-6, weight_decay=0.2, warmup_steps=10, schedule="cosine",
+                end_lr_factor=0.0, grad_clip_norm=1.0, grad_accum_steps=1)
     base.update(kw)
     return ml_collections.ConfigDict(base)
 

@@ -141,6 +141,29 @@ def test_resume_with_changed_model_is_refused(repo_root, tmp_path):
     train._check_resume_config(now, now, tmp_path)  # Unchanged config: accepted.
 
 
+def test_resume_from_a_checkpoint_saved_before_base_keys_existed(repo_root, tmp_path):
+    """A checkpoint whose saved config lacks keys added to the base config since (here
+    optim.trainable, a resume-critical section, data.max_images and the whole guard section)
+    resumes under the current config: a missing key counts at its default, as the run used it.
+    The config goes through a real orbax save / restore (Checkpointer.saved_config)."""
+    from vlm_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+
+    now = json.loads(config_lib.to_json(_config(repo_root)))
+    old = json.loads(json.dumps(now))
+    del old["optim"]["trainable"], old["data"]["max_images"], old["guard"]
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every_steps=1, async_save=False)
+    ckpt.save(3, {"w": np.zeros(2, np.float32)}, config=old, force=True)
+    saved = ckpt.saved_config(3)
+    ckpt.close()
+    assert "trainable" not in saved["optim"] and "guard" not in saved
+    train._check_resume_config(saved, now, tmp_path)  # Accepted.
+    # The old run trained every parameter (the default): freezing some now is a change.
+    frozen = json.loads(config_lib.to_json(_config(repo_root, "optim.trainable=^image")))
+    with pytest.raises(config_lib.ConfigError, match=r"optim.trainable: checkpoint '' -> now "
+                                                     r"'\^image'"):
+        train._check_resume_config(saved, frozen, tmp_path)
+
+
 @pytest.mark.parametrize("key,saved_value,new_value", [
     ("train_files", "shards/a-{0..9}.tar", "shards/b-{0..9}.tar"),
     ("mixture", [{"name": "webdataset", "train_files": "a.tar", "weight": 1.0}],

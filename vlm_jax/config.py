@@ -1,9 +1,11 @@
 """Experiment configs: load ``experiments/<name>.py:<arg>``, apply ``--config.key=value`` overrides.
 
-A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``. Overrides are applied
-with the type of the existing field, and every key must already exist: a typo fails here, before
-any data is read or any device is touched, with a message that names the key and suggests the
-closest valid ones.
+A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``, normally starting
+from :func:`vlm_jax.configs.base_config` (the defaults and meaning of every key outside ``model``
+and ``eval``). What a file or a run's ``config.json`` gives is merged onto that base, so a key it
+lacks takes its default. Overrides are applied with the type of the existing field, and every key
+must already exist: a typo fails here, before any data is read or any device is touched, with a
+message that names the key and suggests the closest valid ones.
 
 The override parser is written here rather than taken from ``ml_collections.config_flags``
 because that module is bound to absl's global FLAGS (one config per process, absl error output);
@@ -36,7 +38,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
       spec: a config file path, optionally followed by ``:arg`` passed to ``get_config``.
       overrides: strings ``"a.b=value"`` (the ``--config.`` prefix already stripped).
     Returns:
-      The config, locked (no new keys can be added by mistake later).
+      The config merged onto :func:`vlm_jax.configs.base_config`, locked (no new keys can be
+      added by mistake later).
     """
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
@@ -52,17 +55,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"Config file {path} defines no get_config(arg=None) function.")
     config = module.get_config(arg or None) if arg else module.get_config()
-    if not isinstance(config, ConfigDict):
-        config = ConfigDict(config)
-    for item in overrides:
-        apply_override(config, item)
-    config.lock()
-    return config
+    return _finish(with_base(config, f"config file {path}"), overrides)
 
 
 def load_json_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigDict:
     """Loads the ``config.json`` a run wrote into its workdir (for ``vlm-jax eval``); local or
-    in cloud storage (``gs://bucket/run/config.json``)."""
+    in cloud storage (``gs://bucket/run/config.json``). Merged onto the base config, as
+    :func:`load_config`: a key added since the run was written takes its default."""
     from vlm_jax import paths  # pylint: disable=import-outside-toplevel
 
     problem = paths.remote_problem(path)
@@ -74,14 +73,94 @@ def load_json_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"{path} not found: pass --config experiments/<name>.py, or a --workdir "
                           "that a `vlm-jax train` run wrote.") from e
     try:
-        config = ConfigDict(json.loads(text))
+        values = json.loads(text)
     except ValueError as e:
         raise ConfigError(f"{path} is not a valid config JSON ({e}); pass --config "
                           "experiments/<name>.py.") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} holds a JSON {type(values).__name__}, not a config object; "
+                          "pass --config experiments/<name>.py.")
+    return _finish(with_base(values, str(path)), overrides)
+
+
+def _finish(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+    """Applies the overrides, checks that the required keys are set and locks the config."""
+    from vlm_jax import configs  # pylint: disable=import-outside-toplevel
+
     for item in overrides:
         apply_override(config, item)
+    unset = [k for k in configs.REQUIRED if config[k] is None]
+    if unset:
+        raise ConfigError(f"config.{unset[0]} is not set: every experiment states "
+                          f"{', '.join(configs.REQUIRED)} (set it in the config file or with "
+                          f"--config.{unset[0]}=...).")
     config.lock()
     return config
+
+
+def with_base(config: ConfigDict | dict, source: str) -> ConfigDict:
+    """``config`` merged onto :func:`vlm_jax.configs.base_config`: the base's keys that
+    ``config`` lacks keep their defaults; sections the base does not hold (``model``, ``eval``,
+    ...: :data:`vlm_jax.configs.OPEN_SECTIONS`) are taken as they are.
+
+    Values are copied into the base: a ``FieldReference`` between keys of ``config`` is
+    resolved here, so a later override of one key does not reach the other.
+
+    Raises ConfigError naming ``source`` and the key when ``config`` has a key the base does not
+    know, or a value of another type than the default's.
+    """
+    from vlm_jax import configs  # pylint: disable=import-outside-toplevel
+
+    base = configs.base_config()
+    _merge(base, config, "", source, configs.OPEN_SECTIONS)
+    return base
+
+
+def _merge(node: ConfigDict, values, prefix: str, source: str, open_sections) -> None:
+    for key, value in values.items():
+        path = prefix + key
+        if key not in node:
+            if not prefix and key in open_sections:  # model, eval, evals: not in the base.
+                node[key] = value
+                continue
+            keys = list(node.keys())
+            near = difflib.get_close_matches(key, keys, n=3)
+            hint = f" Did you mean {', '.join(repr(prefix + n) for n in near)}?" if near else ""
+            where = f"config.{prefix[:-1]}" if prefix else "config"
+            raise ConfigError(
+                f"Unknown config key {path!r} in {source}: {where} has no field {key!r}.{hint} "
+                f"Valid keys there: {', '.join(sorted(keys))} (the defaults and their meaning: "
+                "vlm_jax/configs.py).")
+        if (isinstance(node[key], ConfigDict) and isinstance(value, (dict, ConfigDict))
+                and path not in open_sections):
+            _merge(node[key], value, path + ".", source, open_sections)
+            continue
+        try:
+            node[key] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"Config key {path!r} in {source}: {value!r} does not fit the "
+                              f"default {node[key]!r} (vlm_jax/configs.py): {e}") from e
+
+
+def fill_defaults(saved: dict) -> dict:
+    """A saved config dict (a checkpoint's or ``config.json``'s, as JSON) with the base config's
+    keys it lacks added at their defaults; nothing else is checked or changed.
+
+    A run written before a key was added to the base ran with that key's default, so comparing
+    ``fill_defaults(saved)`` with the current config (:func:`diff`) reports only real changes.
+    """
+    from vlm_jax import configs  # pylint: disable=import-outside-toplevel
+
+    def fill(base: dict, values: dict) -> dict:
+        out = dict(values)
+        for k, v in base.items():
+            if k not in out:
+                out[k] = v
+            elif isinstance(v, dict) and v and isinstance(out[k], dict):  # {}: a free section.
+                out[k] = fill(v, out[k])
+        return out
+
+    return fill(json.loads(to_json(configs.base_config())), saved)
 
 
 def _parse_value(text: str) -> Any:

@@ -166,7 +166,7 @@ def _data_command(args, config) -> int:
         from vlm_jax import data  # pylint: disable=import-outside-toplevel
 
         d = data.prepare(config)
-        paths = tools.export_webdataset(d.data_dir, config.data.get("eval_name", "shapes")
+        paths = tools.export_webdataset(d.data_dir, config.data.eval_name
                                         if config.data.name != "shapes" else "shapes",
                                         config.data.config_name, args.split,
                                         need("output", args.output), args.shard_size)

@@ -45,11 +45,11 @@ def trainable_mask(params: Any, pattern: str) -> Any:
 def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
     """Learning-rate schedule: linear warm-up then cosine (or linear / constant) decay."""
     warmup = int(cfg.warmup_steps)
-    end = cfg.lr * cfg.get("end_lr_factor", 0.0)
+    end = cfg.lr * cfg.end_lr_factor
     if warmup >= total_steps:
         raise ConfigError(f"config.optim.warmup_steps={warmup} must be smaller than "
                           f"config.total_steps={total_steps}.")
-    name = cfg.get("schedule", "cosine")
+    name = cfg.schedule
     if name == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total_steps, end)
     if name == "linear":
@@ -82,12 +82,12 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
         raise ConfigError(f"config.optim.name={cfg.name!r}: only 'adamw' is available.")
     schedule = make_schedule(cfg, total_steps)
     parts = []
-    if cfg.get("grad_clip_norm", 0.0):
+    if cfg.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
     tx = optax.chain(*parts)
-    if cfg.get("trainable", ""):
+    if cfg.trainable:
         pattern = cfg.trainable
 
         def labels(params):
@@ -95,7 +95,7 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
                                 trainable_mask(params, pattern))
 
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    accum = int(cfg.get("grad_accum_steps", 1))
+    accum = int(cfg.grad_accum_steps)
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum,
                               should_skip_update_fn=optax.skip_not_finite)

@@ -26,10 +26,10 @@ class StepProfiler:
     """Starts the trace before step ``start_step`` and stops it after step ``start_step+K-1``."""
 
     def __init__(self, config, workdir: epath.Path):
-        spec = dict(config.get("profile") or {})
-        self.start = int(spec.get("start_step", 0))
-        self.stop = self.start + int(spec.get("num_steps", 0)) - 1
-        if spec.get("num_steps", 0) and self.start < 1:
+        spec = config.profile
+        self.start = int(spec.start_step)
+        self.stop = self.start + int(spec.num_steps) - 1
+        if spec.num_steps and self.start < 1:
             raise ConfigError(f"config.profile.start_step={self.start}: steps are numbered from "
                               "1 (step 1 includes the compile; 2 or later shows steady state).")
         self.enabled = self.stop >= self.start and jax.process_index() == 0

@@ -282,16 +282,17 @@ def _check_workdir(workdir: epath.Path) -> None:
 def _check_resume_config(saved: dict | None, config_json: dict, workdir: epath.Path) -> None:
     """Refuses to resume when the config differs from the checkpoint's in
     :data:`RESUME_CRITICAL_KEYS` or, unless ``checkpoint.allow_data_change``, in
-    :data:`RESUME_DATA_KEYS`; notes a changed ``total_steps``."""
+    :data:`RESUME_DATA_KEYS`; notes a changed ``total_steps``. A key the saved config lacks
+    (added to the base config since) counts at its default, as the run used it."""
     if not saved:
         return
-    diffs = config_lib.diff(saved, config_json)
+    diffs = config_lib.diff(config_lib.fill_defaults(saved), config_json)
 
     def under(keys):
         return [d for d in diffs if any(d[0] == k or d[0].startswith(k + ".") for k in keys)]
 
     changed, data_changed = under(RESUME_CRITICAL_KEYS), under(RESUME_DATA_KEYS)
-    allow_data = bool(config_json.get("checkpoint", {}).get("allow_data_change", False))
+    allow_data = bool(config_json["checkpoint"]["allow_data_change"])
     is_main = jax.process_index() == 0
     schedule = [d for d in diffs if d[0] == "total_steps"]
     if schedule and is_main:  # Allowed (extending a run), but not silently.
