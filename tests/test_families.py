@@ -88,3 +88,16 @@ def test_get_family_and_declared_capabilities(repo_root):
     assert FAMILIES["lm"].image_size(None) is None
     with pytest.raises(config_lib.ConfigError, match=r"'vit' is not a model family.*'clip'"):
         get_family({"name": "vit"})
+
+
+def test_caption_needs_the_caption_capability(repo_root, tmp_path):
+    """`vlm-jax caption` asks the family, before reading any image or checkpoint."""
+    from vlm_jax import caption  # pylint: disable=import-outside-toplevel
+
+    for experiment in ("clip_tiny.py:test", "flamingo_tiny_shapes.py:test"):
+        path, _, arg = experiment.partition(":")
+        config = config_lib.load_config(f"{repo_root / 'experiments' / path}:{arg}")
+        name = get_family(config).name
+        with pytest.raises(config_lib.ConfigError,
+                           match=rf"'{name}' model, which has no captioning decoder.*\['coca'\]"):
+            caption.caption_folder(config, str(tmp_path), str(tmp_path / "no_such_folder"))

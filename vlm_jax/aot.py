@@ -41,8 +41,8 @@ from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
 from vlm_jax import parallel
-from vlm_jax.families import get_family
 from vlm_jax.config import ConfigError
+from vlm_jax.families import get_family
 
 GiB = 1024 ** 3
 

@@ -27,7 +27,7 @@ attentional pooling and layer scale.
 
 **Language models** (:func:`convert_hf_lm`): a Hugging Face model directory (``config.json`` +
 ``model.safetensors``, as ``save_pretrained`` writes it) of a ``LlamaForCausalLM`` or
-``GPT2LMHeadModel`` becomes a :class:`vlm_jax.models.lm.LanguageModel` (``model.name='lm'``),
+``GPT2LMHeadModel`` becomes a :class:`vlm_jax.models.lm.LanguageModel` (model config ``name='lm'``),
 whose arithmetic follows those classes. The architecture comes from ``config.json``; features
 the model lacks (scaled rotary embeddings such as Llama 3.1's, biases in LLaMA attention,
 another activation...) are refused with an error naming the field, and every weight must be

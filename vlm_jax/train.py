@@ -31,9 +31,9 @@ from vlm_jax import data as data_lib
 from vlm_jax import evaluators as evaluators_lib
 from vlm_jax import metrics as metrics_lib
 from vlm_jax import faults, optim, parallel, paths, profiling, runtime
-from vlm_jax.families import Family, get_family
 from vlm_jax.config import ConfigError
 from vlm_jax.evaluators.common import FeatureExtractor
+from vlm_jax.families import Family, get_family
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
     try:
         abstract_model = nnx.eval_shape(
             lambda: family.build_model(config.model, nnx.Rngs(0)))
-    except ValueError as e:  # The model names the key; report it as a config error.
+    except ValueError as e:  # The error names the key; report it as a config error.
         raise ConfigError(f"config.model: {e}") from e
     graphdef, abstract_params = nnx.split(abstract_model)
     param_sh = parallel.state_shardings(abstract_params, mesh, rules)

@@ -7,8 +7,8 @@
 * :class:`~vlm_jax.models.vit.ViT` alone, e.g. ``ViT(variant='B/16', image_size=224,
   num_classes=1000, rngs=...)``.
 
-A run builds its model through its family (:func:`vlm_jax.families.get_family`), which reads
-``config.model.name``.
+A run builds its model through its family (:func:`vlm_jax.families.get_family`, from the model
+config's ``name``).
 """
 
 from __future__ import annotations
