@@ -4,7 +4,6 @@ The program `vlm-jax compile` lowers (aot.lower_train_step, from the family's ba
 accept, unchanged, the batch `vlm-jax train` passes (from the family's data pipeline): a jax
 executable compiled for other shapes or dtypes refuses its arguments.
 """
-import jax
 import numpy as np
 import pytest
 

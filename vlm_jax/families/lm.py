@@ -59,6 +59,11 @@ def default_evals(config) -> dict[str, dict]:
                             max_examples=256, options={})}
 
 
+def image_size(config) -> None:
+    """Text only: the language model reads no image."""
+    del config
+
+
 def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
     """Forward matmul FLOPs of one ``max_length`` sequence (:func:`vlm_jax.models.lm.lm_flops`)."""
     del batch_size
@@ -70,4 +75,4 @@ def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
 FAMILY = Family(name="lm", build_model=build_model, objective=objective,
                 batch_spec=batch_spec, make_data=make_data, default_evals=default_evals,
                 flops_per_example=flops_per_example, capabilities=frozenset({"lm"}),
-                image_size=lambda config: None)
+                image_size=image_size)
