@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from vlm_jax import config as config_lib  # noqa: E402
 from vlm_jax import parallel, train  # noqa: E402
-from vlm_jax.data import document_batch  # noqa: E402
+from vlm_jax.families import get_family  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -33,7 +33,8 @@ def _batch(config) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     vocab = config.model.lm.vocab_size
     out = {}
-    for key, (shape, dtype) in document_batch(config).items():
+    for key, spec in get_family(config).batch_spec(config).items():
+        shape, dtype = spec.shape, spec.dtype
         if key == "tokens":
             x = rng.integers(4, vocab, size=shape)
             x[:, [1, 20, 40, 60, 80]] = vocab  # five <image> tokens

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from vlm_jax import config as config_lib  # noqa: E402
-from vlm_jax import models, parallel, train  # noqa: E402
+from vlm_jax import parallel, train  # noqa: E402
 from vlm_jax.models.clip import clip_config  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -66,8 +66,10 @@ def bench(name: str, batch: int, steps: int) -> dict:
     rng = np.random.default_rng(0)
     text = rng.integers(4, 200, size=(batch, ctx)).astype(np.int32)
     text[:, -1] = config.model.text.eos_id
-    batch_np = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32), "text": text}
-    step = train.make_train_step(s, {k: v.shape for k, v in batch_np.items()})
+    # uint8 pixels, as every pipeline ships them (the model normalises them on the device).
+    images = rng.integers(0, 256, size=(batch, size, size, 3)).astype(np.uint8)
+    batch_np = {"image": images, "text": text}
+    step = train.make_train_step(s)  # The family's batch spec, as `vlm-jax train`.
     state = s.init_fn()
     b = parallel.make_global_batch(batch_np, mesh)
     t = time.perf_counter()
@@ -81,7 +83,7 @@ def bench(name: str, batch: int, steps: int) -> dict:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     dt = float(np.median(times))
-    flops = 3 * models.flops_per_example(config.model) * batch
+    flops = 3 * s.family.flops_per_example(config.model) * batch
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     return dict(model=name, batch=batch, params_m=n_params / 1e6, step_s=dt,
                 images_per_s=batch / dt, tflops=flops / dt / 1e12, compile_s=compile_s)

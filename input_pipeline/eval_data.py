@@ -21,7 +21,7 @@ TFDS (``tfds build``) needs tensorflow (``pip install tensorflow-cpu``); reading
 
 Memory: the images are kept as uint8 pixels, ``N * S * S * 3`` bytes (the 50k ImageNet
 validation images at 224 px take 7.5 GB; float32 would take 30 GB); the models normalise uint8
-input on the device with the same arithmetic as the host's ``Normalize``. Pass ``max_examples``
+input on the device (:func:`vlm_jax.models.layers.normalize_pixels`). Pass ``max_examples``
 or a split slice (``validation[:10%]``) to load less.
 """
 

@@ -239,7 +239,7 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
                           image_size: int | None = None) -> StreamIterator:
     """Shuffled, sharded, batched iterator over a split for this process.
 
-    Yields dicts ``{'image': float32 [B, S, S, 3], 'text': int32 [B, L], 'label': int32 [B]}``
+    Yields dicts ``{'image': uint8 [B, S, S, 3], 'text': int32 [B, L], 'label': int32 [B]}``
     with ``B = global_batch_size // process_count``. The iterator's ``get_state()`` /
     ``set_state()`` restore the exact position (the train loop stores the state in every
     checkpoint).
@@ -370,7 +370,7 @@ def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shape
     """Loads (the first ``max_examples`` records of) a split into memory, in record order.
 
     Returns:
-        ``{'image': float32 [N, S, S, 3] (CLIP-normalised), 'text': int32 [N, L],
+        ``{'image': uint8 [N, S, S, 3] (normalised by the model), 'text': int32 [N, L],
         'label': int32 [N], 'caption' / 'question' / 'answer': list[str] (those present),
         'class_names': list[str], 'templates': tuple[str, ...]}``; zero-shot classification
         prompts are ``template.format(class_name)``. :func:`eval_split_keys` gives these keys

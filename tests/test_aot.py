@@ -50,8 +50,9 @@ def test_tiny_config_report_matches_hand_computation(repo_root):
     # Reference: every parameter of the model, from its config, sharded over fsdp=4 where the
     # rules shard it: an upper bound of all-replicated and a lower bound of all-sharded.
     from flax import nnx
-    from vlm_jax import models
-    abstract = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
+    from vlm_jax.families import get_family
+    build = get_family(config).build_model
+    abstract = nnx.eval_shape(lambda: build(config.model, nnx.Rngs(0)))
     leaves = [x for x in nnx.state(abstract).flat_state()]
     sizes = [math.prod(v.get_value().shape) for _, v in leaves]
     n_params = sum(sizes)
@@ -60,7 +61,8 @@ def test_tiny_config_report_matches_hand_computation(repo_root):
     # AdamW keeps two float32 moments per parameter (+ scalar counts).
     assert 2 * r.param_bytes <= r.opt_bytes <= 2 * r.param_bytes + 1024
     # The compiled step holds the state and the batch as arguments.
-    batch = config.batch_size // 4 * (64 * 64 * 3 * 4 + config.model.text.context_length * 4)
+    # uint8 images (normalised on the device) and int32 tokens, a quarter of the batch each.
+    batch = config.batch_size // 4 * (64 * 64 * 3 + config.model.text.context_length * 4)
     assert r.argument_bytes >= r.param_bytes + r.opt_bytes + batch
     assert r.temp_bytes > 0 and r.peak_bytes < r.hbm_bytes
     # XLA's FLOP count of the unscanned step is the analytic 3 x forward within a factor 2.

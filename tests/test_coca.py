@@ -18,7 +18,8 @@ from flax import nnx
 
 import vlm_jax  # noqa: F401  (disables eager sharding)
 from vlm_jax import convert, decoding, parallel
-from vlm_jax.models import MODELS, build_model, count_params, flops_per_example
+from vlm_jax.families import FAMILIES, get_family
+from vlm_jax.models import count_params
 from vlm_jax.models.coca import captioning_loss, coca_config
 
 VOCAB, LENGTH, BOS, EOS, PAD = 40, 8, 1, 30, 0
@@ -48,7 +49,7 @@ def randomize(model, seed=0, scale=0.3):
 
 
 def abstract(cfg):
-    return nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: get_family(cfg).build_model(cfg, nnx.Rngs(0)))
 
 
 B = 4  # divisible by the 4 batch shards of the mesh test
@@ -162,7 +163,7 @@ def test_param_count_matches_independent_count(mode):
                                            ("coca_ViT-L-14", 638_450_177)])
 def test_preset_param_counts_equal_open_clip(name, expected):
     # Sum of numel over open_clip.create_model(name).state_dict() (open_clip 3.3).
-    assert "coca" in MODELS
+    assert "coca" in FAMILIES
     model = abstract(coca_config(name))
     assert count_params(model) == expected
     assert model.image.pooler.attn.key.kernel.shape[0] == model.image.width
@@ -193,6 +194,7 @@ def test_flops_equal_matmuls_of_the_traced_forward(mode):
     graphdef, state = nnx.split(m)
     jaxpr = jax.make_jaxpr(lambda s, i, t: nnx.merge(graphdef, s)(i, t))(
         state, IMAGES[:1], TOKENS[:1])
+    flops_per_example = get_family(cfg).flops_per_example
     assert flops_per_example(cfg) == _dot_flops(jaxpr.jaxpr) > 0
     assert flops_per_example(cfg, batch_size=8) == flops_per_example(cfg) + 2 * 8 * 16
 

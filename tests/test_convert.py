@@ -20,6 +20,7 @@ from flax import nnx
 from input_pipeline.tokenizers import CLIP_BPE_PATH, load_tokenizer
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import convert, models, train
+from vlm_jax.families import get_family
 from vlm_jax.config import load_config, load_json_config
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "open_clip"
@@ -35,7 +36,7 @@ def _act(name):
 
 
 def _embeddings(model_cfg, params, io):
-    model = models.build_model(model_cfg, rngs=nnx.Rngs(0))
+    model = get_family(model_cfg).build_model(model_cfg, nnx.Rngs(0))
     nnx.update(model, params)
     img = model.encode_image(jnp.asarray(io["images_nchw"].transpose(0, 2, 3, 1)))
     txt = model.encode_text(jnp.asarray(io["tokens"]))
@@ -46,8 +47,8 @@ def _convert(name, act=None, scan_layers=False):
     sd = convert.load_state_dict(FIXTURE / f"{name}.safetensors")
     cfg = convert.infer_model_config(sd, act=act or _act(name))
     cfg["scan_layers"] = scan_layers
-    abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0))),
-                         nnx.Param)
+    build = get_family(cfg).build_model
+    abstract = nnx.state(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))), nnx.Param)
     return cfg, convert.to_model_params(convert.convert_state_dict(sd, cfg), abstract)
 
 
@@ -101,8 +102,8 @@ def test_released_architectures(name, preset):
     abstract_sd = {k: jax.ShapeDtypeStruct(tuple(v), jnp.float32) for k, v in shapes.items()}
     abstract_sd.pop("attn_mask", None)
     cfg["scan_layers"] = True
-    model_params = nnx.state(nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0))),
-                             nnx.Param)
+    build = get_family(cfg).build_model
+    model_params = nnx.state(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))), nnx.Param)
     out = jax.eval_shape(
         lambda sd: convert.to_model_params(convert.convert_state_dict(sd, cfg), model_params),
         abstract_sd)

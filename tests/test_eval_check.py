@@ -17,7 +17,7 @@ from input_pipeline import DataError, eval_data
 from tests.test_eval_data import (CLS_LABELS, CLS_NAMES, EvalDataTestClassification,
                                   _FakeCocoCaptions, _FakeImagenet2012, _prepare)
 from vlm_jax import config as config_lib
-from vlm_jax import data as data_lib
+from vlm_jax.families import get_family
 from vlm_jax import main as main_lib
 from vlm_jax import train
 
@@ -82,7 +82,7 @@ def test_metadata_keys_are_the_loaded_keys(case, repo_root, shapes_data_dir, tfd
     if any(o.startswith("eval.dataset=") for o in overrides):
         overrides.append(f"eval.data_dir={tfds_dir}")
     config = _config(repo_root, experiment, f"data.data_dir={shapes_data_dir}", *overrides)
-    data = data_lib.prepare(config, for_eval=True)
+    data = get_family(config).make_data(config, for_eval=True)
     assert data.eval_keys() == set(data.eval_split())
 
 
@@ -113,7 +113,7 @@ def test_default_evaluators_on_imagenet_name_retrieval(repo_root, shapes_data_di
                      "eval.split=validation")
     assert list(config.eval.evaluators) == ["zeroshot", "retrieval"]
     with pytest.raises(config_lib.ConfigError) as info:
-        train.check_eval_data(config, data_lib.prepare(config, for_eval=True))
+        train.check_eval_data(config, get_family(config).make_data(config, for_eval=True))
     message = str(info.value)
     assert "tfds:imagenet2012/validation" in message and "'retrieval' needs" in message
     assert "'zeroshot' needs" not in message and "run: ['zeroshot']" in message
@@ -124,11 +124,11 @@ def test_missing_tfds_dataset_or_split_is_reported_from_metadata(repo_root, shap
     config = _config(repo_root, "clip_tiny.py", f"data.data_dir={shapes_data_dir}",
                      "eval.dataset=tfds:cifar100", f"eval.data_dir={tmp_path}")
     with pytest.raises(DataError, match="'cifar100' is not prepared"):
-        data_lib.prepare(config, for_eval=True).eval_keys()
+        get_family(config).make_data(config, for_eval=True).eval_keys()
     config = _config(repo_root, "flamingo_tiny_shapes.py", f"data.data_dir={shapes_data_dir}",
                      "eval.dataset=tfds:coco_captions", f"eval.data_dir={tfds_dir}")
     with pytest.raises(DataError, match="no split 'train'"):  # the in-context pool's split
-        data_lib.prepare(config, for_eval=True).eval_keys()
+        get_family(config).make_data(config, for_eval=True).eval_keys()
 
 
 @pytest.mark.e2e

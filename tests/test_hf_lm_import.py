@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vlm_jax import convert, main, models, train
+from vlm_jax import convert, main, train
 from vlm_jax.config import load_config, load_json_config
+from vlm_jax.families import get_family
 from vlm_jax.models.lm import lm_greedy
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_lm"
@@ -28,7 +29,7 @@ def _io(name):
 
 
 def _model(params, cfg):
-    model = models.build_model(cfg, rngs=nnx.Rngs(0))
+    model = get_family(cfg).build_model(cfg, nnx.Rngs(0))
     nnx.update(model, params)
     return model
 

@@ -40,8 +40,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
-from vlm_jax import models, parallel
+from vlm_jax import parallel
 from vlm_jax.config import ConfigError
+from vlm_jax.families import get_family
 
 GiB = 1024 ** 3
 
@@ -99,18 +100,21 @@ def topology_devices(spec: str, num_slices: int = 1) -> tuple[list, Chip, int]:
 
 
 def abstract_batch(config: ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global training batch of ``config`` as sharded ShapeDtypeStructs (no data read)."""
-    b = config.batch_size
-    if config.model.name in ("lm", "flamingo"):
-        from vlm_jax.data import document_batch  # pylint: disable=import-outside-toplevel
+    """The global training batch of ``config`` as sharded ShapeDtypeStructs (no data read):
+    the family's batch spec (the shapes and dtypes ``vlm-jax train`` ships, uint8 images),
+    leading dimension over the mesh's batch axes."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
+                mesh, parallel.batch_spec(len(v.shape))))
+            for k, v in get_family(config).batch_spec(config).items()}
 
-        shapes = document_batch(config)
-    else:
-        size = config.model.image.image_size
-        shapes = {"image": ((b, size, size, 3), jnp.float32),
-                  "text": ((b, config.model.text.context_length), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, parallel.batch_spec(len(s))))
-            for k, (s, d) in shapes.items()}
+
+def lower_train_step(s) -> jax.stages.Lowered:
+    """The train step of a :class:`vlm_jax.train.TrainSetup` lowered on its mesh for the
+    abstract state and batch: the program ``vlm-jax train`` runs, without any data or array."""
+    from vlm_jax import train  # pylint: disable=import-outside-toplevel
+
+    batch = abstract_batch(s.config, s.mesh)
+    return train.make_train_step(s, batch).lower(s.abstract_state, batch)
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -311,7 +315,7 @@ def plan(config: ConfigDict, topology: str, num_slices: int = 1,
         hbm_bytes=chip.hbm_bytes // max(1, len(devices) // chips),
         param_bytes=_shard_bytes(s.abstract_state["params"]),
         opt_bytes=_shard_bytes(s.abstract_state["opt_state"]), n_params=n_params,
-        model_flops_per_step=3 * models.flops_per_example(config.model) * bsz,
+        model_flops_per_step=3 * s.family.flops_per_example(config.model) * bsz,
         peak_flops_per_chip=chip.peak_bf16_flops,
         loss_logits_bytes=logits)
     r.batch_bytes = _shard_bytes(abstract_batch(config, mesh))
@@ -319,10 +323,9 @@ def plan(config: ConfigDict, topology: str, num_slices: int = 1,
         r.stage = "precheck"
         r.suggestions = _suggestions(r, config)
         return r
-    step = train.make_train_step(s, {k: v.shape for k, v in abstract_batch(config, mesh).items()})
     t0 = time.perf_counter()
     try:
-        compiled = step.lower(s.abstract_state, abstract_batch(config, mesh)).compile()
+        compiled = lower_train_step(s).compile()
     except Exception as e:  # pylint: disable=broad-except
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "memory" not in msg.lower():

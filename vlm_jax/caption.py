@@ -53,20 +53,22 @@ def caption_folder(config, workdir: str, images: str, *, step: int | None = None
     """Captions every image of ``images`` with the (latest or ``step``) checkpoint of
     ``workdir``; ``options``: ``method`` and the options of :func:`vlm_jax.decoding.generate`
     (default ``config.eval.caption``). Returns the JSONL file written."""
-    from vlm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     from vlm_jax import train  # pylint: disable=import-outside-toplevel
     from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
     from vlm_jax.evaluators.common import FeatureExtractor  # pylint: disable=import-outside-toplevel
+    from vlm_jax.families import FAMILIES, get_family  # pylint: disable=import-outside-toplevel
 
-    if config.model.name != "coca":
-        raise ConfigError(f"{workdir} holds a {config.model.name!r} model, which has no "
-                          "captioning decoder; captions need a CoCa model (config.model.name="
-                          "'coca', e.g. experiments/coca_tiny_shapes.py).")
-    names, pixels, bad = read_images(images, config.model.image.image_size)
+    family = get_family(config)
+    if "caption" not in family.capabilities:
+        captioners = sorted(f.name for f in FAMILIES.values() if "caption" in f.capabilities)
+        raise ConfigError(f"{workdir} holds a {family.name!r} model, which has no captioning "
+                          f"decoder; captions need a model of a family with one ({captioners}, "
+                          "e.g. experiments/coca_tiny_shapes.py).")
+    names, pixels, bad = read_images(images, family.image_size(config))
     for name, reason in bad:
         print(f"Skipped {name}: {reason}")
     s, params, step = train.restore_for_inference(config, workdir, step)
-    tokenizer = data_lib.prepare(config, for_eval=True).tokenizer
+    tokenizer = family.make_data(config, for_eval=True).tokenizer
     opts = dict(config.eval.get("caption", {}) if options is None else options)
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
                                  config.eval.batch_size, tokenizer=tokenizer,

@@ -27,7 +27,7 @@ attentional pooling and layer scale.
 
 **Language models** (:func:`convert_hf_lm`): a Hugging Face model directory (``config.json`` +
 ``model.safetensors``, as ``save_pretrained`` writes it) of a ``LlamaForCausalLM`` or
-``GPT2LMHeadModel`` becomes a :class:`vlm_jax.models.lm.LanguageModel` (``model.name='lm'``),
+``GPT2LMHeadModel`` becomes a :class:`vlm_jax.models.lm.LanguageModel` (model config ``name='lm'``),
 whose arithmetic follows those classes. The architecture comes from ``config.json``; features
 the model lacks (scaled rotary embeddings such as Llama 3.1's, biases in LLaMA attention,
 another activation...) are refused with an error naming the field, and every weight must be
@@ -587,11 +587,11 @@ def convert_hf_lm(source: str | pathlib.Path | Mapping[str, Any],
     Returns:
       ``(params, model_config)``: the :class:`~vlm_jax.models.lm.LanguageModel` parameters as
       ``nnx.state(model).to_pure_dict()`` lays them out (float32), and its model config
-      (``name='lm'``, for :func:`vlm_jax.models.build_model`).
+      (``name='lm'``, the ``lm`` family's, :mod:`vlm_jax.families`).
     """
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    from vlm_jax import models  # pylint: disable=import-outside-toplevel
+    from vlm_jax.families import get_family  # pylint: disable=import-outside-toplevel
 
     if isinstance(source, Mapping):
         sd = source
@@ -607,8 +607,8 @@ def convert_hf_lm(source: str | pathlib.Path | Mapping[str, Any],
     if scan_layers:
         model_cfg["scan_layers"] = True
     flat = convert_hf_lm_state_dict(sd, model_cfg)
-    abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
-                                                                   rngs=nnx.Rngs(0))), nnx.Param)
+    build = get_family(model_cfg).build_model
+    abstract = nnx.state(nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0))), nnx.Param)
     return to_model_params(flat, abstract).to_pure_dict(), model_cfg
 
 
@@ -669,7 +669,8 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-    from vlm_jax import models  # pylint: disable=import-outside-toplevel
+    from vlm_jax.families import get_family  # pylint: disable=import-outside-toplevel
+    from vlm_jax.models import count_params  # pylint: disable=import-outside-toplevel
 
     if base_config is None:
         base_config = config_lib.load_config(
@@ -700,9 +701,8 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
         for key in ("dtype", "scan_layers", "remat"):  # How to run it: the base config's choice.
             if key in base_model:
                 model_cfg[key] = base_model[key]
-        abstract = nnx.state(nnx.eval_shape(lambda: models.build_model(model_cfg,
-                                                                       rngs=nnx.Rngs(0))),
-                             nnx.Param)
+        build = get_family(model_cfg).build_model
+        abstract = nnx.state(nnx.eval_shape(lambda: build(model_cfg, nnx.Rngs(0))), nnx.Param)
         # The train state's layout: plain nested dicts of arrays (nnx.State.to_pure_dict()).
         flat = (convert_coca_state_dict if coca else convert_state_dict)(sd, model_cfg)
         params = to_model_params(flat, abstract).to_pure_dict()
@@ -713,6 +713,6 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
         config.model = model_cfg
         config.name = f"converted:{name or pathlib.Path(input_path).name}"
     workdir = write_workdir(workdir, params, config)
-    n = models.count_params(params)
+    n = count_params(params)
     print(f"Converted {input_path} ({n / 1e6:.1f}M parameters; {what}) into {workdir}.")
     return workdir

@@ -6,7 +6,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
 from input_pipeline import DataError, pipeline, sources
@@ -41,7 +40,7 @@ class Data:
             global_batch_size=self.config.batch_size, seed=self.config.seed,
             context_length=self.config.model.text.context_length,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            worker_count=d.worker_count)
+            worker_count=d.worker_count, image_size=self.config.model.image.image_size)
 
     def eval_split(self) -> dict:
         """The evaluation data, in memory (images, tokens, labels, class names, templates).
@@ -143,26 +142,25 @@ class Data:
         return ({"image": train["image"], "label": train["label"]},
                 {"image": val["image"], "label": val["label"]})
 
-    def batch_shapes(self) -> dict[str, tuple]:
-        """Global batch shapes of the training batches."""
-        b = self.config.batch_size
-        size = self.config.model.image.image_size
-        return {"image": (b, size, size, 3), "text": (b, self.config.model.text.context_length)}
-
 
 @dataclasses.dataclass
 class DocumentData:
     """Interleaved shapes documents (:mod:`input_pipeline.interleaved`) for the language model
-    (text only) and Flamingo (with images); same interface as :class:`Data`."""
+    (text only) and Flamingo (with images); same interface as :class:`Data`.
+
+    ``lm``: the language model's config (its vocabulary and ``max_length``); ``image_size``: the
+    side of the images of multimodal documents, None for text only."""
 
     config: ConfigDict
     data_dir: str
     tokenizer: Any
+    lm: Any
+    image_size: int | None = None
     source: Any = None
 
     @property
     def multimodal(self) -> bool:
-        return self.config.model.name == "flamingo"
+        return self.image_size is not None
 
     @property
     def prompt_format(self):
@@ -170,23 +168,22 @@ class DocumentData:
         its prompts are written."""
         from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
-        vocab = _lm_config(self.config).vocab_size
+        vocab = self.lm.vocab_size
         return interleaved.PromptFormat(self.tokenizer, vocab, vocab + 1)
 
     def _document_kwargs(self) -> dict:
         d = self.config.data
         kw = dict(data_dir=self.data_dir, config_name=d.config_name, tokenizer=self.tokenizer,
-                  max_length=self.seq_length, max_images=d.get("max_images", 5))
+                  max_length=self.seq_length, max_images=document_max_images(self.config))
         if self.multimodal:
             fmt = self.prompt_format
-            kw.update(image_id=fmt.image_id, eoc_id=fmt.eoc_id,
-                      image_size=self.config.model.vision.image_size)
+            kw.update(image_id=fmt.image_id, eoc_id=fmt.eoc_id, image_size=self.image_size)
         return kw
 
     @property
     def seq_length(self) -> int:
         """Training sequence length: ``config.data.seq_length`` (0 = the LM's max_length)."""
-        return document_batch(self.config)["tokens"][0][1]
+        return document_length(self.config, self.lm)
 
     def train_iterator(self):
         """This process's share of the training documents (checkpointable grain iterator)."""
@@ -209,7 +206,7 @@ class DocumentData:
         if name is not None:
             return self._tfds_captions(name)
         if self.multimodal:
-            size = self.config.model.vision.image_size
+            size = self.image_size
             native = int(str(d.config_name).removesuffix("px"))
             kw = dict(data_dir=self.data_dir, dataset="shapes", config_name=d.config_name,
                       context_length=8, image_size=size if size != native else None)
@@ -275,8 +272,7 @@ class DocumentData:
         from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
 
         e = self.config.eval
-        kw = dict(data_dir=e.get("data_dir") or None,
-                  image_size=self.config.model.vision.image_size)
+        kw = dict(data_dir=e.get("data_dir") or None, image_size=self.image_size)
 
         def load(split, n):
             raw = eval_data.load_tfds_retrieval(name, split=split, max_examples=n, **kw)
@@ -289,35 +285,28 @@ class DocumentData:
                 "pool": {"image": pool_images, "caption": [c[0] for c in pool_captions]},
                 "prompt_format": self.prompt_format}
 
-    def batch_shapes(self) -> dict[str, tuple]:
-        return {k: shape for k, (shape, _) in document_batch(self.config).items()}
+
+def document_length(config: ConfigDict, lm: Any) -> int:
+    """Training sequence length of documents: ``config.data.seq_length`` (0 = the language
+    model's ``max_length``)."""
+    return config.data.get("seq_length", 0) or lm.max_length
 
 
-def _lm_config(config: ConfigDict) -> ConfigDict:
-    """The language model's config: ``model`` itself, or Flamingo's ``model.lm``."""
-    return config.model.lm if config.model.name == "flamingo" else config.model
+def document_max_images(config: ConfigDict) -> int:
+    """Image slots per multimodal document row: ``config.data.max_images`` (default 5)."""
+    return config.data.get("max_images", 5)
 
 
-def document_batch(config: ConfigDict) -> dict[str, tuple[tuple, Any]]:
-    """``{key: (global shape, dtype)}`` of a language-model / Flamingo training batch."""
-    b, d = config.batch_size, config.data
-    lm = _lm_config(config)
-    length = d.get("seq_length", 0) or lm.max_length
-    out = {"tokens": ((b, length), np.int32), "weights": ((b, length), np.float32)}
-    if config.model.name == "flamingo":
-        size = config.model.vision.image_size
-        out["images"] = ((b, d.get("max_images", 5), size, size, 3), np.uint8)
-    return out
-
-
-def _prepare_documents(config: ConfigDict) -> DocumentData:
+def prepare_documents(config: ConfigDict, *, lm: Any, image_size: int | None = None
+                      ) -> DocumentData:
+    """Builds the shapes dataset if needed and loads the LM tokenizer: documents for the
+    language model ``lm`` (its config), with images of side ``image_size`` (None: text only)."""
     from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
     d = config.data
     if d.name != "shapes":
-        raise ConfigError(f"config.data.name={d.name!r}: the {config.model.name} model trains on "
-                          "the interleaved shapes documents, config.data.name='shapes'.")
-    lm = _lm_config(config)
+        raise ConfigError(f"config.data.name={d.name!r}: this model trains on the interleaved "
+                          "shapes documents, config.data.name='shapes'.")
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
                            process_index=jax.process_index())
@@ -328,7 +317,7 @@ def _prepare_documents(config: ConfigDict) -> DocumentData:
     if tokenizer.vocab_size > lm.vocab_size:
         raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
                           f"shapes LM tokenizer's vocabulary ({tokenizer.vocab_size}).")
-    return DocumentData(config, str(data_dir), tokenizer)
+    return DocumentData(config, str(data_dir), tokenizer, lm, image_size)
 
 
 def _captions_per_image(retrieval: dict) -> list[list[str]]:
@@ -393,7 +382,9 @@ def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
 
 
 def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
-    """Builds the dataset if needed (process 0; others wait) and loads its tokenizer.
+    """The image-text data of a dual-encoder run (CLIP, SigLIP, CoCa; other families prepare
+    theirs, e.g. :func:`prepare_documents`: ask ``families.get_family(config).make_data``).
+    Builds the dataset if needed (process 0; others wait) and loads its tokenizer.
 
     ``config.data.name`` is ``'shapes'`` (the embedded dataset) or a raw image-text source,
     ``'webdataset'`` / ``'array_record'`` with ``config.data.train_files`` (paths, brace ranges,
@@ -403,8 +394,6 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     tokenizer). ``for_eval``: the training data is not opened (``vlm-jax eval``).
     """
     d = config.data
-    if config.model.name in ("lm", "flamingo"):
-        return _prepare_documents(config)
     if d.name != "shapes" and d.name not in SOURCES:
         raise ConfigError(f"config.data.name={d.name!r}: use 'shapes' (embedded) or a source of "
                           f"image-text shards {list(SOURCES)} with config.data.train_files.")

@@ -158,14 +158,14 @@ def _data_command(args, config) -> int:
         return value
 
     if args.action == "prepare":
-        from vlm_jax import data  # pylint: disable=import-outside-toplevel
+        from vlm_jax.families import get_family  # pylint: disable=import-outside-toplevel
 
-        d = data.prepare(config)
+        d = get_family(config).make_data(config)
         print(f"Dataset {config.data.name}/{config.data.config_name} ready in {d.data_dir}")
     elif args.action == "export":
-        from vlm_jax import data  # pylint: disable=import-outside-toplevel
+        from vlm_jax.families import get_family  # pylint: disable=import-outside-toplevel
 
-        d = data.prepare(config)
+        d = get_family(config).make_data(config)
         paths = tools.export_webdataset(d.data_dir, config.data.eval_name
                                         if config.data.name != "shapes" else "shapes",
                                         config.data.config_name, args.split,

@@ -30,9 +30,10 @@ from vlm_jax import config as config_lib
 from vlm_jax import data as data_lib
 from vlm_jax import evaluators as evaluators_lib
 from vlm_jax import metrics as metrics_lib
-from vlm_jax import faults, models, objectives, optim, parallel, paths, profiling, runtime
+from vlm_jax import faults, optim, parallel, paths, profiling, runtime
 from vlm_jax.config import ConfigError
 from vlm_jax.evaluators.common import FeatureExtractor
+from vlm_jax.families import Family, get_family
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class TrainSetup:
     abstract_state: Any  # ShapeDtypeStructs, with shardings
     state_shardings: Any
     init_fn: Callable[[], Any]
+    family: Family  # config.model's family: model, objective, batch spec, data, FLOPs
+
+    def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global training batch (shapes and dtypes, no sharding): the family's."""
+        return self.family.batch_spec(self.config)
 
     @property
     def param_shardings(self):
@@ -82,16 +88,17 @@ def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
     except ValueError as e:
         raise ConfigError(f"config.batch_size: {e}") from e
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    family = get_family(config)
 
     def init_fn():
-        model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+        model = family.build_model(config.model, nnx.Rngs(config.seed))
         params = nnx.state(model).to_pure_dict()
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     try:
         abstract_model = nnx.eval_shape(
-            lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
-    except ValueError as e:  # The model names the key; report it as a config error.
+            lambda: family.build_model(config.model, nnx.Rngs(0)))
+    except ValueError as e:  # The error names the key; report it as a config error.
         raise ConfigError(f"config.model: {e}") from e
     graphdef, abstract_params = nnx.split(abstract_model)
     param_sh = parallel.state_shardings(abstract_params, mesh, rules)
@@ -107,18 +114,25 @@ def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     init = jax.jit(init_fn, out_shardings=shardings)
-    return TrainSetup(config, mesh, rules, graphdef, tx, schedule, abstract, shardings, init)
+    return TrainSetup(config, mesh, rules, graphdef, tx, schedule, abstract, shardings, init,
+                      family)
 
 
-def batch_shardings(mesh: Mesh, batch_shapes: dict[str, tuple]) -> dict[str, NamedSharding]:
-    """Shardings of a global batch: leading dimension over the batch axes."""
-    return {k: NamedSharding(mesh, parallel.batch_spec(len(s))) for k, s in batch_shapes.items()}
+def batch_shardings(mesh: Mesh, batch_shapes: dict[str, Any]) -> dict[str, NamedSharding]:
+    """Shardings of a global batch (``{key: shape or ShapeDtypeStruct}``): leading dimension
+    over the batch axes."""
+    return {k: NamedSharding(mesh, parallel.batch_spec(len(getattr(s, "shape", s))))
+            for k, s in batch_shapes.items()}
 
 
-def make_train_step(s: TrainSetup, batch_shapes: dict[str, tuple]) -> Callable:
-    """The jitted train step with explicit in/out shardings and the state donated."""
+def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> Callable:
+    """The jitted train step with explicit in/out shardings and the state donated.
+
+    ``batch_spec``: ``{key: ShapeDtypeStruct or shape}`` of the global batch; default (what
+    ``train`` and ``compile`` use) the family's :meth:`TrainSetup.batch_spec`."""
     config, mesh, rules = s.config, s.mesh, s.rules
-    objective = objectives.get_objective(config.model.name)
+    objective = s.family.objective
+    batch_spec = s.batch_spec() if batch_spec is None else batch_spec
 
     nan_step = faults.nan_loss_step()  # Reliability battery only; None otherwise.
     trainable = config.optim.get("trainable", "")
@@ -153,7 +167,7 @@ def make_train_step(s: TrainSetup, batch_shapes: dict[str, tuple]) -> Callable:
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(train_step,
-                   in_shardings=(s.state_shardings, batch_shardings(mesh, batch_shapes)),
+                   in_shardings=(s.state_shardings, batch_shardings(mesh, batch_spec)),
                    out_shardings=(s.state_shardings, NamedSharding(mesh, P())),
                    donate_argnums=(0,))
 
@@ -263,6 +277,30 @@ def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
 # -------------------------------------------------------------------------------------------
 # Training.
 # -------------------------------------------------------------------------------------------
+
+
+def check_batch(local: dict, spec: dict[str, jax.ShapeDtypeStruct], process_count: int
+                ) -> None:
+    """Checks a process's batch from the pipeline against the global ``spec`` the step was
+    compiled for (``process_count`` equal shares of the leading dimension), before step 0.
+
+    Raises:
+        DataError: a key is missing or has another shape or dtype (both named).
+    """
+    for key, want in spec.items():
+        shape = (want.shape[0] // process_count, *want.shape[1:])
+        got = local.get(key)
+        if got is None:
+            raise data_lib.DataError(f"The training pipeline's batch has no {key!r} (it has "
+                                     f"{sorted(local)}); the model's family expects {key} "
+                                     f"{want.dtype} {list(want.shape)} (global).")
+        if tuple(got.shape) != shape or np.dtype(got.dtype) != np.dtype(want.dtype):
+            raise data_lib.DataError(
+                f"The training pipeline ships {key!r} as {np.dtype(got.dtype)} "
+                f"{list(got.shape)} per process; the train step is compiled for "
+                f"{np.dtype(want.dtype)} {list(shape)} ({list(want.shape)} over "
+                f"{process_count} process(es)). Check config.data and the model's image size / "
+                "context length.")
 
 
 def _check_workdir(workdir: epath.Path) -> None:
@@ -423,7 +461,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         ckpt.close()  # Stop orbax's background threads: the error is the last word printed.
         raise
 
-    data = data_lib.prepare(config)
+    data = s.family.make_data(config)
     try:
         check_eval_data(config, data)  # From metadata: a misfit stops the run before step 0.
     except Exception:
@@ -444,14 +482,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     if is_main:
         (workdir / "config.json").write_text(config_lib.to_json(config))
         n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state["params"]))
-        print(f"Model {config.model.name}: {n_params / 1e6:.2f}M parameters; mesh "
+        print(f"Model {s.family.name}: {n_params / 1e6:.2f}M parameters; mesh "
               f"{dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
               f"{jax.process_count()} process(es); global batch {config.batch_size}.")
 
-    batch_shapes = data.batch_shapes()
-    train_step = make_train_step(s, batch_shapes)
+    batch_spec = s.batch_spec()  # What the step is compiled for and the pipeline must ship.
+    train_step = make_train_step(s, batch_spec)
     writer = metrics_lib.MetricWriter(workdir)
-    flops_per_example = models.flops_per_example(config.model)
+    flops_per_example = s.family.flops_per_example(config.model)
     total = config.total_steps
     start = int(state["step"])
     progress = _Progress(start, total, enabled=is_main)
@@ -467,7 +505,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             agreement.check()
             faults.maybe_fail("data_error", step + 1)  # Reliability tests only.
             local = next(train_iter)
-            batch = parallel.make_global_batch({k: local[k] for k in batch_shapes}, s.mesh)
+            if step == start:
+                check_batch(local, batch_spec, jax.process_count())
+            batch = parallel.make_global_batch({k: local[k] for k in batch_spec}, s.mesh)
             if step == start and jax.process_count() > 1:
                 train_step = _compile_then_meet(train_step, state, batch)
             profiler.before_step(step + 1)
@@ -577,7 +617,7 @@ def load_pretrained(config: ConfigDict, s: TrainSetup, params: dict) -> dict:
             if key not in source:
                 raise ckpt_lib.CheckpointError(
                     f"config.init_from.{target}.subtree: {workdir} (model "
-                    f"{source_config.model.name}) has no parameters {key!r}; it has "
+                    f"{get_family(source_config).name}) has no parameters {key!r}; it has "
                     f"{sorted(source)}.")
             source = source[key]
         if target not in params:
@@ -650,7 +690,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = Non
     (after finding it: an empty workdir is reported without preparing any data)."""
     ckpt, step = _open_checkpoint(epath.Path(workdir), step)
     try:
-        data = data_lib.prepare(config, for_eval=True)
+        data = get_family(config).make_data(config, for_eval=True)
         check_eval_data(config, data)
         s, params, step = _restore_params(config, ckpt, step)
     finally:

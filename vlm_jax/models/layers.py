@@ -553,8 +553,8 @@ class MAPHead(nnx.Module):
         return y[:, 0]
 
 
-# OpenAI CLIP pixel statistics (RGB, on [0, 1] values); the same numbers as
-# input_pipeline.transforms.CLIP_MEAN / CLIP_STD, which normalise on the host.
+# OpenAI CLIP pixel statistics (RGB, on [0, 1] values), as open_clip uses them. The only copy:
+# every input pipeline ships uint8 pixels and the models normalise them here, on the device.
 PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 

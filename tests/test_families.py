@@ -1,0 +1,102 @@
+"""Model families: the batch spec is the one source of the training batch.
+
+The program `vlm-jax compile` lowers (aot.lower_train_step, from the family's batch spec) must
+accept, unchanged, the batch `vlm-jax train` passes (from the family's data pipeline): a jax
+executable compiled for other shapes or dtypes refuses its arguments.
+"""
+import numpy as np
+import pytest
+
+from vlm_jax import aot, parallel, train
+from vlm_jax import config as config_lib
+from vlm_jax.data import DataError
+from vlm_jax.families import CAPABILITIES, FAMILIES, get_family
+
+CASES = {  # name: (experiment, overrides)
+    "clip_shapes": ("clip_tiny.py:test", ()),
+    "lm_documents": ("lm_tiny_shapes.py:test", ()),
+    "flamingo_documents": ("flamingo_tiny_shapes.py:test", ()),
+    "clip_webdataset": ("clip_tiny.py:test", ("data.name=webdataset",)),
+}
+
+
+def _config(repo_root, case, data_dir, tmp_path):
+    experiment, overrides = CASES[case]
+    path, _, arg = experiment.partition(":")
+    overrides = [f"data.data_dir={data_dir}", *overrides]
+    if case.endswith("webdataset"):  # The shapes train split exported as tar shards.
+        from input_pipeline import tools  # pylint: disable=import-outside-toplevel
+
+        tools.export_webdataset(data_dir, "shapes", "32px", "train", str(tmp_path), 200)
+        overrides.append(f"data.train_files={tmp_path}/train-*.tar")
+    return config_lib.load_config(f"{repo_root / 'experiments' / path}:{arg}", overrides)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_step_takes_the_batch_train_passes(case, repo_root, shapes_data_dir, tmp_path):
+    config = _config(repo_root, case, shapes_data_dir, tmp_path)
+    family = get_family(config)
+    spec = family.batch_spec(config)
+    # What the train loop passes: the pipeline's batch, restricted to the spec's keys (one
+    # process here, so the local batch is the global one).
+    local = next(family.make_data(config).train_iterator())
+    batch = {k: local[k] for k in spec}
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == \
+        {k: (s.shape, np.dtype(s.dtype)) for k, s in spec.items()}
+    train.check_batch(local, spec, 1)
+    if "image" in spec or "images" in spec:  # Every pipeline ships uint8 pixels.
+        assert batch.get("image", batch.get("images")).dtype == np.uint8
+
+    mesh = parallel.create_mesh({"data": 4, "fsdp": 2})  # 8 CPU devices
+    s = train.setup(config, mesh)
+    lowered = aot.lower_train_step(s)  # What `vlm-jax compile` compiles.
+    args = lowered.args_info[0][1]
+    assert {k: (a.shape, np.dtype(a.dtype)) for k, a in args.items()} == \
+        {k: (v.shape, v.dtype) for k, v in batch.items()}
+    compiled = lowered.compile()
+    # The executable refuses arguments of other shapes or dtypes: it runs on train's batch.
+    state, metrics = compiled(s.init_fn(), parallel.make_global_batch(batch, mesh))
+    assert np.isfinite(float(metrics["train/loss"])) and int(state["step"]) == 1
+
+
+def test_check_batch_names_key_shape_and_dtype(repo_root):
+    config = config_lib.load_config(f"{repo_root / 'experiments/clip_tiny.py'}:test")
+    spec = get_family(config).batch_spec(config)
+    good = {k: np.zeros((v.shape[0] // 2, *v.shape[1:]), v.dtype) for k, v in spec.items()}
+    train.check_batch(good, spec, 2)
+    with pytest.raises(DataError, match=r"'image' as float32 \[8, 32, 32, 3\].*uint8 "
+                                        r"\[8, 32, 32, 3\]"):
+        train.check_batch(dict(good, image=good["image"].astype(np.float32)), spec, 2)
+    with pytest.raises(DataError, match="no 'text'"):
+        train.check_batch({"image": good["image"]}, spec, 2)
+
+
+def test_get_family_and_declared_capabilities(repo_root):
+    assert sorted(FAMILIES) == ["clip", "coca", "flamingo", "lm"]
+    for name, experiment in (("clip", "siglip_tiny.py"), ("coca", "coca_tiny_shapes.py"),
+                             ("lm", "lm_tiny_shapes.py"), ("flamingo", "flamingo_tiny_shapes.py")):
+        config = config_lib.load_config(str(repo_root / "experiments" / experiment))
+        family = get_family(config)
+        assert family is get_family(config.model) is get_family(name) and family.name == name
+        assert family.capabilities <= set(CAPABILITIES)
+        for entry in family.default_evals(config).values():
+            assert set(entry) == {"type", "dataset", "split", "every_steps", "max_examples",
+                                  "options"}
+    assert "caption" in FAMILIES["coca"].capabilities
+    assert "caption" not in FAMILIES["clip"].capabilities
+    assert FAMILIES["lm"].image_size(None) is None
+    with pytest.raises(config_lib.ConfigError, match=r"'vit' is not a model family.*'clip'"):
+        get_family({"name": "vit"})
+
+
+def test_caption_needs_the_caption_capability(repo_root, tmp_path):
+    """`vlm-jax caption` asks the family, before reading any image or checkpoint."""
+    from vlm_jax import caption  # pylint: disable=import-outside-toplevel
+
+    for experiment in ("clip_tiny.py:test", "flamingo_tiny_shapes.py:test"):
+        path, _, arg = experiment.partition(":")
+        config = config_lib.load_config(f"{repo_root / 'experiments' / path}:{arg}")
+        name = get_family(config).name
+        with pytest.raises(config_lib.ConfigError,
+                           match=rf"'{name}' model, which has no captioning decoder.*\['coca'\]"):
+            caption.caption_folder(config, str(tmp_path), str(tmp_path / "no_such_folder"))

@@ -1,0 +1,92 @@
+"""One :class:`Family` per model family: everything the rest of the code asks of a model.
+
+A family (CLIP/SigLIP, CoCa, LM, Flamingo) is one object in one file of this package. The train
+loop, ``vlm-jax compile``, ``vlm-jax caption`` and the evaluators ask it, instead of branching on
+``config.model.name``: :func:`get_family` is the only reader of that key.
+
+* ``build_model(model_cfg, rngs)``: the NNX module (unknown config keys raise ValueError).
+* ``objective(model, batch, config, mesh) -> (loss, metrics)`` on a global batch.
+* ``batch_spec(config) -> {key: jax.ShapeDtypeStruct}``: global shapes and dtypes of a training
+  batch, the one source for the jitted step's shardings (:func:`vlm_jax.train.make_train_step`),
+  ``vlm-jax compile`` (:func:`vlm_jax.aot.abstract_batch`) and what the pipelines emit (the
+  train loop checks the first batch against it). Images travel as uint8; the device
+  normalises them (:func:`vlm_jax.models.layers.normalize_pixels`).
+* ``make_data(config, for_eval=False)``: the run's data (:mod:`vlm_jax.data`).
+* ``default_evals(config)``: the family's evaluation entries (``config.evals`` format).
+* ``flops_per_example(model_cfg, batch_size=None)``: analytic forward matmul FLOPs.
+* ``capabilities``: what evaluators may ask of the model (:data:`CAPABILITIES`).
+* ``image_size(config)``: the image side the model reads (None: text only).
+
+Adding a family (LiT, SigLIP 2, a LLaVA-style model) is one new module here that defines a
+``FAMILY`` and one line in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from vlm_jax.config import ConfigError
+
+# What an evaluator may ask of a model (evaluators declare the capability they need):
+CAPABILITIES = {
+    "embed": "encode_image(images) / encode_text(tokens) -> L2-normalised embeddings",
+    "caption": "an image-conditioned text decoder",
+    "interleaved": "generation from images interleaved with text",
+    "lm": "next-token logits over text",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its model, objective, batch, data, evaluations and FLOPs (see module)."""
+
+    name: str
+    build_model: Callable[[Any, Any], Any]
+    objective: Callable[..., tuple[Any, dict]]
+    batch_spec: Callable[[Any], dict]
+    make_data: Callable[..., Any]
+    default_evals: Callable[[Any], dict]
+    flops_per_example: Callable[..., float]
+    capabilities: frozenset[str]
+    image_size: Callable[[Any], int | None]
+
+    def __post_init__(self):
+        unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
+        if unknown:
+            raise ValueError(f"Family {self.name!r}: unknown capabilities {unknown}; known: "
+                             f"{sorted(CAPABILITIES)}.")
+
+
+# pylint: disable=wrong-import-position  (the family modules import Family from here)
+from vlm_jax.families import clip, coca, flamingo, lm  # noqa: E402
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (clip.FAMILY, coca.FAMILY, lm.FAMILY,
+                                                   flamingo.FAMILY)}
+
+
+def get_family(config_or_model_cfg: Any) -> Family:
+    """The family of a run config (``config.model.name``), of a model config (its ``name``) or
+    of a family name.
+
+    Raises:
+        ConfigError: the name is missing or unknown (the message lists the families).
+    """
+    cfg = config_or_model_cfg
+    if isinstance(cfg, str):
+        name, key = cfg, "model.name"
+    else:
+        if not isinstance(cfg, Mapping) and not hasattr(cfg, "keys"):
+            raise TypeError(f"get_family: expected a config, a model config or a name, got "
+                            f"{type(cfg).__name__}.")
+        if "model" in cfg:
+            cfg = cfg["model"]
+        name, key = (cfg["name"] if "name" in cfg else None), "config.model.name"
+    if name not in FAMILIES:
+        raise ConfigError(f"{key}={name!r} is not a model family; available: "
+                          f"{sorted(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+__all__ = ["CAPABILITIES", "FAMILIES", "Family", "get_family"]
