@@ -260,6 +260,10 @@ def _buffers(prompt, valid, length, pad_id):
 
 def _token_loop(model, context, prompt, valid, choose: Callable, *, length, min_length, stops,
                 pad_id, use_cache):
+    # The loop carries the next-token logits: the prefill's feed the first iteration, and each
+    # iteration chooses a token, then runs it through the model. The last iteration's step is
+    # not used (one step per decode more than strictly needed) but the prompt goes through the
+    # model in one call and every later step is the same one-token step.
     b, p = prompt.shape
     buffer, buffer_valid = _buffers(prompt, valid, length, pad_id)
     cache, logits = _prefill(model, context, prompt, valid, buffer, buffer_valid, length,
@@ -476,8 +480,9 @@ _OPTIONS = {"greedy": _COMMON,
 
 def _check_left_padded(prompt_valid) -> None:
     """A concrete ``prompt_valid`` must have its last column valid in every row."""
-    if prompt_valid is None or isinstance(prompt_valid, jax.core.Tracer):
-        return
+    if prompt_valid is None or isinstance(prompt_valid, jax.core.Tracer) or (
+            isinstance(prompt_valid, jax.Array) and not prompt_valid.is_fully_addressable):
+        return  # traced, or rows on other hosts: the caller's responsibility
     last = jax.device_get(prompt_valid)[:, -1]
     if not last.all():
         raise ValueError("prompt_valid: prompts must be left-padded (the last column valid in "
