@@ -113,7 +113,8 @@ def test_output_shapes_and_api(model):
     assert shapes(lambda m, i: m.image_context(i), model, IMAGES) == (B, 4, 16)  # n_queries-1
     assert shapes(lambda m, c, t: m.decode_logits(c, t), model, jnp.zeros((B, 4, 16)),
                   TOKENS) == (B, LENGTH, VOCAB)
-    step = shapes(lambda m, c: m.decode_logits(None, TOKENS[:, :1], cache=m.init_cache(c)),
+    step = shapes(lambda m, c: m.decode_logits(None, TOKENS[:, :1],
+                                                 cache=m.init_cache(B, context=c)),
                   model, jnp.zeros((B, 4, 16)))
     assert step[0] == (B, 1, VOCAB) and step[1]["dec_k"] == (2, B, LENGTH, 4, 4)
     par = abstract(tiny_cfg(pooler=dict(n_queries=5, num_heads=2, mode="parallel")))
@@ -293,7 +294,7 @@ def decoded(model):
             logits[:B], logits[B:2 * B], logits[2 * B:])
         # Teacher forcing through the cache: a 3-token prefill, then one token per step.
         tokens = jnp.asarray(PARITY_TOKENS)
-        first, cache = m.decode_logits(None, tokens[:, :3], cache=m.init_cache(ctx))
+        first, cache = m.decode_logits(None, tokens[:, :3], cache=m.init_cache(B, context=ctx))
 
         def step(carry, tok):
             cache, p = carry

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from vlm_jax import config as config_lib
-from vlm_jax import parallel, train
-from vlm_jax.models.flamingo import Flamingo, greedy_generate
+from vlm_jax import decoding, parallel, train
+from vlm_jax.models.flamingo import Flamingo
 
 V = 40  # LM vocabulary; <image> = 40, <|endofchunk|> = 41
 IMG, EOC = V, V + 1
@@ -97,12 +97,12 @@ def test_kv_cached_steps_and_generation_match_the_full_forward():
     images = _images()
     full = np.asarray(model(images, TOKENS))
     media = model.encode_media(images)
-    cache = model.init_cache(2, 16)
+    cache = model.init_cache(2, 16, media)
     outs = []
-    logits, cache = model.step(media, TOKENS[:, :3], cache)
+    logits, cache = model.step(TOKENS[:, :3], cache)
     outs.append(logits)
     for t in range(3, TOKENS.shape[1]):
-        logits, cache = model.step(media, TOKENS[:, t:t + 1], cache)
+        logits, cache = model.step(TOKENS[:, t:t + 1], cache)
         outs.append(logits)
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-5)
 
@@ -113,7 +113,8 @@ def test_kv_cached_steps_and_generation_match_the_full_forward():
     valid = np.zeros((2, width), bool)
     for i, p in enumerate(prompts):
         tok[i, width - len(p):], valid[i, width - len(p):] = p, True
-    got = np.asarray(greedy_generate(model, images, jnp.asarray(tok), jnp.asarray(valid), 5))
+    got = np.asarray(decoding.generate(model, images, prompt=tok, prompt_valid=valid,
+                                       max_new_tokens=5))[:, width:]
     for i, p in enumerate(prompts):
         seq = list(p)
         for _ in range(5):
@@ -144,7 +145,9 @@ def test_scanned_lm_layers_between_cross_attention_equal_unrolled():
 
     @nnx.jit
     def run(m):
-        return m(images, TOKENS), greedy_generate(m, images, TOKENS[:, :8], valid, 4)
+        return m(images, TOKENS), decoding.generate(m, images, prompt=TOKENS[:, :8],
+                                                    prompt_valid=valid, max_new_tokens=4,
+                                                    jit=False)
 
     (want, want_gen), (got, got_gen) = run(unrolled), run(scanned)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)

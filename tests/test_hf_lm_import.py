@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vlm_jax import convert, main, train
+from vlm_jax import convert, decoding, main, train
 from vlm_jax.config import load_config, load_json_config
 from vlm_jax.families import get_family
-from vlm_jax.models.lm import lm_greedy
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_lm"
 NAMES = ["llama", "gpt2"]
@@ -60,9 +59,10 @@ def test_logits_match_transformers(name, scan):
 def test_greedy_matches_transformers_generate(name):
     io = _io(name)
     model = _model(*convert.convert_hf_lm(FIXTURE / name))
-    tokens = lm_greedy(model, jnp.asarray(io["prompt_ids"]), jnp.asarray(io["prompt_mask"]),
-                       steps=io["generated"].shape[1])
-    np.testing.assert_array_equal(np.asarray(tokens), io["generated"])
+    prompt = io["prompt_ids"]
+    tokens = decoding.generate(model, prompt=prompt, prompt_valid=io["prompt_mask"],
+                               max_new_tokens=io["generated"].shape[1])
+    np.testing.assert_array_equal(np.asarray(tokens)[:, prompt.shape[1]:], io["generated"])
 
 
 def test_config_of_the_fixtures():

@@ -685,7 +685,7 @@ def _lm_pair(style, remat="none"):
 
 @pytest.mark.parametrize("style,remat", [("llama", "full"), ("gpt2", "none")])
 def test_scanned_lm_equals_unrolled_logits_and_cached_decoding(style, remat):
-    from vlm_jax.models.lm import lm_greedy  # pylint: disable=import-outside-toplevel
+    from vlm_jax import decoding  # pylint: disable=import-outside-toplevel
     unrolled, scanned = _lm_pair(style, remat)
     rs = np.random.RandomState(3)
     tokens = jnp.asarray(rs.randint(3, 40, (2, 9)), jnp.int32)
@@ -697,7 +697,8 @@ def test_scanned_lm_equals_unrolled_logits_and_cached_decoding(style, remat):
         cache = m.init_cache(2, 14)
         step_logits, cache = m.step(tokens, cache, valid)
         one, cache = m.step(tokens[:, :1], cache)
-        return logits, step_logits, one, lm_greedy(m, tokens, valid, 4)
+        return logits, step_logits, one, decoding.greedy(m, prompt=tokens, prompt_valid=valid,
+                                                         max_new_tokens=4)
 
     want, got = run_all(unrolled), run_all(scanned)
     for w, g in zip(want[:3], got[:3]):

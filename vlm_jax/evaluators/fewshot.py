@@ -116,11 +116,11 @@ def _left_pad(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarr
 
 
 class _Generator:
-    """Greedy Flamingo generation, data-parallel over the mesh (every process holds the prompts
-    and gets every continuation back)."""
+    """Greedy Flamingo generation (:func:`vlm_jax.decoding.generate`), data-parallel over the
+    mesh (every process holds the prompts and gets every continuation back)."""
 
     def __init__(self, extractor, max_new_tokens: int):
-        from vlm_jax.models.flamingo import greedy_generate  # pylint: disable=import-outside-toplevel
+        from vlm_jax import decoding  # pylint: disable=import-outside-toplevel
 
         self.ex = extractor
         graphdef, mesh, rules = extractor.graphdef, extractor.mesh, extractor.rules
@@ -131,8 +131,10 @@ class _Generator:
 
         def fn(p, images, tokens, valid):
             with parallel.sharding_context(mesh, rules):
-                return greedy_generate(nnx.merge(graphdef, p), images, tokens, valid,
-                                       max_new_tokens)
+                out = decoding.generate(graphdef, images, prompt=tokens, prompt_valid=valid,
+                                        params=p, method="greedy", jit=False,
+                                        max_new_tokens=max_new_tokens)
+            return out[:, tokens.shape[1]:]  # the continuation
 
         self.fn = jax.jit(fn, in_shardings=(extractor.param_shardings, None, None, None),
                           out_shardings=NamedSharding(mesh, P()))

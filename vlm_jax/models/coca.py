@@ -69,8 +69,10 @@ Config (dict or ConfigDict; see :data:`COCA_PRESETS` for the open_clip models)::
       logit_scale_init=math.log(1 / 0.07), logit_scale_max=math.log(100.0),
       dtype='float32', remat='none', scan_layers=False)
 
-KV-cached decoding: :meth:`CoCa.init_cache` + :meth:`CoCa.decode_logits` (see
-:mod:`vlm_jax.decoding` for greedy / beam / sampling loops).
+KV-cached decoding: :meth:`CoCa.init_cache` + :meth:`CoCa.decode_logits`, and the decoding
+protocol of :mod:`vlm_jax.decoding` (``encode_context``, ``init_cache``, ``step``,
+``full_logits``, ``reorder_cache``, ``stop_ids``) on which its greedy / beam / sampling loops
+run.
 
 open_clip state-dict key -> parameter path (one to one; ``tests/test_coca.py`` converts a
 random open_clip CoCa this way and matches its outputs). Attention: torch ``in_proj_weight``
@@ -638,10 +640,11 @@ class CoCa(nnx.Module):
                                 self.logit_scale_max))
 
     # Captioning.
-    def init_cache(self, context: jax.Array, max_length: int | None = None) -> dict:
-        """An empty KV cache for decoding ``max_length`` (default ``context_length``) tokens
-        given the image ``context [B, N, E]``; the cross-attention keys/values of every decoder
-        layer are computed here once.
+    def init_cache(self, batch: int, max_length: int | None = None,
+                   context: jax.Array | None = None) -> dict:
+        """An empty KV cache of ``batch`` rows for decoding ``max_length`` (default
+        ``context_length``) tokens given the image ``context [batch, N, E]`` (required); the
+        cross-attention keys/values of every decoder layer are computed here once.
 
         Entries: ``index`` (next position, int32 scalar), ``last_token [B]``, ``valid [B, Lmax]``
         (text-tower key mask), ``text_k|text_v [text_depth, B, Lmax, heads, kv]``,
@@ -653,7 +656,10 @@ class CoCa(nnx.Module):
         if lmax > self.context_length:
             raise ValueError(f"max_length {lmax} exceeds the text context_length "
                              f"{self.context_length}.")
-        b = context.shape[0]
+        if context is None or context.shape[0] != batch:
+            raise ValueError(f"CoCa.init_cache needs the image context of the {batch} rows "
+                             "(image_context(images)).")
+        b = batch
         t, d = self.text, self.decoder
         t_heads, t_hd = t.num_heads, t.width // t.num_heads
         d_heads, d_hd = d.num_heads, d.width // d.num_heads
@@ -695,6 +701,34 @@ class CoCa(nnx.Module):
         new["index"] = cache["index"] + tokens.shape[1]
         return logits, new
 
+    # The decoding protocol (vlm_jax.decoding).
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a caption (``eos_id``)."""
+        return () if self.eos_id is None else (self.eos_id,)
+
+    def encode_context(self, images: jax.Array) -> jax.Array:
+        """The decoding context: :meth:`image_context`."""
+        return self.image_context(images)
+
+    def step(self, tokens: jax.Array, cache: Mapping, valid: jax.Array | None = None
+             ) -> tuple[jax.Array, dict]:
+        """``decode_logits(None, tokens, cache=cache)``. ``valid`` must be None: the text
+        positions are absolute, so prompts are of one length, without padding."""
+        _no_padding(valid)
+        return self.decode_logits(None, tokens, cache=cache)
+
+    def full_logits(self, tokens: jax.Array, valid: jax.Array | None = None,
+                    context: jax.Array | None = None) -> jax.Array:
+        """``decode_logits(context, tokens)``: the full causal forward (``valid`` as
+        :meth:`step`)."""
+        _no_padding(valid)
+        return self.decode_logits(context, tokens)
+
+    def reorder_cache(self, cache: Mapping, indices: jax.Array) -> dict:
+        """:func:`reorder_cache`."""
+        return reorder_cache(cache, indices)
+
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
         """Returns ``dict(image_emb [B, E], text_emb [B, E], logit_scale (), caption_logits
         [B, L, vocab])`` (plus ``logit_bias ()`` when the model has one). Embeddings are
@@ -709,6 +743,12 @@ class CoCa(nnx.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias[...].astype(jnp.float32)
         return out
+
+
+def _no_padding(valid) -> None:
+    if valid is not None:
+        raise ValueError("CoCa decodes prompts of one length without padding (its text "
+                         "positions are absolute): pass no prompt_valid.")
 
 
 _CACHE_BATCH_AXIS = {"last_token": 0, "valid": 0}

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm_jax.models import layers
-from vlm_jax.models.lm import LanguageModel, LMConfig, lm_flops
+from vlm_jax.models.lm import LanguageModel, LMConfig, lm_flops, reorder_cache
 from vlm_jax.models.vit import ViT, vit_flops
 from vlm_jax.parallel import constrain
 
@@ -292,59 +292,60 @@ class Flamingo(nnx.Module):
                  valid: jax.Array | None = None) -> jax.Array:
         """Logits ``[B, L, vocab_size + 2]`` of interleaved ``tokens [B, L]`` whose k-th
         ``<image>`` token shows ``images[:, k]`` (``images [B, T, S, S, 3]``)."""
-        media = self.encode_media(images)
+        return self.full_logits(tokens, valid, self.encode_media(images))
+
+    # -- the decoding protocol (vlm_jax.decoding) -------------------------------------------------
+
+    context_length = property(lambda self: self.lm.cfg.max_length)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """A generated chunk ends at ``<|endofchunk|>`` or the LM's ``eos``."""
+        return (self.eoc_id,) + self.lm.stop_ids
+
+    def encode_context(self, images: jax.Array) -> jax.Array:
+        """The decoding context: the resampled media (:meth:`encode_media`)."""
+        return self.encode_media(images)
+
+    def full_logits(self, tokens: jax.Array, valid: jax.Array | None = None,
+                    media: jax.Array | None = None) -> jax.Array:
+        """Logits of ``tokens [B, L]`` given resampled ``media [B, T, M, D]`` (full forward)."""
+        if media is None:
+            raise ValueError("Flamingo.full_logits needs the media (encode_media(images)).")
         embeddings = self.embed_tokens(tokens)
         x, positions, mask = self.lm.prepare(tokens, valid, embeddings)
         x, _ = self.lm.layers(x, positions, mask,
                               before=self._cross_attention(media, tokens == self.image_id))
         return self.logits(x)
 
-    def init_cache(self, batch: int, max_length: int) -> dict:
-        """The LM's KV cache plus ``media_count [B]`` (images seen so far)."""
+    def init_cache(self, batch: int, max_length: int, media: jax.Array) -> dict:
+        """The LM's KV cache plus ``media`` (from :meth:`encode_media`, read by every step) and
+        ``media_count [B]`` (images seen so far)."""
+        if media.shape[0] != batch:
+            raise ValueError(f"media of batch {media.shape[0]} for a cache of batch {batch}.")
         cache = self.lm.init_cache(batch, max_length)
+        cache["media"] = media
         cache["media_count"] = jnp.zeros((batch,), jnp.int32)
         return cache
 
-    def step(self, media: jax.Array, tokens: jax.Array, cache: dict,
-             valid: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        """Logits of ``tokens [B, T]`` following the cached ones (``media``: from
-        :meth:`encode_media`); returns the extended cache. A left-padded prompt goes in as one
-        step with its ``valid`` mask, then one token per step."""
+    def step(self, tokens: jax.Array, cache: dict, valid: jax.Array | None = None
+             ) -> tuple[jax.Array, dict]:
+        """Logits of ``tokens [B, T]`` following the cached ones; returns the extended cache.
+        A left-padded prompt goes in as one step with its ``valid`` mask, then one token per
+        step."""
         embeddings = self.embed_tokens(tokens)
         x, positions, mask, cache = self.lm.step_inputs(tokens, cache, valid, embeddings)
         locations = tokens == self.image_id
         if valid is not None:
             locations = locations & valid.astype(jnp.bool_)
-        before = self._cross_attention(media, locations, cache["media_count"])
+        before = self._cross_attention(cache["media"], locations, cache["media_count"])
         x, cache = self.lm.layers(x, positions, mask, cache, before=before)
         cache["media_count"] = cache["media_count"] + locations.sum(-1).astype(jnp.int32)
         return self.logits(x), cache
 
-
-def greedy_generate(model: Flamingo, images: jax.Array, prompt: jax.Array,
-                    prompt_valid: jax.Array, max_new_tokens: int) -> jax.Array:
-    """Greedy continuation ``int32 [B, max_new_tokens]`` of left-padded interleaved prompts
-    (KV-cached; ``images [B, T, S, S, 3]``, one per ``<image>`` of the prompt). A row ends at its
-    first ``<|endofchunk|>`` or ``eos`` (kept) and is ``pad_id`` after it."""
-    b, p = prompt.shape
-    media = model.encode_media(images)
-    cache = model.init_cache(b, p + max_new_tokens)
-    logits, cache = model.step(media, prompt, cache, prompt_valid)
-    stop = [model.eoc_id] + ([model.eos_id] if model.eos_id is not None else [])
-    graphdef, state = nnx.split(model)
-
-    def body(carry, _):
-        nxt, done, cache = carry
-        tok = jnp.where(done, model.pad_id, nxt)
-        done = done | jnp.isin(tok, jnp.asarray(stop))
-        m = nnx.merge(graphdef, state)
-        logits, cache = m.step(media, tok[:, None], cache)
-        return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), done, cache), tok
-
-    first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-    _, out = jax.lax.scan(body, (first, jnp.zeros((b,), jnp.bool_), cache), None,
-                          length=max_new_tokens)
-    return out.T
+    def reorder_cache(self, cache: Mapping, indices: jax.Array) -> dict:
+        """The cache with its batch rows (media included) gathered by ``indices``."""
+        return reorder_cache(cache, indices)
 
 
 def flamingo_flops(cfg: Any, batch_size: int | None = None) -> float:

@@ -4,7 +4,7 @@ attention) or GPT-2-style (LayerNorm, learned positions, GELU MLP, biases), with
     lm = LanguageModel(style='llama', vocab_size=32000, width=4096, depth=32, num_heads=32,
                        num_kv_heads=8, mlp_dim=11008, max_length=4096, rngs=nnx.Rngs(0))
     logits = lm(tokens)                                   # [B, L, vocab], causal
-    tokens = lm_greedy(lm, prompt, prompt_valid, steps=20)  # KV-cached decoding
+    tokens = decoding.generate(lm, prompt=prompt, prompt_valid=valid, max_new_tokens=20)
 
 The arithmetic follows Hugging Face ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` so their weights
 import unchanged (:func:`vlm_jax.convert.convert_hf_lm`): rotary embeddings in the
@@ -20,7 +20,9 @@ does), and the positions of the real tokens do not depend on the padding.
 **KV cache.** :meth:`LanguageModel.init_cache` makes per-layer ``k``/``v`` arrays
 ``[B, Lmax, kv_heads, head_dim]`` plus ``valid`` and the next position of each row;
 :meth:`LanguageModel.step` runs ``T`` new tokens (a prompt, then one token at a time) against the
-cache. The full forward and the cached steps compute the same logits (test_lm.py).
+cache. The full forward and the cached steps compute the same logits (test_models.py). With
+:meth:`full_logits` (the full forward), :attr:`stop_ids` and :meth:`reorder_cache` these are the
+decoding protocol of :mod:`vlm_jax.decoding` (greedy, beam search, sampling).
 
 The pieces are exposed (:meth:`embed`, :meth:`layers` with its ``before`` hooks, :meth:`logits`)
 so that Flamingo can insert its gated cross-attention blocks between the frozen layers. The
@@ -188,6 +190,11 @@ class LanguageModel(nnx.Module):
     pad_id = property(lambda self: self.cfg.pad_id)
     context_length = property(lambda self: self.cfg.max_length)
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a generated row (``eos_id``; none without one)."""
+        return () if self.cfg.eos_id is None else (self.cfg.eos_id,)
+
     # -- pieces (Flamingo inserts its blocks between the layers) --------------------------------
 
     def embed(self, tokens: jax.Array, positions: jax.Array,
@@ -282,6 +289,14 @@ class LanguageModel(nnx.Module):
         x, cache = self.layers(x, positions, mask, cache)
         return self.logits(x), cache
 
+    def full_logits(self, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """The full causal forward (``self(tokens, valid)``): decoding's uncached path."""
+        return self(tokens, valid)
+
+    def reorder_cache(self, cache: Mapping, indices: jax.Array) -> dict:
+        """The cache with its batch rows gathered by ``indices`` (beam search)."""
+        return reorder_cache(cache, indices)
+
     @classmethod
     def from_config(cls, cfg: Any, *, rngs: nnx.Rngs) -> "LanguageModel":
         from vlm_jax.models.clip import check_keys, to_plain_dict  # pylint: disable=import-outside-toplevel
@@ -327,25 +342,17 @@ def lm_flops(*, vocab_size: int, width: int, depth: int, mlp_dim: int, max_lengt
     return float(max_length * (depth * per_token + 2 * width * vocab_size))
 
 
-def lm_greedy(model: LanguageModel, prompt: jax.Array, prompt_valid: jax.Array, steps: int,
-              eos_id: int | None = None) -> jax.Array:
-    """Greedy continuation ``[B, steps]`` of left-padded prompts (KV cache; rows stop after
-    ``eos_id`` and continue with ``pad_id``)."""
-    b, p = prompt.shape
-    cache = model.init_cache(b, p + steps)
-    logits, cache = model.step(prompt, cache, prompt_valid)
-    eos = model.eos_id if eos_id is None else eos_id
-    out = []
-    done = jnp.zeros((b,), jnp.bool_)
-    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    for _ in range(steps):
-        nxt = jnp.where(done, model.pad_id, nxt)
-        out.append(nxt)
-        done = done | (nxt == eos) if eos is not None else done
-        logits, cache = model.step(nxt[:, None], cache)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    return jnp.stack(out, axis=1)
+def reorder_cache(cache: Mapping, indices: jax.Array) -> dict:
+    """An LM (or Flamingo) cache with its batch rows gathered by ``indices [B']``: axis 1 of the
+    layer-stacked ``k`` / ``v``, axis 0 of the per-row entries; ``index`` is shared."""
+    out = {}
+    for name, value in cache.items():
+        if name == "index":
+            out[name] = value
+        else:
+            out[name] = jnp.take(value, indices, axis=1 if name in ("k", "v") else 0)
+    return out
 
 
 __all__ = ["LMConfig", "LanguageModel", "RMSNorm", "rotary", "positions_of", "next_token_loss",
-           "lm_flops", "lm_greedy", "STYLES"]
+           "lm_flops", "reorder_cache", "STYLES"]
