@@ -17,7 +17,7 @@ from flax import nnx
 
 import vlm_jax  # noqa: F401  (disables eager sharding)
 from vlm_jax import decoding
-from vlm_jax.models import build_model
+from vlm_jax.families import get_family
 from vlm_jax.models.flamingo import Flamingo
 from vlm_jax.models.lm import LanguageModel
 
@@ -66,7 +66,7 @@ def make_case(name):
             text=dict(width=16, depth=2, num_heads=2, mlp_dim=64, vocab_size=V,
                       context_length=8, bos_id=BOS, eos_id=30, pad_id=PAD),
             decoder=dict(depth=2, num_heads=4, mlp_dim=64), pooler=dict(n_queries=5, num_heads=2))
-        model = randomize(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), seed=0)
+        model = randomize(nnx.eval_shape(lambda: get_family(cfg).build_model(cfg, nnx.Rngs(0))), seed=0)
         images = jnp.asarray(np.random.RandomState(1).randn(B, 16, 16, 3), jnp.float32)
         return model, images, None, None, {}
     if name == "lm":
