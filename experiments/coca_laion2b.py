@@ -39,7 +39,7 @@ def get_config(arg=None):
     c.model.text["context_length"] = 76  # + the CLS token = 77 positions, as open_clip
     c.loss = dict(name="softmax", variant="gather", chunk_size=0, contrastive_weight=1.0,
                   caption_weight=2.0)
-    c.eval.evaluators = ["zeroshot", "retrieval"]
-    c.eval.caption = dict(method="beam", beam_size=3)
+    c.evals.captioning = dict(c.evals.zeroshot, type="captioning", every_steps=-1,
+                              options=dict(method="beam", beam_size=3))
     c.published = dict(imagenet_zero_shot_top1=PUBLISHED_ZERO_SHOT_TOP1[tower])
     return c

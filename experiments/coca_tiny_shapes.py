@@ -38,7 +38,6 @@ def get_config(arg=None):
         dtype=clip.dtype, remat=clip.remat, scan_layers=clip.scan_layers)
     c.loss = dict(name="softmax", variant="gather", chunk_size=0, contrastive_weight=1.0,
                   caption_weight=2.0)
-    c.eval.evaluators = ["zeroshot", "retrieval", "captioning"]
-    # Captions for the captioning evaluator: greedy, or dict(method='beam', beam_size=3).
-    c.eval.caption = dict(method="greedy")
+    # Captions for the captioning evaluator: greedy, or options=dict(method='beam', beam_size=3).
+    c.evals.captioning = dict(c.evals.zeroshot, type="captioning", options=dict(method="greedy"))
     return c
