@@ -217,7 +217,7 @@ class Evaluation:
             if model:
                 reasons.append(model)
             if reasons:
-                runs = evaluators_lib.supported(keys, self.capabilities)
+                runs = self._types_that_run(entry)
                 lines.append(f"  {entry.key} (type {entry.type!r}) on {entry.where}: "
                              f"{entry.type!r} needs {evaluators_lib.WHAT[entry.type]}; "
                              f"{' and '.join(reasons)}. On {entry.where} with this model these "
@@ -227,6 +227,23 @@ class Evaluation:
                 "Evaluation entries that cannot run on their data:\n" + "\n".join(lines)
                 + "\nSet the entry's type or dataset (--config.evals.<name>.dataset=..., "
                 "--config.evals.<name>.type=...), or leave it out (vlm-jax eval --evaluators).")
+
+    def _types_that_run(self, entry: Entry) -> list[str]:
+        """The evaluator types that could run on ``entry``'s dataset and split, with default
+        options, on this model (for the error message)."""
+        from input_pipeline import DataError  # pylint: disable=import-outside-toplevel
+
+        runs = []
+        for kind in evaluators_lib.EVALUATORS:
+            if capability_misfit(kind, self.capabilities):
+                continue
+            try:
+                keys = self.keys(dataclasses.replace(entry, type=kind, options={}))
+            except (DataError, ConfigError):
+                continue
+            if all(k in keys for k in evaluators_lib.NEEDS[kind]):
+                runs.append(kind)
+        return runs
 
     def keys(self, entry: Entry) -> set[str]:
         """The keys :meth:`load` returns for ``entry``, from the dataset's metadata alone.

@@ -7,8 +7,6 @@ compares them with what each entry's dataset provides (from its metadata, before
 read) and with the model's capabilities, at the start of a run.
 """
 
-from collections.abc import Collection
-
 from vlm_jax.evaluators import captioning, fewshot, linear_probe, retrieval, zeroshot
 
 EVALUATORS = {
@@ -63,11 +61,3 @@ CAPABILITIES = {
     "lm": "next-token logits over text: a language model, Flamingo",
 }
 
-
-def supported(provided: Collection[str], capabilities: Collection[str] | None = None
-              ) -> list[str]:
-    """The evaluators that can run on evaluation data with the keys ``provided`` and (if given)
-    on a model with ``capabilities``."""
-    return [name for name in EVALUATORS
-            if all(k in provided for k in NEEDS[name])
-            and (capabilities is None or CAPABILITY[name] in capabilities)]
