@@ -7,6 +7,7 @@ same parameters; the same entry run alone by `vlm-jax eval` on the trained check
 """
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -175,9 +176,11 @@ def test_entry_fields_are_checked(repo_root):
     for override, match in [
             ("evals.zeroshot.type=nonesuch", "config.evals.zeroshot.type='nonesuch'"),
             ("evals.zeroshot.dataset=cifar10", "config.evals.zeroshot.dataset='cifar10'"),
-            ("evals.zeroshot.every_steps=-2", "config.evals.zeroshot: every_steps=-2")]:
-        with pytest.raises(config_lib.ConfigError, match=match.replace(".", r"\.")):
-            parse_entries(_config(repo_root, override))
+            ("evals.zeroshot.every_steps=-2", "config.evals.zeroshot: every_steps=-2"),
+            ("evals.linear_probe.options={'probe_exampels': 8}",
+             "config.evals.linear_probe.options: unknown option(s) ['probe_exampels']")]:
+        with pytest.raises(config_lib.ConfigError, match=re.escape(match)):
+            parse_entries(_config(repo_root, override), ["zeroshot", "linear_probe"])
     config = _config(repo_root, "evals={'x': {'type': 'zeroshot', 'datset': 'shapes'}}")
     with pytest.raises(config_lib.ConfigError, match=r"config\.evals\.x: unknown field.*datset"):
         parse_entries(config)

@@ -58,6 +58,15 @@ DATA_OPTIONS = {
     "fewshot_vqa": dict(fewshot_pool=1000, fewshot_pool_split="train"),
     "fewshot_captioning": dict(fewshot_pool=1000, fewshot_pool_split="train"),
 }
+# The evaluator's own options of each type (None: any; captioning takes the decoding options of
+# vlm_jax.decoding.generate, which checks them when it compiles).
+EVALUATOR_OPTIONS = {
+    "zeroshot": (), "retrieval": (), "lm_loss": (), "captioning": None,
+    "linear_probe": ("shots", "l2_regs", "weight_decays", "max_iter", "tol", "val_fraction",
+                     "seed"),
+    "fewshot_vqa": ("shots", "max_new_tokens"),
+    "fewshot_captioning": ("shots", "max_new_tokens"),
+}
 # How an evaluator type's data is loaded: image-text pairs (classification / captions), images
 # with an in-context pool (Flamingo), or text documents (language model).
 LOADER = {"zeroshot": "pairs", "retrieval": "pairs", "linear_probe": "pairs",
@@ -146,6 +155,13 @@ def parse_entries(config: ConfigDict, names: Sequence[str] | None = None) -> lis
             raise ConfigError(f"{key}: every_steps={every} (N > 0 every N steps, 0 at the end, "
                               f"-1 on request) and max_examples={max_examples} (>= 0, 0 = all).")
         options = dict(fields["options"] or {})
+        known = EVALUATOR_OPTIONS[kind]
+        if known is not None:
+            known = (*DATA_OPTIONS.get(kind, {}), *known)
+            bad = sorted(k for k in options if k not in known)
+            if bad:
+                raise ConfigError(f"{key}.options: unknown option(s) {bad} for type {kind!r}; "
+                                  f"it takes {list(known) or 'none'}.")
         out.append(Entry(name, kind, dataset, str(fields["split"]), every, max_examples,
                          options))
     if names is None:
@@ -514,6 +530,15 @@ def write_results(workdir: epath.Path, config: ConfigDict, entries: Iterable[Ent
                 name = f"{r['entry']}/{k}"
                 print(f"| {name} | {v:.3f} |" if raw else f"| {name} | {100 * v:.2f} |")
     return written
+
+
+def caption_options(config: ConfigDict) -> dict[str, Any]:
+    """The decoding options (``method``, ``beam_size``...) of the first ``captioning`` entry of
+    ``config.evals`` ({} = greedy when there is none): ``vlm-jax caption``'s default."""
+    for raw in config.evals.values():
+        if raw.get("type") == "captioning":
+            return dict(raw.get("options") or {})
+    return {}
 
 
 def _is_captions(tfds_name: str) -> bool:

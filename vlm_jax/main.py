@@ -84,7 +84,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--output", default=None, help="JSONL file (default <workdir>/captions.jsonl)")
     p.add_argument("--method", default=None, choices=["greedy", "beam", "sample"],
-                   help="default: config.eval.caption")
+                   help="default: the options of the config's captioning entry (config.evals)")
     p.add_argument("--beam_size", type=int, default=None)
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
