@@ -128,6 +128,13 @@ def parse_entries(config: ConfigDict, names: Sequence[str] | None = None) -> lis
         ConfigError: naming ``config.evals.<name>`` for an unknown field, type or dataset, a bad
             value, or an unknown name in ``names``.
     """
+    if "evals" not in config:  # A run's config.json from before the named entries.
+        old = dict(config.get("eval", {}))
+        raise ConfigError(
+            "config.evals is missing: this config lists its evaluations in the former layout "
+            f"(config.eval.evaluators={list(old.get('evaluators', []))}). Pass the experiment "
+            "file (--config experiments/<name>.py) or add config.evals (see README, Evaluating "
+            "checkpoints).")
     evals = config.evals
     out = []
     for name, raw in evals.items():
