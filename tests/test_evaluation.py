@@ -10,7 +10,6 @@ import json
 import re
 
 import jax
-import numpy as np
 import pytest
 
 from tests.test_eval_data import EvalDataTestClassification, _FakeCocoCaptions, _prepare
@@ -190,3 +189,21 @@ def test_entry_fields_are_checked(repo_root):
     (probe,) = parse_entries(_config(repo_root), ["linear_probe"])
     assert probe.every_steps == -1 and probe.data_options()["probe_examples"] == 256
     assert probe.evaluator_options() == {"shots": [1, 2]}
+
+
+def test_tfds_entry_does_not_build_shapes(repo_root, shapes_data_dir, tfds_dir, tmp_path):
+    """Checking and loading a tfds: entry reads only that dataset: a shapes data_dir that holds
+    nothing stays empty (a shapes entry would build the dataset there)."""
+    import types
+
+    config = _config(repo_root, f"data.data_dir={tmp_path / 'no_shapes'}",
+                     f"eval.data_dir={tfds_dir}",
+                     f"evals={ {'coco': _entry('retrieval', 'tfds:coco_captions')} !r}")
+    tokenizer = data_lib.prepare(_config(repo_root, f"data.data_dir={shapes_data_dir}"),
+                                 for_eval=True).tokenizer
+    data = types.SimpleNamespace(tokenizer=tokenizer, data_dir=str(tmp_path / "no_shapes"))
+    evaluation = train.make_evaluation(config, data)
+    evaluation.check()
+    loaded = evaluation.load(evaluation.entries[0])
+    assert loaded["image"].shape[0] == 3 and len(loaded["text"]) == 8
+    assert not (tmp_path / "no_shapes").exists()
