@@ -1,4 +1,4 @@
-"""Evaluators by type: each is ``evaluate(extractor, tokenizer, data, **options) -> {metric: value}``.
+"""Evaluators by type: ``evaluate(extractor, tokenizer, data, **options) -> {metric: value}``.
 
 ``NEEDS[type]``: the keys of the evaluation data an evaluator reads; ``WHAT[type]``: what kind of
 data that is and where to find it, for the error message; ``CAPABILITY[type]``: what it asks of
