@@ -1,8 +1,7 @@
 """The start-of-run check of the entries of config.evals against their datasets and the model.
 
 An entry that cannot run on its data (or on the model) must stop `train` before step 0 and
-`eval` before the
-checkpoint is read, from the dataset's metadata alone. The keys the metadata promises are
+`eval` before the checkpoint is read, from the dataset's metadata alone. The keys the metadata promises are
 compared with the keys the loaders actually return (the reference); the "never decoded" claim
 is checked with a dataset whose image bytes do not decode.
 """
