@@ -61,11 +61,21 @@ def get_config(arg=None):
     c.optim.lr = LEARNING_RATES[tower]
     c.mesh.update(data=1, fsdp=-1)  # Parameters and optimizer state sharded over every chip.
     c.checkpoint.update(every_steps=2000, keep_every_steps=50000)
-    # With ImageNet prepared for TFDS: --config.eval.dataset=tfds:imagenet2012
-    # --config.eval.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (zero-shot, OpenAI's 80 prompts).
-    c.eval = dict(every_steps=10000, evaluators=["zeroshot", "retrieval"], split="validation",
-                  batch_size=1024, max_examples=0, dataset="", data_dir="",
-                  probe_examples=50000, probe_split="train[:99%]", probe_val_split="train[99%:]",
-                  fewshot_shots=[1, 5, 10, 25])
+    # With ImageNet prepared for TFDS: vlm-jax eval --evaluators imagenet,imagenet_probe
+    # --config.eval.data_dir=gs://YOUR_BUCKET/tensorflow_datasets (zero-shot with OpenAI's 80
+    # prompts; linear probe on 50k training images); every_steps=N to run them during training.
+    c.eval = dict(batch_size=1024, data_dir="")
+    c.evals = dict(
+        zeroshot=dict(type="zeroshot", dataset="shapes", split="validation", every_steps=10000,
+                      max_examples=0, options={}),
+        retrieval=dict(type="retrieval", dataset="shapes", split="validation",
+                       every_steps=10000, max_examples=0, options={}),
+        imagenet=dict(type="zeroshot", dataset="tfds:imagenet2012", split="validation",
+                      every_steps=-1, max_examples=0, options={}),
+        imagenet_probe=dict(type="linear_probe", dataset="tfds:imagenet2012", split="validation",
+                            every_steps=-1, max_examples=0,
+                            options=dict(probe_examples=50000, probe_split="train[:99%]",
+                                         probe_val_split="train[99%:]",
+                                         shots=[1, 5, 10, 25])))
     c.published = dict(imagenet_zero_shot_top1=PUBLISHED_ZERO_SHOT_TOP1.get(tower, 0.0))
     return c

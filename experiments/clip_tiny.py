@@ -40,13 +40,22 @@ def get_config(arg=None):
     # warm-up and clipping.
     c.optim.update(lr=1e-3, warmup_steps=100, grad_clip_norm=1.0)
     c.checkpoint.every_steps = 200
-    # dataset: '' = the shapes splits; 'tfds:<name>' = a prepared TFDS dataset in data_dir
-    # (imagenet2012, cifar10, coco_captions...). linear_probe fits on probe_examples images of
-    # probe_split and picks its regularisation on probe_val_split.
-    c.eval = dict(every_steps=400, evaluators=["zeroshot", "retrieval"], split="test",
-                  batch_size=256, max_examples=0, dataset="", data_dir="", probe_examples=5000,
-                  probe_split="train", probe_val_split="validation",
-                  fewshot_shots=[1, 5, 10, 25])
+    # Shared by every evaluation: the feature-extraction batch and the directory of 'tfds:<name>'
+    # datasets. Each entry of c.evals is one evaluation, results keyed <entry>/<metric>
+    # (vlm_jax/evaluation.py): dataset 'shapes' or 'tfds:<name>' (imagenet2012, cifar10,
+    # coco_captions...); every_steps N (and at the end), 0 (at the end), -1 (on request:
+    # vlm-jax eval --evaluators linear_probe). linear_probe fits on probe_examples images of
+    # probe_split, picks its regularisation on probe_val_split, and adds few-shot ridge probes.
+    c.eval = dict(batch_size=256, data_dir="")
+    c.evals = dict(
+        zeroshot=dict(type="zeroshot", dataset="shapes", split="test", every_steps=400,
+                      max_examples=0, options={}),
+        retrieval=dict(type="retrieval", dataset="shapes", split="test", every_steps=400,
+                       max_examples=0, options={}),
+        linear_probe=dict(type="linear_probe", dataset="shapes", split="test", every_steps=-1,
+                          max_examples=0,
+                          options=dict(probe_examples=5000, probe_split="train",
+                                       probe_val_split="validation", shots=[1, 5, 10, 25])))
 
     if arg == "test":  # Seconds on a CPU: the tests' smoke run.
         c.total_steps = 6
@@ -58,8 +67,10 @@ def get_config(arg=None):
         c.model.embed_dim = 32
         c.optim.warmup_steps = 2
         c.checkpoint.every_steps = 3
-        c.eval.update(every_steps=0, batch_size=64, max_examples=128, probe_examples=256,
-                      fewshot_shots=[1, 2])
+        c.eval.batch_size = 64
+        for entry in c.evals.values():
+            entry.update(every_steps=min(entry.every_steps, 0), max_examples=128)
+        c.evals.linear_probe.options.update(probe_examples=256, shots=[1, 2])
     elif arg is not None:
         raise ValueError(f"clip_tiny.py: unknown variant {arg!r} (use 'test' or nothing).")
     return c

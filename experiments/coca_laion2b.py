@@ -38,7 +38,7 @@ def get_config(arg=None):
                    logit_scale_init=math.log(1 / 0.07), logit_scale_max=math.log(100.0))
     c.model.text["context_length"] = 76  # + the CLS token = 77 positions, as open_clip
     # loss: the base's, 1.0 x contrastive (all-gathered) + 2.0 x captioning, open_clip's weights.
-    c.eval.evaluators = ["zeroshot", "retrieval"]
-    c.eval.caption = dict(method="beam", beam_size=3)
+    c.evals.captioning = dict(c.evals.zeroshot, type="captioning", every_steps=-1,
+                              options=dict(method="beam", beam_size=3))
     c.published = dict(imagenet_zero_shot_top1=PUBLISHED_ZERO_SHOT_TOP1[tower])
     return c

@@ -37,7 +37,6 @@ def get_config(arg=None):
         logit_scale_max=clip.logit_scale_max,
         dtype=clip.dtype, remat=clip.remat, scan_layers=clip.scan_layers)
     # loss: the base's, 1.0 x contrastive (all-gathered) + 2.0 x captioning, open_clip's weights.
-    c.eval.evaluators = ["zeroshot", "retrieval", "captioning"]
-    # Captions for the captioning evaluator: greedy, or dict(method='beam', beam_size=3).
-    c.eval.caption = dict(method="greedy")
+    # Captions for the captioning evaluator: greedy, or options=dict(method='beam', beam_size=3).
+    c.evals.captioning = dict(c.evals.zeroshot, type="captioning", options=dict(method="greedy"))
     return c

@@ -39,11 +39,14 @@ def get_config(arg=None):
     c.optim.update(lr=1e-3, b2=0.98, weight_decay=0.1, warmup_steps=50, end_lr_factor=0.0,
                    trainable=r"^(resampler|xattn|extra_embed|extra_head)(\.|$)")
     c.checkpoint.every_steps = 300
-    # fewshot_pool: in-context examples from the start of fewshot_pool_split. dataset: '' (shapes)
-    # or a prepared TFDS captions dataset, e.g. 'tfds:coco_captions' with data_dir.
-    c.eval = dict(every_steps=0, evaluators=["fewshot_vqa", "fewshot_captioning"], split="test",
-                  batch_size=100, max_examples=500, dataset="", data_dir="", fewshot_pool=1000,
-                  fewshot_pool_split="train", icl_shots=[0, 4, 8])
+    # fewshot_pool: in-context examples from the start of fewshot_pool_split; shots: numbers of
+    # in-context examples. dataset: 'shapes' or a prepared TFDS captions dataset, e.g.
+    # 'tfds:coco_captions' with eval.data_dir (fewshot_captioning).
+    c.eval = dict(batch_size=100, data_dir="")
+    fewshot = dict(dataset="shapes", split="test", every_steps=0, max_examples=500,
+                   options=dict(fewshot_pool=1000, fewshot_pool_split="train", shots=[0, 4, 8]))
+    c.evals = dict(fewshot_vqa=dict(fewshot, type="fewshot_vqa"),
+                   fewshot_captioning=dict(fewshot, type="fewshot_captioning"))
     if arg == "test":
         c.total_steps = 4
         c.batch_size = 8
@@ -52,5 +55,8 @@ def get_config(arg=None):
         c.model.cross_attn.update(num_heads=2)
         c.init_from = {}
         c.optim.warmup_steps = 1
-        c.eval.update(max_examples=8, fewshot_pool=16, icl_shots=[0, 2], batch_size=8)
+        c.eval.batch_size = 8
+        for entry in c.evals.values():
+            entry.max_examples = 8
+            entry.options.update(fewshot_pool=16, shots=[0, 2])
     return c

@@ -33,8 +33,9 @@ def get_config(arg=None):
                    end_lr_factor=0.1, grad_clip_norm=1.0)
     c.checkpoint.update(every_steps=500, keep=2)
     # Held-out loss / perplexity on 256 documents of the validation split.
-    c.eval = dict(every_steps=0, evaluators=["lm_loss"], split="validation", batch_size=64,
-                  max_examples=256, dataset="")
+    c.eval = dict(batch_size=64, data_dir="")
+    c.evals = dict(lm_loss=dict(type="lm_loss", dataset="shapes", split="validation",
+                                every_steps=0, max_examples=256, options={}))
 
     if arg == "test":
         c.total_steps = 4
@@ -44,7 +45,7 @@ def get_config(arg=None):
         c.model.update(width=32, depth=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
         c.optim.warmup_steps = 1
         c.checkpoint.every_steps = 2
-        c.eval.max_examples = 16
+        c.evals.lm_loss.max_examples = 16
     elif arg is not None:
         raise ValueError(f"lm_tiny_shapes.py: unknown variant {arg!r} (use 'test' or nothing).")
     return c

@@ -191,11 +191,11 @@ def test_convert_then_eval_command(repo_root, tmp_path, shapes_data_dir):
     assert {r["task"] for r in records} == {"zeroshot_classification", "linear_probe",
                                             "zeroshot_retrieval"}
     for r in records:
-        assert r["dataset"] == "shapes/test" and r["step"] == 0
+        assert (r["dataset"], r["split"], r["step"]) == ("shapes", "test", 0)
         assert all(0.0 <= v <= 1.0 for v in r["metrics"].values())
-    # A captions-only evaluator set on a classification-only need: refused before compute.
+    # An entry moved to a TFDS dataset that is not prepared: refused before compute.
     proc = _cli(repo_root, "eval", "--workdir", str(workdir), "--evaluators", "zeroshot",
-                "--config.eval.dataset=tfds:coco_captions",
+                "--dataset", "tfds:coco_captions",
                 f"--config.eval.data_dir={tmp_path / 'no_tfds'}")
     assert proc.returncode == 2
     assert "coco_captions" in proc.stderr and "tfds build" in proc.stderr

@@ -221,7 +221,7 @@ def _launch(repo_root, shapes_data_dir, workdir, num_processes):
     args = ["train", "--config", str(repo_root / "experiments/clip_tiny.py") + ":test",
             "--workdir", str(workdir), f"--config.data.data_dir={shapes_data_dir}",
             "--config.log_every_steps=1", "--config.checkpoint.every_steps=3",
-            "--config.checkpoint.async_save=false", "--config.eval.every_steps=0",
+            "--config.checkpoint.async_save=false",
             f"--config.total_steps={TOTAL}"]
     cmd = [sys.executable, "-m", "vlm_jax.launch_local", "--num_processes", str(num_processes),
            "--devices_per_process", str(8 // num_processes), "--timeout", "500", "--", *args]

@@ -1,7 +1,7 @@
-"""The start-of-run check of config.eval.evaluators against the evaluation dataset.
+"""The start-of-run check of the entries of config.evals against their datasets and the model.
 
-An evaluator that cannot run on its data must stop `train` before step 0 and `eval` before the
-checkpoint is read, from the dataset's metadata alone. The keys the metadata promises are
+An entry that cannot run on its data (or on the model) must stop `train` before step 0 and
+`eval` before the checkpoint is read, from the dataset's metadata alone. The keys the metadata promises are
 compared with the keys the loaders actually return (the reference); the "never decoded" claim
 is checked with a dataset whose image bytes do not decode.
 """
@@ -17,9 +17,9 @@ from input_pipeline import DataError, eval_data
 from tests.test_eval_data import (CLS_LABELS, CLS_NAMES, EvalDataTestClassification,
                                   _FakeCocoCaptions, _FakeImagenet2012, _prepare)
 from vlm_jax import config as config_lib
-from vlm_jax.families import get_family
 from vlm_jax import main as main_lib
 from vlm_jax import train
+from vlm_jax.families import get_family
 
 
 class EvalCheckCorruptImages(tfds.core.GeneratorBasedBuilder):
@@ -59,31 +59,39 @@ def _config(repo_root, experiment, *overrides):
                                   list(overrides))
 
 
+def _entry(name, type_, dataset="shapes", split="test", max_examples=0, **options):
+    """A ``--config.evals=`` override with one entry."""
+    entry = dict(type=type_, dataset=dataset, split=split, every_steps=0,
+                 max_examples=max_examples, options=options)
+    return f"evals={ {name: entry}!r}"
+
+
 CASES = {  # name: (experiment, overrides without data dirs)
-    "clip_shapes_probe": ("clip_tiny.py", "eval.evaluators=['linear_probe']",
-                          "eval.probe_examples=8", "eval.max_examples=8"),
-    "clip_tfds_classification": ("clip_tiny.py", "eval.evaluators=['zeroshot']",
-                                 "eval.dataset=tfds:eval_data_test_classification"),
-    "clip_tfds_imagenet": ("clip_tiny.py", "eval.evaluators=['zeroshot']",
-                           "eval.dataset=tfds:imagenet2012", "eval.split=validation"),
-    "clip_tfds_captions": ("clip_tiny.py", "eval.evaluators=['retrieval']",
-                           "eval.dataset=tfds:coco_captions"),
-    "flamingo_shapes": ("flamingo_tiny_shapes.py", "eval.max_examples=4", "eval.fewshot_pool=4"),
-    "flamingo_tfds_captions": ("flamingo_tiny_shapes.py", "eval.dataset=tfds:coco_captions",
-                               "eval.fewshot_pool_split=test", "eval.fewshot_pool=2"),
-    "lm_shapes": ("lm_tiny_shapes.py", "eval.max_examples=4"),
+    "clip_shapes_probe": ("clip_tiny.py", _entry("probe", "linear_probe", max_examples=8,
+                                                 probe_examples=8)),
+    "clip_tfds_classification": ("clip_tiny.py", _entry(
+        "cls", "zeroshot", "tfds:eval_data_test_classification")),
+    "clip_tfds_imagenet": ("clip_tiny.py", _entry("imagenet", "zeroshot", "tfds:imagenet2012",
+                                                  "validation")),
+    "clip_tfds_captions": ("clip_tiny.py", _entry("coco", "retrieval", "tfds:coco_captions")),
+    "flamingo_shapes": ("flamingo_tiny_shapes.py", _entry(
+        "vqa", "fewshot_vqa", max_examples=4, fewshot_pool=4, fewshot_pool_split="train")),
+    "flamingo_tfds_captions": ("flamingo_tiny_shapes.py", _entry(
+        "coco", "fewshot_captioning", "tfds:coco_captions", fewshot_pool_split="test",
+        fewshot_pool=2)),
+    "lm_shapes": ("lm_tiny_shapes.py", "evals.lm_loss.max_examples=4"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_metadata_keys_are_the_loaded_keys(case, repo_root, shapes_data_dir, tfds_dir):
-    """What the start check reads from metadata equals what eval_split then loads."""
+    """What the start check reads from metadata equals what the entry's loader then loads."""
     experiment, *overrides = CASES[case]
-    if any(o.startswith("eval.dataset=") for o in overrides):
-        overrides.append(f"eval.data_dir={tfds_dir}")
-    config = _config(repo_root, experiment, f"data.data_dir={shapes_data_dir}", *overrides)
-    data = get_family(config).make_data(config, for_eval=True)
-    assert data.eval_keys() == set(data.eval_split())
+    config = _config(repo_root, experiment, f"data.data_dir={shapes_data_dir}",
+                     f"eval.data_dir={tfds_dir}", *overrides)
+    evaluation = train.make_evaluation(config, get_family(config).make_data(config, for_eval=True))
+    for entry in evaluation.entries:
+        assert evaluation.keys(entry) == set(evaluation.load(entry)), entry.name
 
 
 def test_retrieval_on_classification_stops_before_step0_without_decoding(
@@ -94,53 +102,56 @@ def test_retrieval_on_classification_stops_before_step0_without_decoding(
     assert not isinstance(decoded.value, config_lib.ConfigError)
 
     workdir = tmp_path / "run"
+    entries = {n: dict(type=n, dataset=f"tfds:{name}", split="test", every_steps=0,
+                       max_examples=0, options={}) for n in ("zeroshot", "retrieval")}
     config = _config(repo_root, "clip_tiny.py", f"data.data_dir={shapes_data_dir}",
-                     f"eval.dataset=tfds:{name}", f"eval.data_dir={tfds_dir}",
-                     "eval.evaluators=['zeroshot', 'retrieval']")
+                     f"eval.data_dir={tfds_dir}", f"evals={entries!r}")
     with pytest.raises(config_lib.ConfigError) as info:
         train.train_and_evaluate(config, str(workdir))
     message = str(info.value)
-    assert f"tfds:{name}/test" in message and "'retrieval' needs images with captions" in message
+    assert "config.evals.retrieval" in message and f"tfds:{name}/test" in message
+    assert "'retrieval' needs images with captions" in message
     assert "no ['text']" in message and "these evaluators run: ['zeroshot']" in message
+    assert "config.evals.zeroshot" not in message
     assert not (workdir / "metrics.jsonl").exists()
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
-def test_default_evaluators_on_imagenet_name_retrieval(repo_root, shapes_data_dir, tfds_dir):
-    """The run's default evaluators (zeroshot, retrieval) on ImageNet: retrieval needs captions."""
+def test_imagenet_entry_retrieval_is_named(repo_root, shapes_data_dir, tfds_dir):
+    """zeroshot and retrieval entries on ImageNet: only retrieval (it needs captions) fails."""
     config = _config(repo_root, "clip_tiny.py", f"data.data_dir={shapes_data_dir}",
-                     "eval.dataset=tfds:imagenet2012", f"eval.data_dir={tfds_dir}",
-                     "eval.split=validation")
-    assert list(config.eval.evaluators) == ["zeroshot", "retrieval"]
+                     "evals.retrieval.dataset=tfds:imagenet2012", f"eval.data_dir={tfds_dir}",
+                     "evals.retrieval.split=validation")
     with pytest.raises(config_lib.ConfigError) as info:
         train.check_eval_data(config, get_family(config).make_data(config, for_eval=True))
     message = str(info.value)
-    assert "tfds:imagenet2012/validation" in message and "'retrieval' needs" in message
-    assert "'zeroshot' needs" not in message and "run: ['zeroshot']" in message
+    assert "config.evals.retrieval (type 'retrieval') on tfds:imagenet2012/validation" in message
+    assert "config.evals.zeroshot" not in message and "run: ['zeroshot']" in message
 
 
 def test_missing_tfds_dataset_or_split_is_reported_from_metadata(repo_root, shapes_data_dir,
                                                                   tfds_dir, tmp_path):
     config = _config(repo_root, "clip_tiny.py", f"data.data_dir={shapes_data_dir}",
-                     "eval.dataset=tfds:cifar100", f"eval.data_dir={tmp_path}")
+                     "evals.zeroshot.dataset=tfds:cifar100", f"eval.data_dir={tmp_path}")
     with pytest.raises(DataError, match="'cifar100' is not prepared"):
-        get_family(config).make_data(config, for_eval=True).eval_keys()
+        train.check_eval_data(config, get_family(config).make_data(config, for_eval=True))
     config = _config(repo_root, "flamingo_tiny_shapes.py", f"data.data_dir={shapes_data_dir}",
-                     "eval.dataset=tfds:coco_captions", f"eval.data_dir={tfds_dir}")
+                     "evals.fewshot_captioning.dataset=tfds:coco_captions",
+                     f"eval.data_dir={tfds_dir}")
     with pytest.raises(DataError, match="no split 'train'"):  # the in-context pool's split
-        get_family(config).make_data(config, for_eval=True).eval_keys()
+        train.check_eval_data(config, get_family(config).make_data(config, for_eval=True),
+                              ["fewshot_captioning"])
 
 
 @pytest.mark.e2e
 def test_train_command_stops_before_step0(repo_root, shapes_data_dir, tmp_path):
-    """`vlm-jax train --config experiments/clip_tiny.py:test
-    --config.eval.evaluators="['fewshot_vqa']"` used to train every step and fail at the first
-    evaluation."""
+    """`vlm-jax train --config experiments/clip_tiny.py:test` with a fewshot_vqa entry used to
+    train every step and fail at the first evaluation."""
     workdir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "vlm_jax.main", "train", "--config",
          str(repo_root / "experiments/clip_tiny.py") + ":test",
-         "--config.eval.evaluators=['fewshot_vqa']", f"--config.data.data_dir={shapes_data_dir}",
+         "--config.evals.retrieval.type=fewshot_vqa", f"--config.data.data_dir={shapes_data_dir}",
          "--workdir", str(workdir)],
         capture_output=True, text=True, cwd=repo_root, timeout=300,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
@@ -149,8 +160,9 @@ def test_train_command_stops_before_step0(repo_root, shapes_data_dir, tmp_path):
     assert not (workdir / "metrics.jsonl").exists()  # no train step was logged
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
     err = proc.stderr
-    assert "ConfigError" in err and "'fewshot_vqa' needs" in err and "shapes/test" in err
-    assert "a Flamingo model: experiments/flamingo_tiny_shapes.py" in err
+    assert "ConfigError" in err and "config.evals.retrieval (type 'fewshot_vqa')" in err
+    assert "shapes/test" in err and "a Flamingo model: experiments/flamingo_tiny_shapes.py" in err
+    assert "without 'interleaved'" in err
     assert "these evaluators run: ['zeroshot', 'retrieval', 'linear_probe']" in err
 
 
@@ -165,6 +177,12 @@ def test_eval_command_checks_before_reading_the_checkpoint(repo_root, shapes_dat
     capsys.readouterr()
     assert main_lib.main(["eval", f"--config={repo_root / 'experiments/clip_tiny.py'}:test",
                           f"--config.data.data_dir={shapes_data_dir}", "--workdir", str(workdir),
-                          "--evaluators", "fewshot_vqa"]) == 2
+                          "--config.evals.zeroshot.type=fewshot_vqa",
+                          "--evaluators", "zeroshot"]) == 2
     err = capsys.readouterr().err
-    assert "vlm-jax eval: ConfigError" in err and "'fewshot_vqa' needs" in err
+    assert "vlm-jax eval: ConfigError" in err and "config.evals.zeroshot" in err
+    assert main_lib.main(["eval", f"--config={repo_root / 'experiments/clip_tiny.py'}:test",
+                          f"--config.data.data_dir={shapes_data_dir}", "--workdir", str(workdir),
+                          "--evaluators", "nonesuch"]) == 2
+    err = capsys.readouterr().err
+    assert "no entry ['nonesuch']" in err and "'linear_probe', 'retrieval', 'zeroshot'" in err

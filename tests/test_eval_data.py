@@ -363,11 +363,14 @@ def test_flamingo_fewshot_captioning_reads_tfds_captions(data_dir, repo_root, sh
 
     config = config_lib.load_config(
         f"{repo_root / 'experiments/flamingo_tiny_shapes.py'}:test",
-        [f"data.data_dir={shapes_data_dir}", "eval.dataset=tfds:coco_captions",
-         f"eval.data_dir={data_dir}", "eval.fewshot_pool_split=test", "eval.fewshot_pool=2",
-         "eval.max_examples=0", "eval.icl_shots=[0,2]"])
+        [f"data.data_dir={shapes_data_dir}", f"eval.data_dir={data_dir}",
+         "evals.fewshot_captioning.dataset=tfds:coco_captions",
+         "evals.fewshot_captioning.max_examples=0",
+         "evals.fewshot_captioning.options.fewshot_pool_split=test",
+         "evals.fewshot_captioning.options.fewshot_pool=2"])
     d = get_family(config).make_data(config, for_eval=True)
-    ev = d.eval_split()
+    evaluation = train.make_evaluation(config, d, ["fewshot_captioning"])
+    ev = evaluation.load(evaluation.entries[0])
     size = config.model.vision.image_size
     assert ev["image"].dtype == np.uint8 and ev["image"].shape == (3, size, size, 3)
     assert ev["captions"] == CAPTIONS[:3]
@@ -381,6 +384,6 @@ def test_flamingo_fewshot_captioning_reads_tfds_captions(data_dir, repo_root, sh
     assert all(np.isfinite(v) for v in out.values())
     bad = config_lib.load_config(
         f"{repo_root / 'experiments/flamingo_tiny_shapes.py'}:test",
-        [f"data.data_dir={shapes_data_dir}", "eval.dataset=tfds:cifar10"])
-    with pytest.raises(config_lib.ConfigError, match="captions datasets"):
-        get_family(bad).make_data(bad, for_eval=True).eval_split()
+        [f"data.data_dir={shapes_data_dir}", "evals.fewshot_captioning.dataset=tfds:cifar10"])
+    with pytest.raises(config_lib.ConfigError, match="config.evals.fewshot_captioning.*captions"):
+        train.check_eval_data(bad, get_family(bad).make_data(bad, for_eval=True))

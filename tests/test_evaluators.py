@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import parallel, train
+from vlm_jax import evaluation, parallel, train
 from vlm_jax.config import load_config
 from vlm_jax.evaluators import retrieval, zeroshot
 from vlm_jax.evaluators.common import FeatureExtractor
@@ -81,8 +81,10 @@ def test_multi_device_eval_equals_single_device(repo_root, mesh_shape):
         params = s.init_fn()["params"]
         ex = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules, 16)
         feats.append((ex.images(data["image"]), ex.texts(data["text"])))
-        config.eval.evaluators = ["zeroshot", "retrieval"]
-        results.append(train.evaluate(s, params, data, Tok()))
+        entries = [e for e in evaluation.parse_entries(config)
+                   if e.type in ("zeroshot", "retrieval")]
+        results.append(evaluation.run_entries(ex, Tok(), entries,
+                                              {e.name: data for e in entries}))
     np.testing.assert_allclose(feats[0][0], feats[1][0], atol=1e-5)
     np.testing.assert_allclose(feats[0][1], feats[1][1], atol=1e-5)
     assert results[0].keys() == results[1].keys()

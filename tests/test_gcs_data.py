@@ -147,7 +147,7 @@ def test_tfds_data_dir_on_gcs_reads_like_local(bucket, tiny_data_dir):  # noqa: 
     for k in ref:
         np.testing.assert_array_equal(np.asarray(ev[k]), np.asarray(ref[k]), err_msg=k)
 
-    # eval.dataset=tfds:<name> with eval.data_dir on gs://.
+    # An entry's dataset tfds:<name> with eval.data_dir on gs://.
     ref = eval_data.load_tfds_classification("shapes/64px", split="test", data_dir=tiny_data_dir,
                                              image_size=32)
     ev = eval_data.load_tfds_classification("shapes/64px", split="test", data_dir=data_dir,

@@ -31,8 +31,7 @@ def _args(workdir: str, data_dir: str) -> list[str]:
             "--workdir", workdir, f"--config.data.data_dir={data_dir}",
             f"--config.total_steps={TOTAL}", f"--config.checkpoint.every_steps={EVERY}",
             "--config.log_every_steps=1", "--config.checkpoint.async_save=False",
-            "--config.checkpoint.keep=100",  # The preemption step stays, for eval --checkpoint.
-            "--config.eval.every_steps=0"]
+            "--config.checkpoint.keep=100"]  # The preemption step stays, for eval --checkpoint.
 
 
 _losses = train_losses

@@ -21,7 +21,7 @@ def _train_args(repo_root, shapes_data_dir, workdir):
     return ["train", "--config", str(repo_root / "experiments/clip_tiny.py") + ":test",
             "--workdir", str(workdir), f"--config.data.data_dir={shapes_data_dir}",
             "--config.log_every_steps=1", "--config.checkpoint.every_steps=3",
-            "--config.checkpoint.async_save=false", "--config.eval.every_steps=0"]
+            "--config.checkpoint.async_save=false"]
 
 
 def _launch(repo_root, args, num_processes):

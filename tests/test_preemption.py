@@ -28,7 +28,7 @@ def _args(repo_root, shapes_data_dir, workdir):
             "--workdir", str(workdir), f"--config.data.data_dir={shapes_data_dir}",
             f"--config.total_steps={TOTAL}", "--config.log_every_steps=1",
             "--config.checkpoint.every_steps=1000", "--config.checkpoint.async_save=false",
-            "--config.eval.every_steps=0", "--config.eval.evaluators=[]"]
+            "--config.evals={}"]
 
 
 class Launch:

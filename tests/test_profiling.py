@@ -11,8 +11,8 @@ from vlm_jax import train
 def test_profile_traces_the_requested_steps(repo_root, tmp_path, shapes_data_dir):
     config = config_lib.load_config(
         f"{repo_root / 'experiments/clip_tiny.py'}:test",
-        [f"data.data_dir={shapes_data_dir}", "total_steps=5", "eval.every_steps=0",
-         "eval.max_examples=32", "profile.start_step=3", "profile.num_steps=2"])
+        [f"data.data_dir={shapes_data_dir}", "total_steps=5", "evals.zeroshot.max_examples=32",
+         "evals.retrieval.max_examples=32", "profile.start_step=3", "profile.num_steps=2"])
     workdir = tmp_path / "run"
     train.train_and_evaluate(config, str(workdir))
 

@@ -208,8 +208,7 @@ def test_bad_samples_read_by_one_process_stop_both(repo_root, shapes_data_dir, t
             "--config.data.name=webdataset", f"--config.data.train_files={tmp_path}/train-*.tar",
             "--config.data.max_skipped_fraction=0.1", f"--config.seed={seed}",
             "--config.total_steps=30", "--config.log_every_steps=1",
-            "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=0",
-            "--config.eval.evaluators=[]"]
+            "--config.checkpoint.every_steps=1000", "--config.evals={}"]
     lines, t_exit, out = _launch_two(repo_root, args)
     # The training loop starts (and reads its first batch) right after this line.
     t_start = next((t for t, x in lines if "[p0] Model clip" in x), None)
@@ -242,8 +241,9 @@ def test_an_error_on_one_process_stops_both(fault, code, shown, repo_root, shape
     args = ["train", "--config", str(repo_root / "experiments/clip_tiny.py") + ":test",
             "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={shapes_data_dir}",
             "--config.total_steps=30", "--config.log_every_steps=1",
-            "--config.checkpoint.every_steps=1000", "--config.eval.every_steps=2",
-            "--config.eval.evaluators=['zeroshot']"]
+            "--config.checkpoint.every_steps=1000", "--config.evals={'zeroshot': "
+            "{'type': 'zeroshot', 'dataset': 'shapes', 'split': 'test', 'every_steps': 2, "
+            "'max_examples': 128, 'options': {}}}"]
     lines, t_exit, out = _launch_two(repo_root, args, env=dict(os.environ, VLM_JAX_FAULTS=fault))
     codes = dict(re.findall(r"\[launch_local\] process (\d) exited with code (-?\d+)", out))
     t_fail = next((t for t, x in lines if "[p1]" in x and "injected fault" in x), None)

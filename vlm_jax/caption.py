@@ -52,8 +52,9 @@ def caption_folder(config, workdir: str, images: str, *, step: int | None = None
                    output: str | None = None, options: dict | None = None) -> epath.Path:
     """Captions every image of ``images`` with the (latest or ``step``) checkpoint of
     ``workdir``; ``options``: ``method`` and the options of :func:`vlm_jax.decoding.generate`
-    (default ``config.eval.caption``). Returns the JSONL file written."""
-    from vlm_jax import train  # pylint: disable=import-outside-toplevel
+    (default: the options of the config's captioning entry in ``config.evals``). Returns the
+    JSONL file written."""
+    from vlm_jax import evaluation, train  # pylint: disable=import-outside-toplevel
     from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
     from vlm_jax.evaluators.common import FeatureExtractor  # pylint: disable=import-outside-toplevel
     from vlm_jax.families import FAMILIES, get_family  # pylint: disable=import-outside-toplevel
@@ -69,7 +70,7 @@ def caption_folder(config, workdir: str, images: str, *, step: int | None = None
         print(f"Skipped {name}: {reason}")
     s, params, step = train.restore_for_inference(config, workdir, step)
     tokenizer = family.make_data(config, for_eval=True).tokenizer
-    opts = dict(config.eval.get("caption", {}) if options is None else options)
+    opts = dict(evaluation.caption_options(config) if options is None else options)
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
                                  config.eval.batch_size, tokenizer=tokenizer,
                                  caption_options=opts)

@@ -2,7 +2,7 @@
 ``vlm-jax convert``.
 
     vlm-jax convert --input ViT-B-32.safetensors --workdir runs/openai_b32 --act quick_gelu
-    vlm-jax eval --workdir runs/openai_b32 --config.eval.dataset=tfds:imagenet2012
+    vlm-jax eval --workdir runs/openai_b32 --evaluators imagenet --config.eval.data_dir=DIR
     vlm-jax convert --input TinyLlama-1.1B/ --workdir runs/tinyllama   # config.json + safetensors
 
 Reads a ViT CLIP state dict in OpenAI's key layout, which open_clip keeps for its ``CLIP`` class

@@ -14,12 +14,12 @@ from vlm_jax.config import ConfigError
 
 
 SOURCES = ("webdataset", "array_record", "tfds")  # config.data.name for raw image-text data
-RETRIEVAL_DATASETS = ("coco_captions", "flickr30k", "coco")  # eval.dataset=tfds:<name>: captions
 
 
 @dataclasses.dataclass
 class Data:
-    """The prepared dataset of a run: train iterator, eval split and tokenizer."""
+    """The prepared dataset of a run: train iterator and tokenizer (the evaluation data of
+    ``config.evals`` is loaded by :mod:`vlm_jax.evaluation`)."""
 
     config: ConfigDict
     data_dir: str
@@ -42,105 +42,6 @@ class Data:
             process_index=jax.process_index(), process_count=jax.process_count(),
             worker_count=d.worker_count, image_size=self.config.model.image.image_size)
 
-    def eval_split(self) -> dict:
-        """The evaluation data, in memory (images, tokens, labels, class names, templates).
-
-        ``config.eval.dataset``: ``''`` for the run's own evaluation data (the shapes splits),
-        ``'tfds:<name>'`` for any prepared TFDS dataset in ``config.eval.data_dir``:
-        classification (imagenet2012, cifar10, ...) or captions (coco_captions: retrieval with
-        several captions per image). Images are brought to the model's size, texts are
-        tokenised with the run's tokenizer. With the ``linear_probe`` evaluator, also
-        ``probe_train`` / ``probe_val`` (``eval.probe_examples`` training images).
-        """
-        e = self.config.eval
-        out = self._split(e.split, e.max_examples or None)
-        if "linear_probe" in e.evaluators and "label" in out:
-            out["probe_train"], out["probe_val"] = self._probe_splits()
-        return out
-
-    def eval_keys(self) -> set[str]:
-        """The keys :meth:`eval_split` returns, from the dataset's metadata alone (TFDS
-        ``dataset_info.json`` / ``features.json``): no example is read or decoded. ``probe_train``
-        is among them when the dataset has labels and the linear probe's splits.
-
-        Raises:
-            DataError: the dataset, ``config.eval.split`` or its image feature is missing
-                (the message says how to prepare it).
-        """
-        from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
-
-        e = self.config.eval
-        probe = (e.get("probe_split", "train"), e.get("probe_val_split", "validation"))
-        name = self._eval_dataset()
-        if name is None:  # The run's own (shapes) evaluation data.
-            d = self.config.data
-            dataset = d.get("eval_name", d.name) if d.name != "shapes" else "shapes"
-            builder = pipeline.split_builder(self.data_dir, dataset, d.config_name, [e.split])
-            keys = pipeline.eval_split_keys(builder)
-        else:
-            builder = eval_data.open_builder(name, [e.split], e.get("data_dir") or None)
-            if name.split("/")[0] in RETRIEVAL_DATASETS:
-                keys = eval_data.retrieval_keys(builder)
-                if "caption" in keys:
-                    keys |= {"text", "captions"}
-            else:
-                keys = eval_data.classification_keys(builder)
-        if "label" in keys and all(s.split("[", 1)[0] in builder.info.splits for s in probe):
-            keys |= {"probe_train", "probe_val"}
-        return keys
-
-    def _eval_dataset(self) -> str | None:
-        """The TFDS name of ``config.eval.dataset``, or None for the run's own evaluation data."""
-        dataset = self.config.eval.get("dataset", "") or ""
-        if dataset.startswith("tfds:"):
-            return dataset[len("tfds:"):]
-        if dataset:
-            raise ConfigError(f"config.eval.dataset={dataset!r}: use '' (the run's own evaluation "
-                              "data) or 'tfds:<name>' (a prepared TFDS dataset, e.g. "
-                              "tfds:imagenet2012, tfds:cifar10, tfds:coco_captions).")
-        return None
-
-    def _split(self, split: str, max_examples: int | None) -> dict:
-        """One split of ``config.eval.dataset`` (the run's own shapes data, or ``tfds:<name>``)."""
-        name = self._eval_dataset()
-        if name is not None:
-            return self._tfds_split(name, split, max_examples)
-        return self._shapes_split(split, max_examples)
-
-    def _shapes_split(self, split: str, max_examples: int | None) -> dict:
-        d = self.config.data
-        size = self.config.model.image.image_size
-        name = d.get("eval_name", d.name) if d.name != "shapes" else "shapes"
-        native = int(str(d.config_name).removesuffix("px"))
-        out = pipeline.load_eval_split(
-            data_dir=self.data_dir, dataset=name, config_name=d.config_name, split=split,
-            context_length=self.config.model.text.context_length, max_examples=max_examples,
-            image_size=size if size != native or d.name in SOURCES else None)
-        if d.get("tokenizer"):  # The run's tokenizer, not the one shipped with the dataset.
-            out["text"] = self.tokenizer.encode(out["caption"])
-        return out
-
-    def _tfds_split(self, name: str, split: str, max_examples: int | None) -> dict:
-        from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
-
-        e = self.config.eval
-        kw = dict(split=split, data_dir=e.get("data_dir") or None,
-                  image_size=self.config.model.image.image_size, max_examples=max_examples)
-        if name.split("/")[0] in RETRIEVAL_DATASETS:
-            out = eval_data.load_tfds_retrieval(name, **kw)
-            out["text"] = self.tokenizer.encode(out["caption"])
-            out["captions"] = _captions_per_image(out)  # references of the captioning evaluator
-            return out
-        return eval_data.load_tfds_classification(name, **kw)
-
-    def _probe_splits(self) -> tuple[dict, dict]:
-        """Training and validation images for the linear probe (features are frozen)."""
-        e = self.config.eval
-        n = e.get("probe_examples", 5000) or None
-        splits = (e.get("probe_split", "train"), e.get("probe_val_split", "validation"))
-        train, val = (self._split(split, n) for split in splits)
-        return ({"image": train["image"], "label": train["label"]},
-                {"image": val["image"], "label": val["label"]})
 
 
 @dataclasses.dataclass
@@ -195,97 +96,6 @@ class DocumentData:
             worker_count=self.config.data.worker_count,
             docs_per_row=self.config.data.get("docs_per_row", 1), **self._document_kwargs())
 
-    def eval_split(self) -> dict:
-        """``config.eval.split`` of shapes in memory (images, questions, answers, captions) and,
-        for Flamingo, the in-context pool: ``eval.fewshot_pool`` records of the train split;
-        for the language model, held-out text documents (``documents``, ``weights``)."""
-        from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
-
-        e, d = self.config.eval, self.config.data
-        name = self._eval_dataset()
-        if name is not None:
-            return self._tfds_captions(name)
-        if self.multimodal:
-            size = self.image_size
-            native = int(str(d.config_name).removesuffix("px"))
-            kw = dict(data_dir=self.data_dir, dataset="shapes", config_name=d.config_name,
-                      context_length=8, image_size=size if size != native else None)
-            out = pipeline.load_eval_split(split=e.split, max_examples=e.max_examples or None,
-                                           **kw)
-            pool = pipeline.load_eval_split(split="train",
-                                            max_examples=e.get("fewshot_pool", 1000), **kw)
-            out["pool"] = {k: pool[k] for k in ("image", "question", "answer", "caption")}
-            out["prompt_format"] = self.prompt_format
-            return out
-        it = interleaved.create_document_iterator(
-            split=e.split, global_batch_size=min(256, e.max_examples or 256), seed=0,
-            docs_per_row=self.config.data.get("docs_per_row", 1), **self._document_kwargs())
-        batch = next(it)
-        return {"documents": batch["tokens"], "weights": batch["weights"]}
-
-    def eval_keys(self) -> set[str]:
-        """The keys :meth:`eval_split` returns, from the dataset's metadata alone (TFDS
-        ``dataset_info.json`` / ``features.json``): no document or image is read or decoded.
-
-        Raises:
-            DataError: the dataset or one of the splits it reads is missing.
-        """
-        from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
-
-        e = self.config.eval
-        name = self._eval_dataset()
-        if name is not None:  # Flamingo on a TFDS captions dataset.
-            builder = eval_data.open_builder(
-                name, [e.split, e.get("fewshot_pool_split", "train")], e.get("data_dir") or None)
-            if "caption" not in eval_data.retrieval_keys(builder):
-                return {"image"}
-            return {"image", "captions", "pool", "prompt_format"}
-        splits = [e.split, "train"] if self.multimodal else [e.split]  # train: in-context pool
-        builder = pipeline.split_builder(self.data_dir, "shapes", self.config.data.config_name,
-                                         splits)
-        if not self.multimodal:
-            return {"documents", "weights"}
-        keys = pipeline.eval_split_keys(builder)
-        if {"question", "answer", "caption"} <= keys:
-            keys |= {"pool", "prompt_format"}
-        return keys
-
-    def _eval_dataset(self) -> str | None:
-        """The TFDS name of ``config.eval.dataset`` (Flamingo only, a captions dataset), or None
-        for the shapes splits."""
-        dataset = self.config.eval.get("dataset", "") or ""
-        if self.multimodal and dataset.startswith("tfds:"):
-            name = dataset[len("tfds:"):]
-            if name.split("/")[0] not in RETRIEVAL_DATASETS:
-                raise ConfigError(f"config.eval.dataset={dataset}: Flamingo's TFDS evaluation "
-                                  f"reads captions datasets ({', '.join(RETRIEVAL_DATASETS)}).")
-            return name
-        if dataset:
-            raise ConfigError(f"config.eval.dataset={dataset!r}: use '' (shapes) or, for "
-                              "Flamingo, 'tfds:<captions dataset>' (e.g. tfds:coco_captions).")
-        return None
-
-    def _tfds_captions(self, name: str) -> dict:
-        """A prepared TFDS captions dataset (``coco_captions``...) for few-shot captioning: the
-        queries from ``eval.split``, the in-context pool (first caption of each image) from
-        ``eval.fewshot_pool_split`` (default ``train``)."""
-        from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
-
-        e = self.config.eval
-        kw = dict(data_dir=e.get("data_dir") or None, image_size=self.image_size)
-
-        def load(split, n):
-            raw = eval_data.load_tfds_retrieval(name, split=split, max_examples=n, **kw)
-            return raw["image"], _captions_per_image(raw)
-
-        images, captions = load(e.split, e.max_examples or None)
-        pool_images, pool_captions = load(e.get("fewshot_pool_split", "train"),
-                                          e.get("fewshot_pool", 1000))
-        return {"image": images, "captions": captions,
-                "pool": {"image": pool_images, "caption": [c[0] for c in pool_captions]},
-                "prompt_format": self.prompt_format}
-
-
 def document_length(config: ConfigDict, lm: Any) -> int:
     """Training sequence length of documents: ``config.data.seq_length`` (0 = the language
     model's ``max_length``)."""
@@ -318,14 +128,6 @@ def prepare_documents(config: ConfigDict, *, lm: Any, image_size: int | None = N
         raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
                           f"shapes LM tokenizer's vocabulary ({tokenizer.vocab_size}).")
     return DocumentData(config, str(data_dir), tokenizer, lm, image_size)
-
-
-def _captions_per_image(retrieval: dict) -> list[list[str]]:
-    """The captions of each image of a retrieval split (``caption`` + ``text_to_image``)."""
-    per_image: list[list[str]] = [[] for _ in range(len(retrieval["image"]))]
-    for caption, i in zip(retrieval["caption"], retrieval["text_to_image"]):
-        per_image[int(i)].append(caption)
-    return per_image
 
 
 def global_skip_stats() -> dict[str, int]:

@@ -59,8 +59,13 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     where.add_argument("--checkpoint", help="a checkpoint directory, <workdir>/checkpoints/<step>")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--evaluators", default=None,
-                   help="comma-separated, overrides config.eval.evaluators: zeroshot, retrieval, "
-                        "linear_probe")
+                   help="comma-separated names of entries of config.evals to run (default: all "
+                        "but the on-request ones, every_steps=-1), e.g. zeroshot,linear_probe")
+    p.add_argument("--dataset", default=None,
+                   help="run the selected entries on this dataset instead of theirs: shapes or "
+                        "tfds:<name> (in config.eval.data_dir)")
+    p.add_argument("--split", default=None,
+                   help="run the selected entries on this split instead of theirs")
     p = sub.add_parser("convert", help="import OpenAI CLIP / open_clip weights (.safetensors, "
                                        ".pt/.bin with torch) or a Hugging Face LLaMA / GPT-2 "
                                        "model directory into a workdir that eval and train use")
@@ -79,7 +84,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--output", default=None, help="JSONL file (default <workdir>/captions.jsonl)")
     p.add_argument("--method", default=None, choices=["greedy", "beam", "sample"],
-                   help="default: config.eval.caption")
+                   help="default: the options of the config's captioning entry (config.evals)")
     p.add_argument("--beam_size", type=int, default=None)
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
@@ -137,6 +142,24 @@ def _load(args, overrides):
     if spec.endswith(".json"):
         return config_lib.load_json_config(spec, overrides)
     return config_lib.load_config(spec, overrides)
+
+
+def _eval_elsewhere(config, names, dataset, split):
+    """``vlm-jax eval --dataset D [--split S]``: the selected entries (``--evaluators``, default
+    all) read ``D`` / ``S`` instead of their own dataset and split."""
+    from vlm_jax.config import ConfigError, apply_override  # pylint: disable=C0415
+
+    chosen = names if names is not None else list(config.evals)
+    with config.unlocked():
+        for name in chosen:
+            if name not in config.evals:
+                raise ConfigError(f"--evaluators: no entry {name!r} in config.evals; the "
+                                  f"entries are {sorted(config.evals)}.")
+            if dataset:
+                apply_override(config, f"evals.{name}.dataset={dataset}")
+            if split:
+                apply_override(config, f"evals.{name}.split={split}")
+    return config
 
 
 def _init_distributed(args) -> None:
@@ -205,9 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         args.workdir, args.step = os.fspath(ckpt_dir.parent.parent), int(ckpt_dir.name)
+    names = None  # vlm-jax eval: the entries of config.evals to run (None: the default ones)
     if getattr(args, "evaluators", None):
         names = [n.strip() for n in args.evaluators.split(",") if n.strip()]
-        overrides.append("eval.evaluators=" + repr(names))
     try:
         if args.command == "data" and args.action in ("convert", "inspect"):
             config = None  # These work on files, not on a config.
@@ -215,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.config is None and args.command == "data":
                 raise ConfigError(f"vlm-jax data {args.action} needs --config.")
             config = _load(args, overrides)  # Fails on a bad key before anything happens.
+            if args.command == "eval" and (args.dataset or args.split):
+                config = _eval_elsewhere(config, names, args.dataset, args.split)
         if args.command != "compile":  # Compiling for a TPU topology needs no distributed runtime.
             _init_distributed(args)
         if args.command == "train":
@@ -230,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "eval":
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 
-            train.evaluate_checkpoint(config, args.workdir, args.step)
+            train.evaluate_checkpoint(config, args.workdir, args.step, names)
         elif args.command == "convert":
             from vlm_jax import convert  # pylint: disable=import-outside-toplevel
 

@@ -28,11 +28,10 @@ from ml_collections import ConfigDict
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config as config_lib
 from vlm_jax import data as data_lib
-from vlm_jax import evaluators as evaluators_lib
+from vlm_jax import evaluation as evaluation_lib
 from vlm_jax import metrics as metrics_lib
 from vlm_jax import faults, optim, parallel, paths, profiling, runtime
 from vlm_jax.config import ConfigError
-from vlm_jax.evaluators.common import FeatureExtractor
 from vlm_jax.families import Family, get_family
 
 log = logging.getLogger(__name__)
@@ -177,101 +176,45 @@ def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> 
 # -------------------------------------------------------------------------------------------
 
 
-def evaluate(s: TrainSetup, params, eval_data: dict, tokenizer) -> dict[str, float]:
-    """Runs the evaluators named in ``config.eval.evaluators``; keys ``<evaluator>/<metric>``.
-
-    Raises ConfigError before any compute when an evaluator does not fit the evaluation data
-    (e.g. zero-shot classification on a captions dataset); runs check this at their start
-    already (:func:`check_eval_data`), from the dataset's metadata."""
-    names = list(s.config.eval.evaluators)
-    evaluators_lib.check_fits(names, eval_data.keys(), eval_dataset_name(s.config),
-                               s.config.model.name)
-    extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
-                                 s.config.eval.batch_size, tokenizer=tokenizer,
-                                 caption_options=dict(s.config.eval.get("caption", {})))
-    icl = dict(shots=tuple(s.config.eval.get("icl_shots", (0, 4, 8))))
-    options = {"linear_probe": dict(shots=tuple(s.config.eval.get("fewshot_shots",
-                                                                  (1, 5, 10, 25)))),
-               "fewshot_vqa": icl, "fewshot_captioning": icl}
-    results = {}
-    for name in names:
-        try:
-            out = evaluators_lib.EVALUATORS[name](extractor, tokenizer, eval_data,
-                                                  **options.get(name, {}))
-        except ValueError as e:  # Data that does not fit the evaluator's settings.
-            raise ConfigError(f"Evaluator {name!r}: {e} (config.eval: probe_examples, "
-                              "fewshot_shots)") from e
-        for k, v in out.items():
-            results[f"{name}/{k}"] = v
-    return results
+def make_evaluation(config: ConfigDict, data, names=None) -> evaluation_lib.Evaluation:
+    """The run's :class:`~vlm_jax.evaluation.Evaluation` (entries of ``config.evals``, or those
+    ``names``), for the model of ``config``."""
+    family = get_family(config)
+    return evaluation_lib.Evaluation(config, data, capabilities=family.capabilities,
+                                     image_size=family.image_size(config), names=names)
 
 
-def check_eval_data(config: ConfigDict, data: data_lib.Data | data_lib.DocumentData) -> None:
-    """Checks, when a run or ``vlm-jax eval`` starts, that the evaluation dataset is present and
-    that every evaluator of ``config.eval.evaluators`` can run on it, from the dataset's metadata
-    (TFDS features and splits) without reading or decoding an example: a misfit is reported
-    before step 0, not at the first evaluation.
+def evaluate(s: TrainSetup, params, evaluation: evaluation_lib.Evaluation,
+             entries=None) -> dict[str, float]:
+    """Runs ``entries`` (default: all) of ``evaluation``; keys ``<entry name>/<metric>``.
+
+    The evaluation keeps one feature extractor for the run: the jitted functions are compiled
+    at the first call and reused after."""
+    return evaluation.run(s, params, entries)
+
+
+def check_eval_data(config: ConfigDict, data, names=None) -> evaluation_lib.Evaluation:
+    """Checks, when a run or ``vlm-jax eval`` starts, that every entry of ``config.evals`` (or
+    those ``names``) can run on its dataset and on the model, from the datasets' metadata (TFDS
+    features and splits) without reading or decoding an example: a misfit is reported before
+    step 0, not at the first evaluation. Returns the run's evaluation.
 
     Raises:
-        ConfigError: an evaluator does not fit the data (:func:`evaluators.check_fits`).
-        DataError: the dataset or a split it needs is not prepared.
+        ConfigError: an entry does not fit its data or the model (naming config.evals.<name>).
+        DataError: a dataset or a split an entry reads is not prepared.
     """
-    names = list(config.eval.evaluators)
-    if names:
-        evaluators_lib.check_fits(names, data.eval_keys(), eval_dataset_name(config),
-                                   config.model.name)
+    evaluation = make_evaluation(config, data, names)
+    evaluation.check()
+    return evaluation
 
 
-TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
-         "linear_probe": "linear_probe", "captioning": "captioning",  # CLIP_benchmark's names
-         "fewshot_vqa": "fewshot_vqa", "fewshot_captioning": "fewshot_captioning",
-         "lm_loss": "language_modeling"}
-
-
-def eval_dataset_name(config: ConfigDict) -> str:
-    """``<dataset>/<split>`` as the results name it (``shapes/test``, ``tfds:cifar10/test``)."""
-    dataset = config.eval.get("dataset", "") or ""
-    if not dataset:  # The run's own evaluation data.
-        dataset = "shapes" if config.data.name == "shapes" else config.data.get("eval_name",
-                                                                                "shapes")
-    return f"{dataset}/{config.eval.split}"
-
-
-def write_eval_results(workdir: epath.Path, config: ConfigDict, step: int,
-                       results: dict[str, float]) -> epath.Path:
-    """Writes ``eval_results_<split>.json`` (CLIP_benchmark field names: dataset, model, task,
-    metrics), prints a markdown table.
-
-    One file per dataset and split (``eval_results_test.json`` for the run's own data,
-    ``eval_results_tfds_cifar10_test.json``...), so evaluating another never overwrites earlier
-    results.
-    """
-    dataset = eval_dataset_name(config)
-    records = []
-    for name, task in TASKS.items():
-        m = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(name + "/")}
-        if m:
-            records.append({"dataset": dataset, "model": config.get("name", "vlm_jax"),
-                            "step": int(step), "task": task, "metrics": m})
-    own = not (config.eval.get("dataset", "") or "")
-    stem = config.eval.split if own else (
-        f"{config.eval.dataset.replace(':', '_').replace('/', '_')}_{config.eval.split}")
-    out = workdir / f"eval_results_{stem}.json"
-    if jax.process_index() == 0:
-        # Results of other tasks already in the file are kept (evaluated earlier with other
-        # evaluators); a task evaluated again is replaced.
-        new_tasks = {r["task"] for r in records}
-        try:
-            kept = [r for r in json.loads(out.read_text()) if r.get("task") not in new_tasks]
-        except (FileNotFoundError, ValueError, AttributeError):
-            kept = []
-        out.write_text(json.dumps(kept + records, indent=2))
-        print(f"\n| metric ({dataset}, step {step}) | value |")
-        print("|---|---|")
-        for k, v in results.items():  # Accuracies and scores in %, losses as they are.
-            raw = k.rsplit("/", 1)[-1] in ("loss", "perplexity")
-            print(f"| {k} | {v:.3f} |" if raw else f"| {k} | {100 * v:.2f} |")
-    return out
+def write_eval_results(workdir: epath.Path, evaluation: evaluation_lib.Evaluation, step: int,
+                       results: dict[str, float]) -> list[epath.Path]:
+    """Writes ``eval_results_<split>.json`` per dataset and split (CLIP_benchmark field names
+    dataset, model, task, metrics; plus entry, split, step), prints markdown tables; see
+    :func:`vlm_jax.evaluation.write_results`."""
+    return evaluation_lib.write_results(workdir, evaluation.config, evaluation.entries, step,
+                                        results)
 
 
 # -------------------------------------------------------------------------------------------
@@ -462,13 +405,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         raise
 
     data = s.family.make_data(config)
-    try:
-        check_eval_data(config, data)  # From metadata: a misfit stops the run before step 0.
+    try:  # From metadata: a misfit stops the run before step 0.
+        evaluation = check_eval_data(config, data)
     except Exception:
         ckpt.close()
         raise
     train_iter = data.train_iterator()
-    eval_data = data.eval_split()
 
     if latest is not None:
         state = ckpt.restore(latest, s.abstract_state, data_iter=train_iter)
@@ -550,15 +492,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
                 ckpt.close()
                 writer.close()
                 return {"preempted_at_step": done}
-            if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
+            due = evaluation.due(done, total)  # Every entry at the end of training.
+            if due:
                 faults.maybe_fail("eval_error", done)  # Reliability tests only.
-                results = evaluate(s, state["params"], eval_data, data.tokenizer)
+                results = evaluate(s, state["params"], evaluation, due)
                 agreement.check()
                 writer.write(done, {f"eval/{k}": v for k, v in results.items()})
                 progress.write(f"step {done}: " + ", ".join(f"{k}={v:.3f}" for k, v in
                                                            results.items()))
-        if not results:  # No periodic eval ran (eval.every_steps=0, or training was complete).
-            results = evaluate(s, state["params"], eval_data, data.tokenizer)
+        if start >= total and evaluation.entries:  # Training was complete: evaluate the end.
+            results = evaluate(s, state["params"], evaluation)
+            writer.write(total, {f"eval/{k}": v for k, v in results.items()})
         agreement.check()
         progress.close()
         ckpt.close()
@@ -581,12 +525,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
         preemption.close()
         profiler.close()
         agreement.close()
-    results_file = write_eval_results(workdir, config, total, results) if results else None
+    results_files = write_eval_results(workdir, evaluation, total, results) if results else []
     writer.close()
     plot = metrics_lib.plot_metrics(workdir)
     if is_main and plot:
-        print(f"Wrote {plot}, {workdir / 'metrics.jsonl'}, {results_file} and checkpoints in "
-              f"{workdir / 'checkpoints'}.")
+        print(f"Wrote {plot}, {workdir / 'metrics.jsonl'}, "
+              + "".join(f"{f}, " for f in results_files)
+              + f"and checkpoints in {workdir / 'checkpoints'}.")
     return results
 
 
@@ -682,21 +627,22 @@ def _restore_params(config: ConfigDict, ckpt: ckpt_lib.Checkpointer, step: int
     return s, ckpt.restore_params(step, s.abstract_state["params"]), step
 
 
-def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None
-                        ) -> dict[str, float]:
-    """Restores a workdir's checkpoint (latest by default) and runs the configured evaluators.
+def evaluate_checkpoint(config: ConfigDict, workdir: str, step: int | None = None,
+                        names=None) -> dict[str, float]:
+    """Restores a workdir's checkpoint (latest by default) and runs the entries of
+    ``config.evals`` (or those ``names``, e.g. ``vlm-jax eval --evaluators``).
 
-    The evaluators are checked against the dataset's metadata before the checkpoint is read
+    The entries are checked against their datasets' metadata before the checkpoint is read
     (after finding it: an empty workdir is reported without preparing any data)."""
     ckpt, step = _open_checkpoint(epath.Path(workdir), step)
     try:
         data = get_family(config).make_data(config, for_eval=True)
-        check_eval_data(config, data)
+        evaluation = check_eval_data(config, data, names)
         s, params, step = _restore_params(config, ckpt, step)
     finally:
         ckpt.close()
-    results = evaluate(s, params, data.eval_split(), data.tokenizer)
-    write_eval_results(epath.Path(workdir), config, step, results)
+    results = evaluate(s, params, evaluation)
+    write_eval_results(epath.Path(workdir), evaluation, step, results)
     return results
 
 

@@ -72,7 +72,7 @@ class Battery:
         return ["train", "--config", CONFIG, "--workdir", str(workdir),
                 f"--config.data.data_dir={self.data_dir}", f"--config.total_steps={total}",
                 f"--config.checkpoint.every_steps={every}", "--config.log_every_steps=1",
-                "--config.eval.every_steps=0", *extra]
+                *extra]
 
     @staticmethod
     def env(devices: int = 1, faults: str = "") -> dict:

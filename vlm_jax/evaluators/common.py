@@ -18,6 +18,9 @@ class FeatureExtractor:
 
     Every process holds the full (small) evaluation arrays; each batch is split so that process
     ``i`` feeds its rows, and the features come back replicated to every process as numpy.
+    Every batch has ``batch_size`` rows (the last one padded), so each jitted function compiles
+    once per input shape; keep one extractor per run and set ``params`` before each evaluation
+    (:class:`vlm_jax.evaluation.Evaluation` does) to compile nothing after the first.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params, param_shardings, mesh, rules,
@@ -38,35 +41,48 @@ class FeatureExtractor:
             return jax.jit(fn, in_shardings=(param_shardings, None), out_shardings=replicated)
 
         self._fns = {"image": make("encode_image"), "text": make("encode_text")}
+        self._cache: dict = {}
+        # The parameters evaluated; a run keeping this extractor sets them before each
+        # evaluation (same shardings: nothing is recompiled).
         self.params = params
 
-    def _caption_fn(self) -> Callable:
-        if "caption" not in self._fns:
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per extractor under ``key``: jitted functions that evaluators make
+        (few-shot generation, the LM loss) live as long as the extractor, so that a run that
+        keeps one extractor compiles them once, not at every evaluation."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _caption_fn(self, options: dict) -> Callable:
+        def build():
             from vlm_jax import decoding  # pylint: disable=import-outside-toplevel
 
-            options = dict(self.caption_options)
-            method = options.pop("method", "greedy")
+            opts = dict(options)
+            method = opts.pop("method", "greedy")
             graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
 
             def fn(p, x):
                 with parallel.sharding_context(mesh, rules):
                     return decoding.generate(graphdef, x, params=p, method=method, jit=False,
-                                             **options)
+                                             **opts)
 
-            self._fns["caption"] = jax.jit(fn, in_shardings=(self.param_shardings, None),
-                                           out_shardings=NamedSharding(mesh, P()))
-        return self._fns["caption"]
+            return jax.jit(fn, in_shardings=(self.param_shardings, None),
+                           out_shardings=NamedSharding(mesh, P()))
 
-    def captions(self, images: np.ndarray) -> list[str]:
-        """Generated captions (``caption_options``: ``method`` greedy / beam / sample and the
-        options of :func:`vlm_jax.decoding.generate`), detokenised; for captioning models."""
+        return self.cached(("caption", repr(sorted(options.items()))), build)
+
+    def captions(self, images: np.ndarray, **options) -> list[str]:
+        """Generated captions, detokenised; for captioning models. ``options``: ``method``
+        greedy / beam / sample and the options of :func:`vlm_jax.decoding.generate` (default
+        ``caption_options``); each set of options is compiled once per extractor."""
         if not hasattr(nnx.merge(self.graphdef, self.params), "image_context"):
             raise ValueError("This model has no captioning decoder (captions need a CoCa "
                              "model, config.model.name='coca').")
         if self.tokenizer is None:
             raise ValueError("FeatureExtractor.captions needs the tokenizer to detokenise.")
-        self._caption_fn()
-        tokens = self._run("caption", images).astype(np.int32)
+        fn = self._caption_fn(options or self.caption_options)
+        tokens = self._run(fn, images, cast=False).astype(np.int32)
         out = self.tokenizer.decode(tokens)
         return [out] if isinstance(out, str) else list(out)
 
@@ -82,23 +98,23 @@ class FeatureExtractor:
             local[key] = a[pi * size // pc:(pi + 1) * size // pc]
         return parallel.make_global_batch(local, self.mesh)
 
-    def _run(self, kind: str, array: np.ndarray) -> np.ndarray:
-        fn, bs = self._fns[kind], self.batch_size
+    def _run(self, fn: Callable, array: np.ndarray, cast: bool = True) -> np.ndarray:
+        bs = self.batch_size
         out = []
         for start in range(0, len(array), bs):
             chunk = array[start:start + bs]
             batch = self.global_batch({"x": chunk}, bs)["x"]
             out.append(np.asarray(fn(self.params, batch))[:len(chunk)])
         out = np.concatenate(out)
-        return out if kind == "caption" else out.astype(np.float32)
+        return out.astype(np.float32) if cast else out
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """L2-normalised image embeddings [N, D]."""
-        return self._run("image", images)
+        return self._run(self._fns["image"], images)
 
     def texts(self, tokens: np.ndarray) -> np.ndarray:
         """L2-normalised text embeddings [N, D]."""
-        return self._run("text", tokens)
+        return self._run(self._fns["text"], tokens)
 
 
 def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -165,13 +165,14 @@ def generate_fewshot(extractor, tokenizer, data: Mapping, kind: str, shots: int,
     with ``shots`` in-context examples from ``data['pool']``, written as
     ``data['prompt_format']`` says (:class:`input_pipeline.interleaved.PromptFormat`)."""
     fmt = data["prompt_format"]
-    gen = _Generator(extractor, max_new_tokens)
+    gen = extractor.cached(("fewshot_generator", max_new_tokens),  # compiled once per run
+                           lambda: _Generator(extractor, max_new_tokens))
     model = gen.model
     pool, images = data["pool"], data["image"]
     n_pool = len(pool["image"])
     if shots > n_pool:
         raise ValueError(f"{shots} shots need an in-context pool of at least {shots} examples; "
-                         f"it has {n_pool} (config.eval.fewshot_pool).")
+                         f"it has {n_pool} (the entry's options.fewshot_pool).")
     max_prompt = model.lm.cfg.max_length - max_new_tokens
     outputs: list[str] = []
     bs = extractor.batch_size
@@ -188,7 +189,7 @@ def generate_fewshot(extractor, tokenizer, data: Mapping, kind: str, shots: int,
             if kept != len(chunks):
                 raise ValueError(f"A {shots}-shot prompt does not fit in the language model's "
                                  f"max_length={model.lm.cfg.max_length} with {max_new_tokens} "
-                                 "new tokens; use fewer shots (config.eval.icl_shots).")
+                                 "new tokens; use fewer shots (the entry's options.shots).")
             if (fmt.image_id, fmt.eoc_id) != (model.image_id, model.eoc_id):
                 raise ValueError(f"The prompt format's <image> / <|endofchunk|> ids "
                                  f"{fmt.image_id} / {fmt.eoc_id} are not the model's "
@@ -250,13 +251,16 @@ def evaluate_lm(extractor, tokenizer, data: Mapping, **options) -> dict[str, flo
 
     graphdef, mesh, rules = extractor.graphdef, extractor.mesh, extractor.rules
 
-    def fn(p, tokens, weights):
-        with parallel.sharding_context(mesh, rules):
-            logits = nnx.merge(graphdef, p)(tokens)
-        loss, n = next_token_loss(logits, tokens, weights)
-        return loss * n, n
+    def build():
+        def fn(p, tokens, weights):
+            with parallel.sharding_context(mesh, rules):
+                logits = nnx.merge(graphdef, p)(tokens)
+            loss, n = next_token_loss(logits, tokens, weights)
+            return loss * n, n
 
-    fn = jax.jit(fn, in_shardings=(extractor.param_shardings, None, None))
+        return jax.jit(fn, in_shardings=(extractor.param_shardings, None, None))
+
+    fn = extractor.cached("lm_loss", build)  # compiled once per run
     tokens, weights = jnp.asarray(data["documents"]), jnp.asarray(data["weights"])
     total, n = fn(extractor.params, tokens, weights)
     loss = float(total) / max(float(n), 1.0)
