@@ -26,6 +26,18 @@ def get_config(arg=None):
     # document, docs_per_row documents packed into each row of seq_length tokens.
     c.data = dict(name="shapes", config_name="64px", data_dir="", num_train=0, worker_count=0,
                   max_images=5, seq_length=128, docs_per_row=8)
+    # ---- Document sources other than shapes (defaults; to move into the base config) ----
+    # name='tfds' | 'jsonl' | 'array_record': a text corpus for the LM (input_pipeline/text.py);
+    # name='webdataset': OBELICS / MMC4-layout document tars for Flamingo
+    # (input_pipeline/interleaved.py). train_files / eval_files: paths with {a..b} ranges, globs
+    # and commas, local or gs:// ('<name>@<split>' for tfds, a dataset prepared in data_dir);
+    # eval_files: the held-out text of the lm_loss evaluator. text_key: the JSON field / TFDS
+    # feature of the text. record_format (array_record): 'text' (a record is the UTF-8 text) or
+    # 'json' (a JSON object with text_key). tokenizer: a sentencepiece .model ('' = the shapes
+    # LM tokenizer). min_image_similarity: MMC4 images matched to their sentence below this
+    # CLIP similarity are left out (open_flamingo trains with 0.24-0.32).
+    c.data.update(train_files="", eval_files="", text_key="text", record_format="text",
+                  tokenizer="", min_image_similarity=0.0, min_side=8, max_skipped_fraction=0.1)
     # Vocabulary 512 >= the 402 pieces of the shapes LM tokenizer (ids 0-3: pad, unk, bos, eos).
     c.model = dict(name="lm", style="llama", vocab_size=512, width=128, depth=4, num_heads=4,
                    num_kv_heads=4, mlp_dim=352, max_length=160, norm_eps=1e-6,

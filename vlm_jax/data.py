@@ -152,8 +152,12 @@ class Data:
 
 @dataclasses.dataclass
 class DocumentData:
-    """Interleaved shapes documents (:mod:`input_pipeline.interleaved`) for the language model
-    (text only) and Flamingo (with images); same interface as :class:`Data`."""
+    """Documents for the language model (text only) and Flamingo (with images); same interface
+    as :class:`Data`. ``config.data.name``: ``'shapes'``, the interleaved shapes documents
+    (:mod:`input_pipeline.interleaved`); ``'tfds'`` / ``'jsonl'`` / ``'array_record'``, a text
+    corpus for the language model (:mod:`input_pipeline.text`); ``'webdataset'``, interleaved
+    web documents in the OBELICS or MMC4 layout for Flamingo. ``source``: the opened training
+    source of the latter (None for shapes, and for ``vlm-jax eval``)."""
 
     config: ConfigDict
     data_dir: str
@@ -192,6 +196,8 @@ class DocumentData:
         """This process's share of the training documents (checkpointable grain iterator)."""
         from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
+        if self.config.data.name != "shapes":
+            return self._source_iterator()
         return interleaved.create_document_iterator(
             split="train", global_batch_size=self.config.batch_size, seed=self.config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
@@ -201,13 +207,16 @@ class DocumentData:
     def eval_split(self) -> dict:
         """``config.eval.split`` of shapes in memory (images, questions, answers, captions) and,
         for Flamingo, the in-context pool: ``eval.fewshot_pool`` records of the train split;
-        for the language model, held-out text documents (``documents``, ``weights``)."""
+        for the language model, held-out text documents (``documents``, ``weights``): of the
+        shapes split, or of ``config.data.eval_files`` for a text corpus (``{}`` without)."""
         from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
         e, d = self.config.eval, self.config.data
         name = self._eval_dataset()
         if name is not None:
             return self._tfds_captions(name)
+        if d.name != "shapes":
+            return self._held_out_text() if e.evaluators else {}
         if self.multimodal:
             size = self.config.model.vision.image_size
             native = int(str(d.config_name).removesuffix("px"))
@@ -237,6 +246,8 @@ class DocumentData:
 
         e = self.config.eval
         name = self._eval_dataset()
+        if name is None and self.config.data.name != "shapes":
+            return self._held_out_keys()
         if name is not None:  # Flamingo on a TFDS captions dataset.
             builder = eval_data.open_builder(
                 name, [e.split, e.get("fewshot_pool_split", "train")], e.get("data_dir") or None)
@@ -293,6 +304,68 @@ class DocumentData:
         return {k: shape for k, (shape, _) in document_batch(self.config).items()}
 
 
+    # -- Sources other than shapes: text corpora (LM), interleaved web documents (Flamingo). --
+
+    def _source_iterator(self):
+        """The training iterator of ``self.source`` (see :func:`_prepare_document_source`)."""
+        from input_pipeline import interleaved, text  # pylint: disable=import-outside-toplevel
+
+        d = self.config.data
+        if self.source is None:
+            raise DataError("The training data was not opened (prepare(config, for_eval=True)).")
+        kw = self._document_kwargs()
+        stream = dict(global_batch_size=self.config.batch_size, seed=self.config.seed,
+                      process_index=jax.process_index(), process_count=jax.process_count(),
+                      worker_count=d.worker_count)
+        if d.name in text.TEXT_SOURCES:
+            return text.create_text_iterator(self.source, tokenizer=self.tokenizer,
+                                             seq_length=kw["max_length"],
+                                             docs_per_row=d.docs_per_row, **stream)
+        return interleaved.create_webdataset_document_iterator(
+            self.source, tokenizer=self.tokenizer, max_length=kw["max_length"],
+            max_images=kw["max_images"], image_id=kw["image_id"], eoc_id=kw["eoc_id"],
+            image_size=kw["image_size"], min_side=d.get("min_side", 8),
+            min_similarity=d.min_image_similarity, **stream)
+
+    def _held_out_keys(self) -> set[str]:
+        """:meth:`eval_keys` of a text corpus or of web documents (no example is read)."""
+        d = self.config.data
+        if self.multimodal:
+            raise ConfigError(
+                f"config.data.name={d.name!r}: Flamingo's few-shot evaluators read "
+                "config.eval.dataset='tfds:<captions dataset>' (e.g. tfds:coco_captions, with "
+                "config.eval.data_dir); the shapes splits exist only with "
+                "config.data.name='shapes'. Or set config.eval.evaluators=[].")
+        if not d.eval_files:
+            raise ConfigError(
+                f"config.eval.evaluators={list(self.config.eval.evaluators)} need held-out "
+                f"text: set config.data.eval_files (for data.name={d.name!r}: "
+                + ("'<name>@<split>', e.g. 'lm1b@test'" if d.name == "tfds" else
+                   "files of the same kind as train_files") + ") or config.eval.evaluators=[].")
+        if d.name != "tfds":
+            sources.expand_paths(d.eval_files)  # DataError naming a missing file
+        return {"documents", "weights"}
+
+    def _held_out_text(self) -> dict:
+        """``config.data.eval_files`` as the ``lm_loss`` evaluator's rows, in file order
+        (``eval.max_examples`` rows, default 256)."""
+        from input_pipeline import text  # pylint: disable=import-outside-toplevel
+
+        self._held_out_keys()
+        d = self.config.data
+        source = _open_text(d, d.eval_files)
+        return text.load_held_out(source, tokenizer=self.tokenizer, seq_length=self.seq_length,
+                                  max_rows=self.config.eval.max_examples or 256,
+                                  docs_per_row=d.docs_per_row)
+
+
+def _open_text(d: ConfigDict, files: str):
+    from input_pipeline import text  # pylint: disable=import-outside-toplevel
+
+    return text.open_text_source(d.name, files, text_key=d.text_key,
+                                 data_dir=d.data_dir or None, record_format=d.record_format)
+
+
 def _lm_config(config: ConfigDict) -> ConfigDict:
     """The language model's config: ``model`` itself, or Flamingo's ``model.lm``."""
     return config.model.lm if config.model.name == "flamingo" else config.model
@@ -310,25 +383,76 @@ def document_batch(config: ConfigDict) -> dict[str, tuple[tuple, Any]]:
     return out
 
 
-def _prepare_documents(config: ConfigDict) -> DocumentData:
+def _prepare_documents(config: ConfigDict, for_eval: bool = False) -> DocumentData:
     from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
     d = config.data
-    if d.name != "shapes":
-        raise ConfigError(f"config.data.name={d.name!r}: the {config.model.name} model trains on "
-                          "the interleaved shapes documents, config.data.name='shapes'.")
     lm = _lm_config(config)
-    data_dir = d.data_dir or shapes_builder.default_data_dir()
-    shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
-                           process_index=jax.process_index())
     if d.get("seq_length", 0) > lm.max_length:
         raise ConfigError(f"config.data.seq_length={d.seq_length} exceeds the language model's "
                           f"max_length={lm.max_length}.")
+    if d.name != "shapes":  # The shapes dataset is built only when it is the data.
+        return _prepare_document_source(config, lm, for_eval)
+    data_dir = d.data_dir or shapes_builder.default_data_dir()
+    shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
+                           process_index=jax.process_index())
     tokenizer = interleaved.lm_tokenizer(lm.max_length)
     if tokenizer.vocab_size > lm.vocab_size:
         raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
                           f"shapes LM tokenizer's vocabulary ({tokenizer.vocab_size}).")
     return DocumentData(config, str(data_dir), tokenizer)
+
+
+TEXT_DOCUMENT_SOURCES = ("tfds", "jsonl", "array_record")  # data.name: the LM's text corpora
+WEB_DOCUMENT_SOURCES = ("webdataset",)  # data.name: Flamingo's interleaved web documents
+
+
+def _prepare_document_source(config: ConfigDict, lm: ConfigDict, for_eval: bool
+                             ) -> DocumentData:
+    """A text corpus (language model) or interleaved web documents (Flamingo): the run's
+    tokenizer (``config.data.tokenizer``, default the shapes LM tokenizer) and, unless
+    ``for_eval``, the opened training source (``config.data.train_files``)."""
+    from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+    from input_pipeline.tokenizers import SentencePieceTokenizer  # pylint: disable=C0415
+
+    d = config.data
+    data = DocumentData(config, d.data_dir, None)
+    kinds = WEB_DOCUMENT_SOURCES if data.multimodal else TEXT_DOCUMENT_SOURCES
+    if d.name not in kinds:
+        raise ConfigError(
+            f"config.data.name={d.name!r}: " + (
+                "Flamingo trains on interleaved documents: 'shapes' (embedded) or "
+                "'webdataset' (tar shards of OBELICS / MMC4-layout documents)."
+                if data.multimodal else
+                "the language model trains on 'shapes' (embedded) or a text corpus: 'tfds' "
+                "(train_files='<name>@<split>'), 'jsonl' or 'array_record' (train_files: "
+                "paths, {a..b} ranges, globs)."))
+    if not d.train_files and not for_eval:
+        raise ConfigError(f"config.data.name={d.name!r} needs config.data.train_files (e.g. "
+                          + ("'lm1b@train'" if d.name == "tfds" else
+                             "'gs://bucket/docs-{00000..00099}." +
+                             {"jsonl": "jsonl", "array_record": "array_record"}.get(
+                                 d.name, "tar") + "'") + ").")
+    data.tokenizer = SentencePieceTokenizer(d.tokenizer or interleaved.LM_TOKENIZER_PATH,
+                                            lm.max_length)
+    tok = data.tokenizer
+    if tok.vocab_size > lm.vocab_size:
+        raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
+                          f"vocabulary of config.data.tokenizer={d.tokenizer!r} "
+                          f"({tok.vocab_size}).")
+    if (tok.bos_id, tok.eos_id, tok.pad_id) != (lm.bos_id, lm.eos_id, lm.pad_id):
+        raise ConfigError(f"config.data.tokenizer={d.tokenizer!r} has bos/eos/pad ids "
+                          f"{tok.bos_id}/{tok.eos_id}/{tok.pad_id}, the language model "
+                          f"{lm.bos_id}/{lm.eos_id}/{lm.pad_id}: set the model's bos_id, eos_id, "
+                          "pad_id to the tokenizer's.")
+    if not for_eval:
+        if data.multimodal:
+            data.source = interleaved.WebDatasetDocumentSource(d.train_files)
+            for path, reason in data.source.skipped_shards:
+                print(f"Warning: skipped unreadable shard {path}: {reason}")
+        else:
+            data.source = _open_text(d, d.train_files)
+    return data
 
 
 def _captions_per_image(retrieval: dict) -> list[list[str]]:
@@ -348,16 +472,18 @@ def global_skip_stats() -> dict[str, int]:
     waiting in the next collective), and the logged ``data/*`` are those of the whole run.
     A collective: call it at the same steps on every process (the log steps).
     """
-    from input_pipeline.transforms import SKIP_REASONS, SKIP_STATS  # pylint: disable=C0415
+    from input_pipeline.transforms import DROP_REASONS, SKIP_REASONS, SKIP_STATS  # pylint: disable=C0415
     from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
 
-    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_REASONS))
+    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_REASONS),
+            *(f"dropped_images/{r}" for r in DROP_REASONS))
     local = SKIP_STATS.snapshot()
     unknown = [k for k in local if k not in keys]
     if unknown:  # A reason added to the pipeline but not to SKIP_REASONS would be lost.
         raise ValueError(f"SKIP_STATS has reasons {unknown} that SKIP_REASONS does not list.")
     total = runtime.global_counts(local, keys)
-    return {k: v for k, v in total.items() if v or not k.startswith("skipped/")}
+    return {k: v for k, v in total.items()
+            if v or not k.startswith(("skipped/", "dropped_images/"))}
 
 
 def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
@@ -404,7 +530,7 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     """
     d = config.data
     if config.model.name in ("lm", "flamingo"):
-        return _prepare_documents(config)
+        return _prepare_documents(config, for_eval)
     if d.name != "shapes" and d.name not in SOURCES:
         raise ConfigError(f"config.data.name={d.name!r}: use 'shapes' (embedded) or a source of "
                           f"image-text shards {list(SOURCES)} with config.data.train_files.")
