@@ -1,5 +1,6 @@
 """Interleaved image-text documents from the shapes dataset (Flamingo), and their text alone
-(language-model pretraining).
+(language-model pretraining); interleaved web documents in webdataset tars (OBELICS / MMC4
+layouts, the second half of this module).
 
 A *document* is a sequence of up to ``max_images`` image-text chunks built from consecutive
 records of a shuffled split; every chunk is one record's image and one of its texts:
