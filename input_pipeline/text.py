@@ -123,19 +123,21 @@ def _line_spans(path: str, chunk_size: int = 1 << 24) -> np.ndarray:
             chunk = f.read(chunk_size)
             if not chunk:
                 break
-            newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + offset
-            for nl in newlines.tolist():
-                starts.append(line_start)
-                ends.append(nl)
-                line_start = nl + 1
+            newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64)
+            if len(newlines):
+                newlines += offset
+                starts.append(np.concatenate([[line_start], newlines[:-1] + 1]))
+                ends.append(newlines)
+                line_start = int(newlines[-1]) + 1
             offset += len(chunk)
     if offset > line_start:  # last line without a newline
-        starts.append(line_start)
-        ends.append(offset)
-    spans = np.stack([np.asarray(starts, np.int64), np.asarray(ends, np.int64)], axis=1
-                     ) if starts else np.zeros((0, 2), np.int64)
+        starts.append(np.asarray([line_start], np.int64))
+        ends.append(np.asarray([offset], np.int64))
+    if not starts:
+        return np.zeros((0, 2), np.int64)
+    spans = np.stack([np.concatenate(starts), np.concatenate(ends)], axis=1)
     # Blank lines (and a lone '\r') hold no document: left out of the index.
-    return spans[spans[:, 1] - spans[:, 0] > 1] if len(spans) else spans
+    return spans[spans[:, 1] - spans[:, 0] > 1]
 
 
 class JsonlTextSource(_RangeReader):

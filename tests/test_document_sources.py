@@ -352,6 +352,54 @@ def test_document_cut_at_max_images_and_max_length(sp):
         assert cut == want and len(images) == n_images and w == [0.0, 1, 1, 1, 0, 1][:len(cut)]
 
 
+def test_web_document_stream_on_another_process_count(web_docs):
+    """Without skipped documents (the MMC4 shard), the global batches of 2 processes are those
+    of 1, and 2 processes resume exactly where 1 process stopped."""
+    source = interleaved.WebDatasetDocumentSource(web_docs[0].split(",")[1])
+    kw = dict(tokenizer=interleaved.lm_tokenizer(48), max_length=48, max_images=5,
+              image_id=IMG, eoc_id=EOC, image_size=16, global_batch_size=4, seed=1)
+    one = interleaved.create_webdataset_document_iterator(source, **kw)
+    want = [next(one), next(one)]
+    for start in (0, 4):
+        parts = []
+        for i in range(2):
+            it = interleaved.create_webdataset_document_iterator(
+                source, process_index=i, process_count=2, **kw)
+            it.seek(start)
+            parts.append(next(it))
+        for key in ("tokens", "weights", "images"):
+            merged = np.empty_like(want[0][key])
+            merged[0::2], merged[1::2] = parts[0][key], parts[1][key]
+            np.testing.assert_array_equal(merged, want[start // 4][key])
+
+
+@pytest.mark.parametrize("experiment,overrides,match", [
+    ("flamingo_tiny_shapes.py", ["data.name=jsonl", "data.train_files=x.jsonl"],
+     "Flamingo trains on interleaved documents"),
+    ("lm_tiny_shapes.py", ["data.name=webdataset", "data.train_files=x.tar"],
+     "a text corpus"),
+    ("lm_tiny_shapes.py", ["data.name=jsonl"], "needs config.data.train_files"),
+    ("lm_tiny_shapes.py", ["data.name=jsonl", "data.train_files={train}",
+                           "model.eos_id=1"], "bos/eos/pad ids"),
+])
+def test_config_errors_name_the_key(experiment, overrides, match, corpora):
+    from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+
+    overrides = [o.format(train=corpora["jsonl"]["train_files"]) for o in overrides]
+    with pytest.raises(ConfigError, match=match):
+        data_lib.prepare(_config(experiment, *overrides))
+
+
+def test_lm_loss_needs_held_out_text(corpora):
+    from vlm_jax import train  # pylint: disable=import-outside-toplevel
+    from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+
+    config = _config("lm_tiny_shapes.py", "data.name=jsonl",
+                     f"data.train_files={corpora['jsonl']['train_files']}")
+    with pytest.raises(ConfigError, match="config.data.eval_files"):
+        train.check_eval_data(config, data_lib.prepare(config))
+
+
 @pytest.mark.parametrize("kind", ["array_record", "tfds", "webdataset"])
 def test_training_runs_on(kind, corpora, web_docs, tmp_path, monkeypatch):
     """A few steps of the train loop on an ArrayRecord text file, a TFDS text dataset (lm_loss

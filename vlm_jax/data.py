@@ -342,7 +342,9 @@ class DocumentData:
                 f"text: set config.data.eval_files (for data.name={d.name!r}: "
                 + ("'<name>@<split>', e.g. 'lm1b@test'" if d.name == "tfds" else
                    "files of the same kind as train_files") + ") or config.eval.evaluators=[].")
-        if d.name != "tfds":
+        if d.name == "tfds":  # DataError naming a missing dataset, split or text feature
+            _open_text(d, d.eval_files)
+        else:
             sources.expand_paths(d.eval_files)  # DataError naming a missing file
         return {"documents", "weights"}
 
