@@ -303,7 +303,6 @@ class DocumentData:
     def batch_shapes(self) -> dict[str, tuple]:
         return {k: shape for k, (shape, _) in document_batch(self.config).items()}
 
-
     # -- Sources other than shapes: text corpora (LM), interleaved web documents (Flamingo). --
 
     def _source_iterator(self):
@@ -327,8 +326,9 @@ class DocumentData:
             image_size=kw["image_size"], min_side=d.get("min_side", 8),
             min_similarity=d.min_image_similarity, **stream)
 
-    def _held_out_keys(self) -> set[str]:
-        """:meth:`eval_keys` of a text corpus or of web documents (no example is read)."""
+    def _check_held_out(self) -> None:
+        """Raises ConfigError when the evaluators of a run on a text corpus or on web documents
+        have no data (see :meth:`_held_out_keys`)."""
         d = self.config.data
         if self.multimodal:
             raise ConfigError(
@@ -342,6 +342,11 @@ class DocumentData:
                 f"text: set config.data.eval_files (for data.name={d.name!r}: "
                 + ("'<name>@<split>', e.g. 'lm1b@test'" if d.name == "tfds" else
                    "files of the same kind as train_files") + ") or config.eval.evaluators=[].")
+
+    def _held_out_keys(self) -> set[str]:
+        """:meth:`eval_keys` of a text corpus (no document is read) or of web documents."""
+        self._check_held_out()
+        d = self.config.data
         if d.name == "tfds":  # DataError naming a missing dataset, split or text feature
             _open_text(d, d.eval_files)
         else:
@@ -353,7 +358,7 @@ class DocumentData:
         (``eval.max_examples`` rows, default 256)."""
         from input_pipeline import text  # pylint: disable=import-outside-toplevel
 
-        self._held_out_keys()
+        self._check_held_out()
         d = self.config.data
         source = _open_text(d, d.eval_files)
         return text.load_held_out(source, tokenizer=self.tokenizer, seq_length=self.seq_length,
@@ -430,11 +435,11 @@ def _prepare_document_source(config: ConfigDict, lm: ConfigDict, for_eval: bool
                 "(train_files='<name>@<split>'), 'jsonl' or 'array_record' (train_files: "
                 "paths, {a..b} ranges, globs)."))
     if not d.train_files and not for_eval:
+        example = {"tfds": "lm1b@train", "jsonl": "gs://bucket/c4-{00000..01023}.jsonl",
+                   "array_record": "gs://bucket/docs-*.array_record",
+                   "webdataset": "gs://bucket/obelics-{00000..09999}.tar"}[d.name]
         raise ConfigError(f"config.data.name={d.name!r} needs config.data.train_files (e.g. "
-                          + ("'lm1b@train'" if d.name == "tfds" else
-                             "'gs://bucket/docs-{00000..00099}." +
-                             {"jsonl": "jsonl", "array_record": "array_record"}.get(
-                                 d.name, "tar") + "'") + ").")
+                          f"{example!r}).")
     data.tokenizer = SentencePieceTokenizer(d.tokenizer or interleaved.LM_TOKENIZER_PATH,
                                             lm.max_length)
     tok = data.tokenizer
