@@ -166,7 +166,12 @@ def test_packed_rows_and_resume_on_another_process_count(corpora, sp, tmp_path):
     tok = interleaved.lm_tokenizer(64)
     kw = dict(tokenizer=tok, seq_length=40, global_batch_size=4, seed=5, docs_per_row=3)
     one = text.create_text_iterator(source, **kw)
-    first, second = next(one), next(one)
+    first = next(one)
+    state = one.get_state()  # what a checkpoint stores: restored exactly on the same process
+    second = next(one)
+    restored = text.create_text_iterator(source, **kw)
+    restored.set_state(state)
+    np.testing.assert_array_equal(next(restored)["tokens"], second["tokens"])
     docs = set(DOCS)
     for row in first["tokens"].tolist():  # parse the row back into whole documents
         pos, found = 0, 0
