@@ -332,9 +332,6 @@ def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name:
 # ``<image>`` left with no token after it is removed with its image); ``weights``: texts,
 # ``<|endofchunk|>`` and ``eos``.
 
-_IMAGE = object()  # an image position in a parsed document
-
-
 def parse_document(raw: bytes | str | None, min_similarity: float = float("-inf")
                    ) -> tuple[str | None, list]:
     """``(skip reason or None, items)`` of one document json (OBELICS or MMC4 layout): items in
@@ -367,7 +364,8 @@ def parse_document(raw: bytes | str | None, min_similarity: float = float("-inf"
             j = info.get("matched_text_index")
             if not isinstance(j, int) or not 0 <= j < len(sentences):
                 return "bad_json", []
-            if info.get("matched_sim", float("inf")) < min_similarity:
+            sim = info.get("matched_sim")
+            if isinstance(sim, (int, float)) and sim < min_similarity:
                 continue
             before.setdefault(j, []).append((i, str(info.get("image_name") or ""),
                                              info.get("image_base64")))
