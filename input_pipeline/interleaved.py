@@ -1,5 +1,6 @@
 """Interleaved image-text documents from the shapes dataset (Flamingo), and their text alone
-(language-model pretraining).
+(language-model pretraining); interleaved web documents in webdataset tars (OBELICS / MMC4
+layouts, the second half of this module).
 
 A *document* is a sequence of up to ``max_images`` image-text chunks built from consecutive
 records of a shuffled split; every chunk is one record's image and one of its texts:
@@ -33,20 +34,25 @@ The texts are tokenised with the language-model tokenizer shipped in ``assets/``
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from input_pipeline import DataError
-from input_pipeline import pipeline
+from input_pipeline import pipeline, sources
 from input_pipeline.shapes import generator
+from input_pipeline.sources import IMAGE_EXTENSIONS
 from input_pipeline.tokenizers import SentencePieceTokenizer, train_sentencepiece
-from input_pipeline.transforms import DecodeImage, ResizeCenterCrop, to_str
+from input_pipeline.transforms import (SKIP_STATS, DecodeImage, KeepValid, ResizeCenterCrop,
+                                       check_image, to_str)
 
 LM_TOKENIZER_PATH = os.path.join(os.path.dirname(__file__), "assets", "shapes_lm_bpe.model")
 LM_VOCAB_SIZE = 512
@@ -289,6 +295,267 @@ def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name:
 
     return pipeline.StreamIterator(build, global_batch_size=global_batch_size,
                                    process_index=process_index, process_count=process_count)
+
+
+# -------------------------------------------------------------------------------------------
+# Interleaved web documents (OBELICS / MMC4 layouts) in webdataset tar shards.
+# -------------------------------------------------------------------------------------------
+#
+# A sample of a shard is one document: a ``<key>.json`` member describing it and its images as
+# members of the same sample. Two public layouts are read (recognised by their keys):
+#
+# * OBELICS (HuggingFaceM4/OBELICS): ``texts`` and ``images``, lists of the same length where
+#   each position holds a text (``images[i]`` null) or an image (``texts[i]`` null), in reading
+#   order; ``images[i]`` is the image's URL or member name.
+# * MMC4 (allenai/mmc4): ``text_list`` (the document's sentences) and ``image_info``, a list of
+#   ``{'image_name', 'matched_text_index', 'matched_sim', ...}``: each image goes before the
+#   sentence it was matched to (open_flamingo's placement), images matched to the same sentence
+#   in ``image_info`` order. Images whose ``matched_sim`` is below ``min_similarity`` are left
+#   out (open_flamingo's ``mmc4_textsim_threshold``).
+#
+# The image at position ``i`` (of ``images`` / ``image_info``) is, first match wins:
+# ``image_info[i]['image_base64']`` (open_flamingo's MMC4 tars carry the bytes in the json), the
+# member ``<key>.<i>.<ext>`` (``ext`` jpg / jpeg / png / webp), or the member named by the json
+# (``<key>.<image_name>``, or the file name at the end of the URL). An image that is absent
+# (failed download), does not decode, or is too small / too large is dropped from the document
+# and counted (``SKIP_STATS``: ``dropped_images/<reason>``); a document is skipped (and counted,
+# ``skipped/<reason>``) when its json is missing or unreadable (``bad_json``) or no image is left
+# (``no_images``).
+#
+# Tokens (open_flamingo's layout, that of the shapes documents above): an image opens a chunk
+# that runs to the next image, closed by ``<|endofchunk|>``; text before the first image is
+# plain text::
+#
+#     [bos] t t <image> t t t <|endofchunk|> <image> t t <|endofchunk|> [eos] [pad ...]
+#
+# A document is cut before its ``max_images + 1``-th image and at ``max_length`` tokens (an
+# ``<image>`` left with no token after it is removed with its image); ``weights``: texts,
+# ``<|endofchunk|>`` and ``eos``.
+
+def parse_document(raw: bytes | str | None, min_similarity: float = float("-inf")
+                   ) -> tuple[str | None, list]:
+    """``(skip reason or None, items)`` of one document json (OBELICS or MMC4 layout): items in
+    reading order, a text (str) or an image reference ``(index, name, base64)``."""
+    if raw is None:
+        return "bad_json", []
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return "bad_json", []
+    if not isinstance(doc, dict):
+        return "bad_json", []
+    items: list = []
+    if isinstance(doc.get("texts"), list) and isinstance(doc.get("images"), list):  # OBELICS
+        texts, images = doc["texts"], doc["images"]
+        if len(texts) != len(images):
+            return "bad_json", []
+        for i, (text, image) in enumerate(zip(texts, images)):
+            if image is not None:
+                items.append((i, str(image), None))
+            elif isinstance(text, str) and text.strip():
+                items.append(text)
+        return None, items
+    if isinstance(doc.get("text_list"), list) and isinstance(doc.get("image_info"), list):
+        sentences = doc["text_list"]
+        before: dict[int, list] = {}
+        for i, info in enumerate(doc["image_info"]):
+            if not isinstance(info, dict):
+                return "bad_json", []
+            j = info.get("matched_text_index")
+            if not isinstance(j, int) or not 0 <= j < len(sentences):
+                return "bad_json", []
+            sim = info.get("matched_sim")
+            if isinstance(sim, (int, float)) and sim < min_similarity:
+                continue
+            before.setdefault(j, []).append((i, str(info.get("image_name") or ""),
+                                             info.get("image_base64")))
+        for j, sentence in enumerate(sentences):
+            items += before.get(j, [])
+            if isinstance(sentence, str) and sentence.strip():
+                items.append(sentence)
+        return None, items
+    return "bad_json", []
+
+
+def _member_for(ref: tuple, members: Mapping[str, Any]) -> str | None:
+    """The member (name after the sample key) that holds image ``ref`` (see above)."""
+    index, name, _ = ref
+    for member in members:
+        head, _, ext = member.rpartition(".")
+        if head == str(index) and ext in IMAGE_EXTENSIONS:
+            return member
+    name = name.lower()
+    candidates = (name, name.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]) if name else ()
+    return next((c for c in candidates if c in members), None)
+
+
+def interleaved_ids(items: Sequence, tokenizer: SentencePieceTokenizer, max_length: int,
+                    max_images: int, *, image_id: int, eoc_id: int,
+                    load_image: Callable[[Any], np.ndarray | None] = lambda ref: ref
+                    ) -> tuple[list[int], list[float], list]:
+    """``(token ids, weights, images)`` of a parsed document (see above), unpadded, at most
+    ``max_length`` tokens; ``load_image(ref)`` gives an image or None (dropped). Images are
+    loaded in reading order and only while the document still has room."""
+    sp = tokenizer._sp  # pylint: disable=protected-access
+    ids, weights, images = [tokenizer.bos_id], [0.0], []
+    is_open = False
+    for item in items:
+        if len(ids) >= max_length:
+            break
+        if isinstance(item, str):
+            pieces = sp.encode(item)
+            ids += pieces
+            weights += [1.0] * len(pieces)
+            continue
+        if len(images) == max_images:
+            break
+        image = load_image(item)
+        if image is None:
+            continue
+        if is_open:
+            ids.append(eoc_id)
+            weights.append(1.0)
+        ids.append(image_id)
+        weights.append(0.0)
+        images.append(image)
+        is_open = True
+    if is_open:
+        ids.append(eoc_id)
+        weights.append(1.0)
+    ids.append(tokenizer.eos_id)
+    weights.append(1.0)
+    ids, weights = ids[:max_length], weights[:max_length]
+    while ids[-1] == image_id:  # An image with no token after it: nothing would attend to it.
+        ids.pop()
+        weights.pop()
+    return ids, weights, images[:ids.count(image_id)]
+
+
+class WebDatasetDocumentSource(sources.WebDatasetSource):
+    """Interleaved documents of webdataset tar shards (see above): a record is ``{'key', 'json':
+    bytes | None, 'images': ImageMembers}``; image members are read when a document uses them
+    (a long document's images past ``max_images`` are never read)."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key, members = self._records[index]
+        images = {m: member for m, member in members.items()
+                  if m.rpartition(".")[2] in IMAGE_EXTENSIONS}
+        return {"key": key, "json": self._read(members.get("json")),
+                "images": ImageMembers(self, images)}
+
+    def __repr__(self) -> str:
+        return f"WebDatasetDocumentSource({len(self.paths)} shards, {len(self)} documents)"
+
+
+@dataclasses.dataclass
+class ImageMembers(Mapping):
+    """The image members of one sample, read on access (``None``: truncated or removed)."""
+
+    source: sources.WebDatasetSource
+    members: dict
+
+    def __getitem__(self, name: str) -> bytes | None:
+        return self.source._read(self.members[name])  # pylint: disable=protected-access
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+class DecodeDocument(grain.transforms.Map):
+    """A document record -> ``{'tokens' int32 [T], 'weights' float32 [T], 'images' uint8
+    [max_images, S, S, 3]}`` (images resized and centre-cropped to ``S``, zeros after the
+    last), or ``{'_skip': reason}``; counted in :data:`SKIP_STATS`."""
+
+    def __init__(self, tokenizer: SentencePieceTokenizer, max_length: int, max_images: int, *,
+                 image_id: int, eoc_id: int, image_size: int, min_side: int = 8,
+                 max_pixels: int = 8192 * 8192, min_similarity: float = float("-inf")):
+        self.tokenizer, self.max_length, self.max_images = tokenizer, max_length, max_images
+        self.image_id, self.eoc_id, self.image_size = image_id, eoc_id, image_size
+        self.min_side, self.max_pixels, self.min_similarity = min_side, max_pixels, min_similarity
+        self._resize = ResizeCenterCrop(image_size)
+
+    def _load(self, ref: tuple, members: Mapping[str, Any]) -> np.ndarray | None:
+        _, _, b64 = ref
+        data = None
+        if b64:
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                SKIP_STATS.drop_image("corrupt_image")
+                return None
+        else:
+            member = _member_for(ref, members)
+            data = members[member] if member is not None else None
+        if not data:
+            SKIP_STATS.drop_image("missing_image")
+            return None
+        reason, rgb = check_image(data, self.min_side, self.max_pixels)
+        if reason is not None:
+            SKIP_STATS.drop_image(reason)
+            return None
+        return self._resize.map({"image": rgb})["image"]
+
+    def map(self, record: dict[str, Any]) -> dict[str, Any]:
+        reason, items = parse_document(record["json"], self.min_similarity)
+        images: list = []
+        if reason is None:
+            ids, weights, images = interleaved_ids(
+                items, self.tokenizer, self.max_length, self.max_images, image_id=self.image_id,
+                eoc_id=self.eoc_id, load_image=lambda ref: self._load(ref, record["images"]))
+            if not images:
+                reason = "no_images"
+        SKIP_STATS.record(reason)
+        if reason is not None:
+            return {"_skip": reason, "key": record.get("key", "")}
+        tokens = np.full((self.max_length,), self.tokenizer.pad_id, np.int32)
+        tokens[:len(ids)] = ids
+        w = np.zeros((self.max_length,), np.float32)
+        w[:len(weights)] = weights
+        pixels = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.uint8)
+        pixels[:len(images)] = images
+        return {"tokens": tokens, "weights": w, "images": pixels}
+
+
+def create_webdataset_document_iterator(
+        source, *, tokenizer: SentencePieceTokenizer, max_length: int, max_images: int,
+        image_id: int, eoc_id: int, image_size: int, global_batch_size: int, seed: int,
+        process_index: int = 0, process_count: int = 1, worker_count: int = 0,
+        min_side: int = 8, max_pixels: int = 8192 * 8192,
+        min_similarity: float = float("-inf")) -> pipeline.StreamIterator:
+    """Batches of Flamingo's ``{'tokens' int32 [B, T], 'weights' float32 [B, T], 'images'
+    uint8 [B, max_images, S, S, 3]}`` from interleaved documents in webdataset shards
+    (:class:`WebDatasetDocumentSource`, layouts above), one document per row.
+
+    The stream and its sharding are those of the raw image-text pairs
+    (:func:`pipeline.create_pair_iterator`): one stream shuffled from ``seed``, process ``i`` of
+    ``n`` reads positions ``p % n == i``, skipped documents dropped before batching (so with
+    bad documents a re-mapped resume is exact only up to the skipped ones, and grain workers
+    make the stream non-positional; see :class:`pipeline.StreamIterator`).
+    """
+    if global_batch_size % process_count:
+        raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
+                        f"process count {process_count}.")
+    if len(source) < global_batch_size:
+        raise DataError(f"{source!r} has {len(source)} documents, fewer than one global batch "
+                        f"of {global_batch_size}.")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = ds.map(DecodeDocument(tokenizer, max_length, max_images, image_id=image_id,
+                               eoc_id=eoc_id, image_size=image_size, min_side=min_side,
+                               max_pixels=max_pixels, min_similarity=min_similarity))
+    ds = ds.filter(KeepValid()).map_with_index(pipeline._WithPosition())  # pylint: disable=protected-access
+
+    def build(start: int) -> grain.DatasetIterator:
+        part = ds[start + process_index::process_count]
+        it_ds = part.to_iter_dataset(pipeline._read_options()).batch(  # pylint: disable=protected-access
+            global_batch_size // process_count, drop_remainder=True)
+        return pipeline._iterate(it_ds, worker_count)  # pylint: disable=protected-access
+
+    return pipeline.StreamIterator(build, global_batch_size=global_batch_size,
+                                   process_index=process_index, process_count=process_count,
+                                   tracks_positions=True, positional=worker_count == 0)
 
 
 if __name__ == "__main__":  # python -m input_pipeline.interleaved: rebuild the shipped tokenizer

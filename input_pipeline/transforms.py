@@ -138,7 +138,12 @@ def example_transforms(tokenizer: SentencePieceTokenizer,
 # -------------------------------------------------------------------------------------------
 
 SKIP_REASONS = ("missing_image", "missing_caption", "caption_not_utf8", "empty_caption",
-                "corrupt_image", "image_too_small", "image_too_large")
+                "corrupt_image", "image_too_small", "image_too_large",
+                # Documents (input_pipeline.text / the interleaved webdataset documents):
+                "missing_text", "text_not_utf8", "empty_text", "bad_json", "no_images")
+# Images dropped from a document that is kept (its other images and its texts are used), e.g.
+# the failed downloads of an OBELICS / MMC4 conversion: counted, not skipped samples.
+DROP_REASONS = ("missing_image", "corrupt_image", "image_too_small", "image_too_large")
 
 
 class SkipStats:
@@ -146,28 +151,61 @@ class SkipStats:
 
     grain worker processes keep their own counts; with ``worker_count=0`` (the default) these
     are the pipeline's. :func:`snapshot` returns ``{'seen': n, 'skipped': m, 'skipped/<reason>':
-    k, ...}``.
+    k, ...}`` and, for images dropped from kept documents, ``'dropped_images/<reason>': k``.
     """
 
     def __init__(self):
         self.seen = 0
         self.skipped: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
 
     def record(self, reason: str | None) -> None:
         self.seen += 1
         if reason is not None:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
+    def drop_image(self, reason: str) -> None:
+        """Counts an image left out of a document that is kept (:data:`DROP_REASONS`)."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
     def snapshot(self) -> dict[str, int]:
         out = {"seen": self.seen, "skipped": sum(self.skipped.values())}
         out.update({f"skipped/{k}": v for k, v in sorted(self.skipped.items())})
+        out.update({f"dropped_images/{k}": v for k, v in sorted(self.dropped.items())})
         return out
 
     def reset(self) -> None:
-        self.seen, self.skipped = 0, {}
+        self.seen, self.skipped, self.dropped = 0, {}, {}
 
 
 SKIP_STATS = SkipStats()
+
+
+def check_image(image: bytes | np.ndarray, min_side: int = 8, max_pixels: int = 8192 * 8192
+                ) -> tuple[str | None, np.ndarray | None]:
+    """``(None, uint8 [H, W, 3] RGB)`` for usable image bytes (or a decoded uint8 array), else
+    ``(reason, None)``: ``corrupt_image``, ``image_too_small`` (a side under ``min_side``) or
+    ``image_too_large`` (over ``max_pixels``, read from the header before decoding)."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:  # already decoded (TFDS)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if image.ndim not in (2, 3) or min(image.shape[:2]) < min_side:
+            return "image_too_small", None
+        return None, np.asarray(Image.fromarray(image).convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(image)) as pil:
+            w, h = pil.size
+            if w * h > max_pixels:
+                return "image_too_large", None
+            if min(w, h) < min_side:
+                return "image_too_small", None
+            pil.load()
+            rgb = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError:  # PIL's own guard, raised at open for > 2x its cap
+        return "image_too_large", None
+    except Exception:  # pylint: disable=broad-except  # PIL raises many types
+        return "corrupt_image", None
+    return None, rgb
 
 
 class DecodePair(grain.transforms.Map):
@@ -198,26 +236,8 @@ class DecodePair(grain.transforms.Map):
         caption = " ".join(str(caption).split())
         if not caption:
             return "empty_caption", None, ""
-        if isinstance(image, np.ndarray) and image.dtype == np.uint8:  # already decoded (TFDS)
-            if image.ndim == 3 and image.shape[-1] == 1:
-                image = image[..., 0]
-            if image.ndim not in (2, 3) or min(image.shape[:2]) < self.min_side:
-                return "image_too_small", None, ""
-            return None, np.asarray(Image.fromarray(image).convert("RGB")), caption
-        try:
-            with Image.open(io.BytesIO(image)) as pil:
-                w, h = pil.size
-                if w * h > self.max_pixels:
-                    return "image_too_large", None, ""
-                if min(w, h) < self.min_side:
-                    return "image_too_small", None, ""
-                pil.load()
-                rgb = np.asarray(pil.convert("RGB"), dtype=np.uint8)
-        except Image.DecompressionBombError:  # PIL's own guard, raised at open for > 2x its cap
-            return "image_too_large", None, ""
-        except Exception:  # pylint: disable=broad-except  # PIL raises many types
-            return "corrupt_image", None, ""
-        return None, rgb, caption
+        reason, rgb = check_image(image, self.min_side, self.max_pixels)
+        return reason, rgb, caption
 
     def map(self, example: Example) -> Example:
         reason, image, caption = self._check(example)

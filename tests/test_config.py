@@ -72,7 +72,8 @@ EXPERIMENTS = json.loads((pathlib.Path(__file__).parent / "fixtures" / "experime
                           / "before_base_config.json").read_text())
 
 # Keys each experiment gained from the base config (at their defaults); the values of every key
-# it had are unchanged. Image-text experiments (CLIP, SigLIP, CoCa) gain the document keys and
+# it had are unchanged. Every experiment gains the keys of document sources other than shapes.
+# Image-text experiments (CLIP, SigLIP, CoCa) gain the document keys and
 # optim.trainable (CLIP / SigLIP also CoCa's loss weights); LM / Flamingo gain the image-text
 # data keys and a loss section, which they do not read.
 _DOCS = {"data.max_images", "data.seq_length", "data.docs_per_row"}
@@ -81,15 +82,17 @@ _PAIRS = {"data.train_files", "data.tokenizer", "data.eval_name", "data.max_skip
 _LOSS = {"loss.name", "loss.variant", "loss.chunk_size", "loss.contrastive_weight",
          "loss.caption_weight"}
 _WEIGHTS = {"loss.contrastive_weight", "loss.caption_weight"}
+# Document sources other than shapes (text corpora, web documents): new keys for every experiment.
+_SOURCES = {"data.eval_files", "data.text_key", "data.record_format", "data.min_image_similarity"}
 NEW_DEFAULTS = {
-    "clip_tiny": _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
-    "siglip_tiny": _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
-    "clip_openai": _DOCS | _WEIGHTS | {"optim.trainable", "init_from"},
-    "clip_laion400m": _DOCS | _WEIGHTS | {"optim.trainable", "init_from"},
-    "coca_tiny_shapes": _DOCS | {"optim.trainable", "init_from", "published"},
-    "coca_laion2b": _DOCS | {"optim.trainable", "init_from"},
-    "lm_tiny_shapes": _PAIRS | _LOSS | {"init_from", "published"},
-    "flamingo_tiny_shapes": _PAIRS | _LOSS | {"published"},
+    "clip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
+    "siglip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
+    "clip_openai": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from"},
+    "clip_laion400m": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from"},
+    "coca_tiny_shapes": _SOURCES | _DOCS | {"optim.trainable", "init_from", "published"},
+    "coca_laion2b": _SOURCES | _DOCS | {"optim.trainable", "init_from"},
+    "lm_tiny_shapes": _SOURCES | _PAIRS | _LOSS | {"init_from", "published"},
+    "flamingo_tiny_shapes": _SOURCES | _PAIRS | _LOSS | {"published"},
 }
 
 

@@ -100,7 +100,7 @@ def _finish(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
 
 def with_base(config: ConfigDict | dict, source: str) -> ConfigDict:
     """``config`` merged onto :func:`vlm_jax.configs.base_config`: the base's keys that
-    ``config`` lacks keep their defaults; sections the base does not hold (``model``, ``eval``,
+    ``config`` lacks keep their defaults; sections the base does not hold (``model``, ``evals``,
     ...: :data:`vlm_jax.configs.OPEN_SECTIONS`) are taken as they are.
 
     Values are copied into the base: a ``FieldReference`` between keys of ``config`` is
@@ -111,6 +111,13 @@ def with_base(config: ConfigDict | dict, source: str) -> ConfigDict:
     """
     from vlm_jax import configs  # pylint: disable=import-outside-toplevel
 
+    old_eval = dict(config.get("eval") or {})
+    if "evaluators" in old_eval and "evals" not in config:  # A run's config.json of before.
+        raise ConfigError(
+            f"{source} lists its evaluations in the former layout (config.eval.evaluators="
+            f"{list(old_eval['evaluators'])}); evaluations are now named entries, config.evals. "
+            "Pass the experiment file (--config experiments/<name>.py) or add config.evals (see "
+            "README, Evaluating checkpoints).")
     base = configs.base_config()
     _merge(base, config, "", source, configs.OPEN_SECTIONS)
     return base
@@ -120,7 +127,7 @@ def _merge(node: ConfigDict, values, prefix: str, source: str, open_sections) ->
     for key, value in values.items():
         path = prefix + key
         if key not in node:
-            if not prefix and key in open_sections:  # model, eval, evals: not in the base.
+            if not prefix and key in open_sections:  # model, evals...: not in the base.
                 node[key] = value
                 continue
             keys = list(node.keys())

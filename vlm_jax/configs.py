@@ -1,5 +1,5 @@
-r"""The base config: the default of every setting outside ``model`` and ``eval`` / ``evals``, and
-the reference of what each key means.
+r"""The base config: the default of every setting outside ``model`` and ``evals``, and the
+reference of what each key means.
 
 An experiment file starts from it and states only what differs::
 
@@ -10,7 +10,7 @@ An experiment file starts from it and states only what differs::
         c.name, c.total_steps, c.batch_size = "my_run", 10_000, 1024
         c.model = dict(name="clip", ...)            # the architecture: always the experiment's
         c.optim.update(lr=1e-3, warmup_steps=500)  # what differs from the defaults below
-        c.eval = dict(...)
+        c.evals = dict(...)                         # named evaluations (vlm_jax/evaluation.py)
         return c
 
 :func:`vlm_jax.config.load_config` (an experiment file) and
@@ -33,9 +33,10 @@ from vlm_jax import parallel
 # Top-level keys every experiment must set (None in the base): what the experiment is.
 REQUIRED = ("name", "total_steps", "batch_size")
 # Top-level sections that are not in the base (the architecture and the evaluation entries are
-# always the experiment's own) or whose entries are free-form (``init_from``: one per model
-# part; ``published``: a record). They are taken from the experiment as they are.
-OPEN_SECTIONS = ("model", "eval", "evals", "init_from", "published")
+# always the experiment's own; without ``evals`` a run takes its family's default entries) or
+# whose entries are free-form (``init_from``: one per model part; ``published``: a record).
+# They are taken from the experiment as they are.
+OPEN_SECTIONS = ("model", "evals", "init_from", "published")
 
 
 def base_config() -> ConfigDict:
@@ -102,6 +103,18 @@ def base_config() -> ConfigDict:
         max_images=5,
         seq_length=0,
         docs_per_row=1,
+        # Documents other than shapes. name='tfds' | 'jsonl' | 'array_record' with an LM: a text
+        # corpus (input_pipeline/text.py; for tfds, train_files='<name>@<split>' of a dataset
+        # prepared in data_dir); name='webdataset' with Flamingo: OBELICS / MMC4-layout document
+        # tars (input_pipeline/interleaved.py). eval_files: held-out text of the same kind as
+        # train_files, read by an lm_loss entry with dataset='eval_files'. text_key: the JSON field / TFDS feature of the
+        # text. record_format (array_record text): 'text' (a record is UTF-8 text) or 'json' (a
+        # JSON object with text_key). min_image_similarity: MMC4 images matched to their
+        # sentence below this CLIP similarity are left out (open_flamingo: 0.24-0.32).
+        eval_files="",
+        text_key="text",
+        record_format="text",
+        min_image_similarity=0.0,
     )
 
     # ---- loss -----------------------------------------------------------------------------------
@@ -164,6 +177,14 @@ def base_config() -> ConfigDict:
         # Resume although data.train_files / mixture / tokenizer differ from the checkpoint's
         # (refused otherwise); the saved data-iterator position is applied to the new data.
         allow_data_change=False,
+    )
+
+    # ---- eval: settings shared by every evaluation entry (config.evals, vlm_jax/evaluation.py) --
+    c.eval = dict(
+        batch_size=256,  # Images / texts per feature-extraction batch (global).
+        # Where 'tfds:<name>' evaluation datasets live ('' = $TFDS_DATA_DIR or
+        # ~/tensorflow_datasets); local or gs://.
+        data_dir="",
     )
 
     # ---- guard: a NaN/Inf loss or gradient ------------------------------------------------------

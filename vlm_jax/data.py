@@ -34,7 +34,7 @@ class Data:
                 self.source, tokenizer=self.tokenizer, global_batch_size=self.config.batch_size,
                 seed=self.config.seed, image_size=self.config.model.image.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                worker_count=d.worker_count, min_side=d.get("min_side", 8))
+                worker_count=d.worker_count, min_side=d.min_side)
         return pipeline.create_train_iterator(
             data_dir=self.data_dir, dataset=d.name, config_name=d.config_name, split="train",
             global_batch_size=self.config.batch_size, seed=self.config.seed,
@@ -46,11 +46,15 @@ class Data:
 
 @dataclasses.dataclass
 class DocumentData:
-    """Interleaved shapes documents (:mod:`input_pipeline.interleaved`) for the language model
-    (text only) and Flamingo (with images); same interface as :class:`Data`.
+    """Documents for the language model (text only) and Flamingo (with images); same interface
+    as :class:`Data`. ``config.data.name``: ``'shapes'``, the interleaved shapes documents
+    (:mod:`input_pipeline.interleaved`); ``'tfds'`` / ``'jsonl'`` / ``'array_record'``, a text
+    corpus for the language model (:mod:`input_pipeline.text`); ``'webdataset'``, interleaved
+    web documents in the OBELICS or MMC4 layout for Flamingo. ``source``: the opened training
+    source of the latter (None for shapes, and for ``vlm-jax eval``).
 
-    ``lm``: the language model's config (its vocabulary and ``max_length``); ``image_size``: the
-    side of the images of multimodal documents, None for text only."""
+    ``lm``: the language model's config (its vocabulary and ``max_length``); ``image_size``:
+    the side of the images of multimodal documents, None for text only."""
 
     config: ConfigDict
     data_dir: str
@@ -90,44 +94,165 @@ class DocumentData:
         """This process's share of the training documents (checkpointable grain iterator)."""
         from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
+        if self.config.data.name != "shapes":
+            return self._source_iterator()
         return interleaved.create_document_iterator(
             split="train", global_batch_size=self.config.batch_size, seed=self.config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
             worker_count=self.config.data.worker_count,
-            docs_per_row=self.config.data.get("docs_per_row", 1), **self._document_kwargs())
+            docs_per_row=self.config.data.docs_per_row, **self._document_kwargs())
+
+    # -- Sources other than shapes: text corpora (LM), interleaved web documents (Flamingo). --
+
+    def _source_iterator(self):
+        """The training iterator of ``self.source`` (see :func:`_prepare_document_source`)."""
+        from input_pipeline import interleaved, text  # pylint: disable=import-outside-toplevel
+
+        d = self.config.data
+        if self.source is None:
+            raise DataError("The training data was not opened (prepare(config, for_eval=True)).")
+        kw = self._document_kwargs()
+        stream = dict(global_batch_size=self.config.batch_size, seed=self.config.seed,
+                      process_index=jax.process_index(), process_count=jax.process_count(),
+                      worker_count=d.worker_count)
+        if d.name in text.TEXT_SOURCES:
+            return text.create_text_iterator(self.source, tokenizer=self.tokenizer,
+                                             seq_length=kw["max_length"],
+                                             docs_per_row=d.docs_per_row, **stream)
+        return interleaved.create_webdataset_document_iterator(
+            self.source, tokenizer=self.tokenizer, max_length=kw["max_length"],
+            max_images=kw["max_images"], image_id=kw["image_id"], eoc_id=kw["eoc_id"],
+            image_size=kw["image_size"], min_side=d.min_side,
+            min_similarity=d.min_image_similarity, **stream)
+
+    def check_held_out(self, key: str) -> None:
+        """Checks that ``config.data.eval_files`` (the held-out text of a text corpus) can be read,
+        without reading a document; ``key``: the evaluation entry that reads it, for messages.
+
+        Raises:
+            ConfigError: the run has no text corpus or no ``eval_files``.
+            DataError: a file, or the TFDS dataset / split / text feature, is missing.
+        """
+        d = self.config.data
+        if d.name not in TEXT_DOCUMENT_SOURCES:
+            raise ConfigError(
+                f"{key}.dataset='eval_files' reads config.data.eval_files of a text corpus "
+                f"(config.data.name one of {list(TEXT_DOCUMENT_SOURCES)}); this run's data is "
+                f"{d.name!r}: use dataset='shapes'.")
+        if not d.eval_files:
+            raise ConfigError(
+                f"{key} needs held-out text: set config.data.eval_files (for data.name="
+                f"{d.name!r}: " + ("'<name>@<split>', e.g. 'lm1b@test'" if d.name == "tfds" else
+                                   "files of the same kind as train_files") + ").")
+        if d.name == "tfds":  # DataError naming a missing dataset, split or text feature
+            _open_text(d, d.eval_files)
+        else:
+            sources.expand_paths(d.eval_files)  # DataError naming a missing file
+
+    def held_out_text(self, key: str, max_rows: int) -> dict:
+        """``config.data.eval_files`` as ``lm_loss`` rows (``documents``, ``weights``), in file
+        order, at most ``max_rows`` rows packed as the training rows are."""
+        from input_pipeline import text  # pylint: disable=import-outside-toplevel
+
+        self.check_held_out(key)
+        d = self.config.data
+        source = _open_text(d, d.eval_files)
+        return text.load_held_out(source, tokenizer=self.tokenizer, seq_length=self.seq_length,
+                                  max_rows=max_rows, docs_per_row=d.docs_per_row)
+
+
+def _open_text(d: ConfigDict, files: str):
+    from input_pipeline import text  # pylint: disable=import-outside-toplevel
+
+    return text.open_text_source(d.name, files, text_key=d.text_key,
+                                 data_dir=d.data_dir or None, record_format=d.record_format)
+
 
 def document_length(config: ConfigDict, lm: Any) -> int:
     """Training sequence length of documents: ``config.data.seq_length`` (0 = the language
     model's ``max_length``)."""
-    return config.data.get("seq_length", 0) or lm.max_length
+    return config.data.seq_length or lm.max_length
 
 
 def document_max_images(config: ConfigDict) -> int:
-    """Image slots per multimodal document row: ``config.data.max_images`` (default 5)."""
-    return config.data.get("max_images", 5)
+    """Image slots per multimodal document row: ``config.data.max_images``."""
+    return config.data.max_images
 
 
-def prepare_documents(config: ConfigDict, *, lm: Any, image_size: int | None = None
-                      ) -> DocumentData:
-    """Builds the shapes dataset if needed and loads the LM tokenizer: documents for the
-    language model ``lm`` (its config), with images of side ``image_size`` (None: text only)."""
+def prepare_documents(config: ConfigDict, *, lm: Any, image_size: int | None = None,
+                      for_eval: bool = False) -> DocumentData:
+    """Documents for the language model ``lm`` (its config), with images of side ``image_size``
+    (None: text only): the interleaved shapes documents (built if needed, with the shapes LM
+    tokenizer), a text corpus or web documents (``config.data.name``, see
+    :func:`_prepare_document_source`). ``for_eval``: the training files are not opened."""
     from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
     d = config.data
-    if d.name != "shapes":
-        raise ConfigError(f"config.data.name={d.name!r}: this model trains on the interleaved "
-                          "shapes documents, config.data.name='shapes'.")
+    if d.seq_length > lm.max_length:
+        raise ConfigError(f"config.data.seq_length={d.seq_length} exceeds the language model's "
+                          f"max_length={lm.max_length}.")
+    if d.name != "shapes":  # The shapes dataset is built only when it is the data.
+        return _prepare_document_source(config, lm, image_size, for_eval)
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
                            process_index=jax.process_index())
-    if d.get("seq_length", 0) > lm.max_length:
-        raise ConfigError(f"config.data.seq_length={d.seq_length} exceeds the language model's "
-                          f"max_length={lm.max_length}.")
     tokenizer = interleaved.lm_tokenizer(lm.max_length)
     if tokenizer.vocab_size > lm.vocab_size:
         raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
                           f"shapes LM tokenizer's vocabulary ({tokenizer.vocab_size}).")
     return DocumentData(config, str(data_dir), tokenizer, lm, image_size)
+
+
+TEXT_DOCUMENT_SOURCES = ("tfds", "jsonl", "array_record")  # data.name: the LM's text corpora
+WEB_DOCUMENT_SOURCES = ("webdataset",)  # data.name: Flamingo's interleaved web documents
+
+
+def _prepare_document_source(config: ConfigDict, lm: Any, image_size: int | None,
+                             for_eval: bool) -> DocumentData:
+    """A text corpus (language model) or interleaved web documents (Flamingo): the run's
+    tokenizer (``config.data.tokenizer``, default the shapes LM tokenizer) and, unless
+    ``for_eval``, the opened training source (``config.data.train_files``)."""
+    from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+    from input_pipeline.tokenizers import SentencePieceTokenizer  # pylint: disable=C0415
+
+    d = config.data
+    data = DocumentData(config, d.data_dir, None, lm, image_size)
+    kinds = WEB_DOCUMENT_SOURCES if data.multimodal else TEXT_DOCUMENT_SOURCES
+    if d.name not in kinds:
+        raise ConfigError(
+            f"config.data.name={d.name!r}: " + (
+                "Flamingo trains on interleaved documents: 'shapes' (embedded) or "
+                "'webdataset' (tar shards of OBELICS / MMC4-layout documents)."
+                if data.multimodal else
+                "the language model trains on 'shapes' (embedded) or a text corpus: 'tfds' "
+                "(train_files='<name>@<split>'), 'jsonl' or 'array_record' (train_files: "
+                "paths, {a..b} ranges, globs)."))
+    if not d.train_files and not for_eval:
+        example = {"tfds": "lm1b@train", "jsonl": "gs://bucket/c4-{00000..01023}.jsonl",
+                   "array_record": "gs://bucket/docs-*.array_record",
+                   "webdataset": "gs://bucket/obelics-{00000..09999}.tar"}[d.name]
+        raise ConfigError(f"config.data.name={d.name!r} needs config.data.train_files (e.g. "
+                          f"{example!r}).")
+    data.tokenizer = SentencePieceTokenizer(d.tokenizer or interleaved.LM_TOKENIZER_PATH,
+                                            lm.max_length)
+    tok = data.tokenizer
+    if tok.vocab_size > lm.vocab_size:
+        raise ConfigError(f"The language model's vocab_size={lm.vocab_size} is smaller than the "
+                          f"vocabulary of config.data.tokenizer={d.tokenizer!r} "
+                          f"({tok.vocab_size}).")
+    if (tok.bos_id, tok.eos_id, tok.pad_id) != (lm.bos_id, lm.eos_id, lm.pad_id):
+        raise ConfigError(f"config.data.tokenizer={d.tokenizer!r} has bos/eos/pad ids "
+                          f"{tok.bos_id}/{tok.eos_id}/{tok.pad_id}, the language model "
+                          f"{lm.bos_id}/{lm.eos_id}/{lm.pad_id}: set the model's bos_id, eos_id, "
+                          "pad_id to the tokenizer's.")
+    if not for_eval:
+        if data.multimodal:
+            data.source = interleaved.WebDatasetDocumentSource(d.train_files)
+            for path, reason in data.source.skipped_shards:
+                print(f"Warning: skipped unreadable shard {path}: {reason}")
+        else:
+            data.source = _open_text(d, d.train_files)
+    return data
 
 
 def global_skip_stats() -> dict[str, int]:
@@ -139,16 +264,18 @@ def global_skip_stats() -> dict[str, int]:
     waiting in the next collective), and the logged ``data/*`` are those of the whole run.
     A collective: call it at the same steps on every process (the log steps).
     """
-    from input_pipeline.transforms import SKIP_REASONS, SKIP_STATS  # pylint: disable=C0415
+    from input_pipeline.transforms import DROP_REASONS, SKIP_REASONS, SKIP_STATS  # pylint: disable=C0415
     from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
 
-    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_REASONS))
+    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_REASONS),
+            *(f"dropped_images/{r}" for r in DROP_REASONS))
     local = SKIP_STATS.snapshot()
     unknown = [k for k in local if k not in keys]
     if unknown:  # A reason added to the pipeline but not to SKIP_REASONS would be lost.
         raise ValueError(f"SKIP_STATS has reasons {unknown} that SKIP_REASONS does not list.")
     total = runtime.global_counts(local, keys)
-    return {k: v for k, v in total.items() if v or not k.startswith("skipped/")}
+    return {k: v for k, v in total.items()
+            if v or not k.startswith(("skipped/", "dropped_images/"))}
 
 
 def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
@@ -160,7 +287,7 @@ def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
     Raises:
         DataError: naming the fraction, the threshold and the commonest reasons.
     """
-    limit = config.data.get("max_skipped_fraction", 1.0)
+    limit = config.data.max_skipped_fraction
     seen = stats.get("seen", 0)
     if seen < 100 or not limit or limit >= 1.0:
         return
@@ -172,14 +299,14 @@ def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
         raise DataError(
             f"{100 * frac:.1f}% of the {seen} samples read (all processes) were skipped "
             f"({listed}), more than config.data.max_skipped_fraction={limit}. Check config.data.train_files "
-            f"({config.data.get('train_files', '')}) or raise the threshold.")
+            f"({config.data.train_files}) or raise the threshold.")
 
 
 def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
     if kind == "tfds":  # files = '<name>@<split>' of a dataset prepared in data_dir
         return sources.open_source(kind, files, data_dir=data_dir,
-                                   image_key=d.get("image_key", "image"),
-                                   caption_key=d.get("caption_key", "caption"))
+                                   image_key=d.image_key,
+                                   caption_key=d.caption_key)
     return sources.open_source(kind, files)
 
 
@@ -202,7 +329,7 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     source = None
     if d.name in SOURCES and not for_eval:
-        if d.get("mixture"):  # [{'name': ..., 'train_files': ..., 'weight': ...}, ...]
+        if d.mixture:  # [{'name': ..., 'train_files': ..., 'weight': ...}, ...]
             parts = []
             for i, part in enumerate(d.mixture):
                 missing = {"name", "train_files", "weight"} - set(part)
@@ -212,7 +339,7 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
                 parts.append((_open(part["name"], part["train_files"], d, data_dir),
                               float(part["weight"])))
             source = parts
-        elif not d.get("train_files"):
+        elif not d.train_files:
             raise ConfigError(f"config.data.name={d.name!r} needs config.data.train_files "
                               "(e.g. 'shards/train-{00000..00009}.tar') or config.data.mixture.")
         else:
@@ -221,14 +348,14 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
             src = src[0] if isinstance(src, tuple) else src
             for path, reason in getattr(src, "skipped_shards", []):
                 print(f"Warning: skipped unreadable shard {path}: {reason}")
-    eval_name = d.get("eval_name", "shapes") if d.name in SOURCES else d.name
-    shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
-                           process_index=jax.process_index())
-    if d.name in SOURCES and d.get("tokenizer"):
+    if d.name in SOURCES and d.tokenizer:
         from input_pipeline.tokenizers import load_tokenizer  # pylint: disable=import-outside-toplevel
 
         tokenizer = load_tokenizer(d.tokenizer, config.model.text.context_length)
-    else:
+    else:  # The tokenizer shipped with the shapes dataset: built only here, when it is needed.
+        eval_name = d.eval_name if d.name in SOURCES else d.name
+        shapes_builder.prepare(data_dir, config=d.config_name, num_train=d.num_train or None,
+                               process_index=jax.process_index())
         tokenizer = pipeline.tokenizer_for(data_dir=data_dir, dataset=eval_name,
                                            config_name=d.config_name,
                                            context_length=config.model.text.context_length)

@@ -13,8 +13,9 @@ A config lists its evaluations by name::
     )
 
 ``type`` is an evaluator of :data:`vlm_jax.evaluators.EVALUATORS`; ``dataset`` is ``"shapes"``
-(the embedded dataset at the run's ``data.config_name``) or ``"tfds:<name>"`` (a prepared TFDS
-dataset in ``eval.data_dir``); ``every_steps`` N > 0 evaluates every N steps and at the end of
+(the embedded dataset at the run's ``data.config_name``), ``"tfds:<name>"`` (a prepared TFDS
+dataset in ``eval.data_dir``) or, for ``lm_loss``, ``"eval_files"`` (the held-out text of a text
+corpus, ``data.eval_files``); ``every_steps`` N > 0 evaluates every N steps and at the end of
 training, 0 only at the end, -1 never during training (on request: ``vlm-jax eval --evaluators
 <name>``); ``max_examples`` 0 = the whole split; ``options`` the type's settings
 (:data:`DATA_OPTIONS` shape the data it loads, the others go to the evaluator). Results are keyed
@@ -84,7 +85,7 @@ class Entry:
 
     name: str
     type: str
-    dataset: str  # "shapes" or "tfds:<name>"
+    dataset: str  # "shapes", "tfds:<name>" or "eval_files"
     split: str
     every_steps: int  # N > 0: every N steps and at the end; 0: at the end; -1: on request only
     max_examples: int  # 0: the whole split
@@ -97,8 +98,9 @@ class Entry:
 
     @property
     def where(self) -> str:
-        """``<dataset>/<split>`` (``shapes/test``, ``tfds:cifar10/test``)."""
-        return f"{self.dataset}/{self.split}"
+        """``<dataset>/<split>`` (``shapes/test``, ``tfds:cifar10/test``); ``eval_files`` (the
+        held-out files have no split)."""
+        return self.dataset if self.dataset == "eval_files" else f"{self.dataset}/{self.split}"
 
     @property
     def tfds_name(self) -> str | None:
@@ -120,22 +122,17 @@ class Entry:
         return step == total or (self.every_steps > 0 and step % self.every_steps == 0)
 
 
-def parse_entries(config: ConfigDict, names: Sequence[str] | None = None) -> list[Entry]:
-    """The entries of ``config.evals`` (all but the on-request ones, ``every_steps=-1``) or, with
-    ``names``, those named (in that order).
+def parse_entries(config: ConfigDict, names: Sequence[str] | None = None,
+                  defaults: Mapping[str, Any] | None = None) -> list[Entry]:
+    """The entries of ``config.evals`` (``defaults``, the family's, when the config has none):
+    all but the on-request ones (``every_steps=-1``) or, with ``names``, those named (in that
+    order).
 
     Raises:
         ConfigError: naming ``config.evals.<name>`` for an unknown field, type or dataset, a bad
             value, or an unknown name in ``names``.
     """
-    if "evals" not in config:  # A run's config.json from before the named entries.
-        old = dict(config.get("eval", {}))
-        raise ConfigError(
-            "config.evals is missing: this config lists its evaluations in the former layout "
-            f"(config.eval.evaluators={list(old.get('evaluators', []))}). Pass the experiment "
-            "file (--config experiments/<name>.py) or add config.evals (see README, Evaluating "
-            "checkpoints).")
-    evals = config.evals
+    evals = config.evals if "evals" in config else (defaults or {})
     out = []
     for name, raw in evals.items():
         raw = dict(raw)
@@ -150,10 +147,15 @@ def parse_entries(config: ConfigDict, names: Sequence[str] | None = None) -> lis
             raise ConfigError(f"{key}.type={kind!r}: unknown evaluator; available: "
                               f"{sorted(evaluators_lib.EVALUATORS)}.")
         dataset = str(fields["dataset"])
-        if dataset != "shapes" and not (dataset.startswith("tfds:") and len(dataset) > 5):
-            raise ConfigError(f"{key}.dataset={dataset!r}: use 'shapes' (the embedded dataset) "
-                              "or 'tfds:<name>' (a prepared TFDS dataset in config.eval.data_dir, "
-                              "e.g. tfds:imagenet2012, tfds:cifar10, tfds:coco_captions).")
+        if dataset == "eval_files" and LOADER[kind] != "documents":
+            raise ConfigError(f"{key}.dataset='eval_files' (config.data.eval_files, held-out "
+                              f"text) is read by 'lm_loss' entries, not by {kind!r}.")
+        if dataset not in ("shapes", "eval_files") and not (
+                dataset.startswith("tfds:") and len(dataset) > 5):
+            raise ConfigError(f"{key}.dataset={dataset!r}: use 'shapes' (the embedded dataset), "
+                              "'tfds:<name>' (a prepared TFDS dataset in config.eval.data_dir, "
+                              "e.g. tfds:imagenet2012, tfds:cifar10, tfds:coco_captions) or, for "
+                              "lm_loss, 'eval_files' (the held-out text config.data.eval_files).")
         try:
             every, max_examples = int(fields["every_steps"]), int(fields["max_examples"])
         except (TypeError, ValueError) as e:
@@ -203,14 +205,16 @@ class Evaluation:
         interleaved, lm); None skips the model check.
       image_size: the image side the model reads (None: a text-only model).
       names: the entries to run (default: all of ``config.evals`` but the on-request ones).
+      defaults: the entries of a config without ``evals`` (``Family.default_evals``).
     """
 
     def __init__(self, config: ConfigDict, data: Any, *, capabilities: Collection[str] | None,
-                 image_size: int | None, names: Sequence[str] | None = None):
+                 image_size: int | None, names: Sequence[str] | None = None,
+                 defaults: Mapping[str, Any] | None = None):
         self.config, self.data = config, data
         self.capabilities = None if capabilities is None else frozenset(capabilities)
         self.image_size = image_size
-        self.entries = parse_entries(config, names)
+        self.entries = parse_entries(config, names, defaults)
         self._loaded: dict[tuple, dict] = {}
         self._extractor: FeatureExtractor | None = None
         self._setup = None
@@ -278,7 +282,7 @@ class Evaluation:
         from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
 
         loader, name, opts = LOADER[entry.type], entry.tfds_name, entry.data_options()
-        data_dir = self.config.eval.get("data_dir") or None
+        data_dir = self.config.eval.data_dir or None
         if loader == "pairs":
             probe = [opts[k] for k in ("probe_split", "probe_val_split") if k in opts]
             if name is None:
@@ -314,10 +318,14 @@ class Evaluation:
             if {"question", "answer", "caption"} <= keys:
                 keys |= {"pool", "prompt_format"}
             return keys
-        # documents: held-out interleaved shapes documents.
+        # documents: held-out interleaved shapes documents, or the run's held-out text.
+        if entry.dataset == "eval_files":
+            self.data.check_held_out(entry.key)
+            return {"documents", "weights"}
         if name is not None:
             raise ConfigError(f"{entry.key}.dataset={entry.dataset}: {entry.type!r} reads the "
-                              "interleaved shapes documents, dataset='shapes'.")
+                              "interleaved shapes documents (dataset='shapes') or the held-out "
+                              "text of a text corpus (dataset='eval_files').")
         pipeline.split_builder(self._shapes_dir(), "shapes", self.config.data.config_name,
                                [entry.split])
         return {"documents", "weights"}
@@ -331,7 +339,7 @@ class Evaluation:
             data_dir = getattr(self.data, "data_dir", None) or d.data_dir \
                 or shapes_builder.default_data_dir()
             shapes_builder.prepare(data_dir, config=d.config_name,
-                                   num_train=d.get("num_train") or None,
+                                   num_train=d.num_train or None,
                                    process_index=jax.process_index())
             self._shapes_dir_ready = str(data_dir)
         return self._shapes_dir_ready
@@ -366,7 +374,7 @@ class Evaluation:
 
         tokenizer, name = self.data.tokenizer, entry.tfds_name
         if name is not None:
-            kw = dict(split=split, data_dir=self.config.eval.get("data_dir") or None,
+            kw = dict(split=split, data_dir=self.config.eval.data_dir or None,
                       image_size=self.image_size, max_examples=max_examples)
             if _is_captions(name):
                 out = eval_data.load_tfds_retrieval(name, **kw)
@@ -382,7 +390,7 @@ class Evaluation:
             data_dir=self._shapes_dir(), dataset="shapes", config_name=d.config_name,
             split=split, context_length=tokenizer.context_length, max_examples=max_examples,
             image_size=size if size != native or raw_source else None)
-        if d.get("tokenizer"):  # The run's tokenizer, not the one shipped with the dataset.
+        if d.tokenizer:  # The run's tokenizer, not the one shipped with the dataset.
             out["text"] = tokenizer.encode(out["caption"])
         return out
 
@@ -394,7 +402,7 @@ class Evaluation:
 
         opts, name = entry.data_options(), entry.tfds_name
         if name is not None:
-            kw = dict(data_dir=self.config.eval.get("data_dir") or None,
+            kw = dict(data_dir=self.config.eval.data_dir or None,
                       image_size=self.image_size)
 
             def load(split, n):
@@ -420,15 +428,18 @@ class Evaluation:
         return out
 
     def _documents(self, entry: Entry) -> dict:
-        """Held-out interleaved documents (``max_examples``, at most 256) of ``split``."""
+        """Held-out rows (``max_examples``, default 256): of the interleaved shapes documents of
+        ``split``, or of the run's held-out text (``dataset='eval_files'``:
+        ``config.data.eval_files``, in file order)."""
         from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
-        self._shapes_dir()
-        n = min(256, entry.max_examples or 256)
+        if entry.dataset == "eval_files":
+            return self.data.held_out_text(entry.key, entry.max_examples or 256)
+        kw = self.data._document_kwargs()  # pylint: disable=protected-access
+        kw["data_dir"] = self._shapes_dir()  # shapes, whatever the run trains on
         it = interleaved.create_document_iterator(
-            split=entry.split, global_batch_size=n, seed=0,
-            docs_per_row=self.config.data.get("docs_per_row", 1),
-            **self.data._document_kwargs())  # pylint: disable=protected-access
+            split=entry.split, global_batch_size=min(256, entry.max_examples or 256), seed=0,
+            docs_per_row=self.config.data.docs_per_row, **kw)
         batch = next(it)
         return {"documents": batch["tokens"], "weights": batch["weights"]}
 
@@ -501,20 +512,22 @@ def run_entries(extractor: FeatureExtractor, tokenizer, entries: Iterable[Entry]
 def write_results(workdir: epath.Path, config: ConfigDict, entries: Iterable[Entry], step: int,
                   results: Mapping[str, float]) -> list[epath.Path]:
     """Writes ``eval_results_<split>.json`` per dataset and split (``eval_results_test.json``
-    for shapes, ``eval_results_tfds_cifar10_test.json``...), one record per entry with
+    for shapes, ``eval_results_tfds_cifar10_test.json``, ``eval_results_eval_files.json``...), one record per entry with
     CLIP_benchmark's field names (``dataset``, ``model``, ``task``, ``metrics``) plus ``entry``,
     ``split`` and ``step``; prints a markdown table. Records of other entries already in a file
     are kept (evaluated earlier); an entry evaluated again is replaced. Returns the files."""
     files: dict[str, list[dict]] = {}
+    wheres: dict[str, str] = {}
     for entry in entries:
         m = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(entry.name + "/")}
         if not m:
             continue
         stem = entry.split if entry.dataset == "shapes" else (
-            f"{entry.dataset.replace(':', '_').replace('/', '_')}_{entry.split}")
+            entry.where.replace(":", "_").replace("/", "_"))
+        wheres[stem] = entry.where
         files.setdefault(stem, []).append(
             {"entry": entry.name, "dataset": entry.dataset, "split": entry.split,
-             "model": config.get("name", "vlm_jax"), "step": int(step),
+             "model": config.name, "step": int(step),
              "task": TASKS[entry.type], "metrics": m})
     written = []
     for stem, records in files.items():
@@ -528,8 +541,7 @@ def write_results(workdir: epath.Path, config: ConfigDict, entries: Iterable[Ent
         except (FileNotFoundError, ValueError, AttributeError):
             kept = []
         out.write_text(json.dumps(kept + records, indent=2))
-        where = f"{records[0]['dataset']}/{records[0]['split']}"
-        print(f"\n| metric ({where}, step {step}) | value |")
+        print(f"\n| metric ({wheres[stem]}, step {step}) | value |")
         print("|---|---|")
         for r in records:  # Accuracies and scores in %, losses as they are.
             for k, v in r["metrics"].items():
@@ -542,9 +554,10 @@ def write_results(workdir: epath.Path, config: ConfigDict, entries: Iterable[Ent
 def caption_options(config: ConfigDict) -> dict[str, Any]:
     """The decoding options (``method``, ``beam_size``...) of the first ``captioning`` entry of
     ``config.evals`` ({} = greedy when there is none): ``vlm-jax caption``'s default."""
-    for raw in config.evals.values():
-        if raw.get("type") == "captioning":
-            return dict(raw.get("options") or {})
+    evals = config.evals if "evals" in config else {}
+    for entry in parse_entries(config, list(evals)):
+        if entry.type == "captioning":
+            return dict(entry.options)
     return {}
 
 

@@ -181,7 +181,8 @@ def make_evaluation(config: ConfigDict, data, names=None) -> evaluation_lib.Eval
     ``names``), for the model of ``config``."""
     family = get_family(config)
     return evaluation_lib.Evaluation(config, data, capabilities=family.capabilities,
-                                     image_size=family.image_size(config), names=names)
+                                     image_size=family.image_size(config), names=names,
+                                     defaults=family.default_evals(config))
 
 
 def evaluate(s: TrainSetup, params, evaluation: evaluation_lib.Evaluation,

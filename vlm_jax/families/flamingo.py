@@ -43,10 +43,11 @@ def batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def make_data(config, for_eval: bool = False):
-    """The interleaved shapes documents with their images
-    (:func:`vlm_jax.data.prepare_documents`)."""
-    del for_eval  # Documents are opened when iterated.
-    return data_lib.prepare_documents(config, lm=config.model.lm, image_size=image_size(config))
+    """Interleaved image-text documents (:func:`vlm_jax.data.prepare_documents`): the shapes
+    documents, or OBELICS / MMC4-layout webdataset tars (``config.data.name='webdataset'``);
+    ``for_eval``: the training shards are not opened."""
+    return data_lib.prepare_documents(config, lm=config.model.lm, image_size=image_size(config),
+                                      for_eval=for_eval)
 
 
 def default_evals(config) -> dict[str, dict]:

@@ -47,9 +47,10 @@ def batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def make_data(config, for_eval: bool = False):
-    """The interleaved shapes documents, text only (:func:`vlm_jax.data.prepare_documents`)."""
-    del for_eval  # Documents are opened when iterated.
-    return data_lib.prepare_documents(config, lm=config.model)
+    """Text documents (:func:`vlm_jax.data.prepare_documents`): the interleaved shapes documents
+    without their images, or a text corpus (``config.data.name`` tfds / jsonl / array_record);
+    ``for_eval``: the training files are not opened."""
+    return data_lib.prepare_documents(config, lm=config.model, for_eval=for_eval)
 
 
 def default_evals(config) -> dict[str, dict]:
