@@ -270,13 +270,13 @@ def _suggestions(r: Report, config: ConfigDict) -> list[str]:
         out.append("the sharded state alone exceeds HBM even over every device: use a larger "
                    "slice (--topology), more slices (--num_slices), or a smaller model")
     if state <= r.hbm_bytes:
-        if config.model.get("remat", "none") == "none":
+        if config.model.remat == "none":
             out.append("recompute activations in the backward pass: --config.model.remat=full "
                        "(or dots_with_no_batch_dims_saveable for less recompute)")
-        if r.loss_logits_bytes > 0.05 * r.hbm_bytes and config.loss.get("variant") != "chunked":
+        if r.loss_logits_bytes > 0.05 * r.hbm_bytes and config.loss.variant != "chunked":
             out.append(f"the loss's local b x B logits take {r.loss_logits_bytes / GiB:.2f} GiB "
                        "per copy: --config.loss.variant=chunked (b x chunk_size blocks)")
-        if config.model.get("dtype", "float32") == "float32":
+        if config.model.dtype == "float32":
             out.append("compute in bfloat16: --config.model.dtype=bfloat16")
         if temp > 0.5 * r.hbm_bytes or r.stage == "compile-oom" or \
                 r.batch_bytes > 0.25 * r.hbm_bytes:
@@ -308,9 +308,11 @@ def plan(config: ConfigDict, topology: str, num_slices: int = 1,
     bsz = config.batch_size
     shards = parallel.batch_shard_count(mesh)
     b_local = bsz // shards
-    logits = b_local * bsz * 4 if config.loss.get("variant") == "gather" else 0
+    # The all-gathered contrastive loss's local b x B float32 logits (families with embeddings).
+    contrastive = "embed" in s.family.capabilities and config.loss.variant == "gather"
+    logits = b_local * bsz * 4 if contrastive else 0
     r = Report(
-        config_name=config.get("name", "config"), topology=topology, num_slices=num_slices,
+        config_name=config.name, topology=topology, num_slices=num_slices,
         chip=chip.name, chips=chips, devices=len(devices), mesh=dict(mesh.shape), batch_size=bsz,
         hbm_bytes=chip.hbm_bytes // max(1, len(devices) // chips),
         param_bytes=_shard_bytes(s.abstract_state["params"]),

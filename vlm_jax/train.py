@@ -41,7 +41,6 @@ RESUME_CRITICAL_KEYS = ("model", "batch_size", "seed", "data.name", "data.config
 # The training data: a change is refused too, unless config.checkpoint.allow_data_change (then
 # the saved data-iterator position is applied to the new data).
 RESUME_DATA_KEYS = ("data.train_files", "data.mixture", "data.tokenizer")
-GUARD_DEFAULTS = {"nonfinite": "stop", "max_consecutive_skips": 10}
 
 
 class TrainingDiverged(RuntimeError):
@@ -134,7 +133,7 @@ def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> 
     batch_spec = s.batch_spec() if batch_spec is None else batch_spec
 
     nan_step = faults.nan_loss_step()  # Reliability battery only; None otherwise.
-    trainable = config.optim.get("trainable", "")
+    trainable = config.optim.trainable
 
     def train_step(state, batch):
         def loss_fn(params):
@@ -299,7 +298,7 @@ def _check_resume_config(saved: dict | None, config_json: dict, workdir: epath.P
 
 
 def _guard_config(config: ConfigDict) -> dict:
-    guard = dict(GUARD_DEFAULTS, **(config.get("guard") or {}))
+    guard = dict(config.guard)
     if guard["nonfinite"] not in ("stop", "skip"):
         raise ConfigError(f"config.guard.nonfinite={guard['nonfinite']!r}: use 'stop' (end the "
                           "run, keeping the last good checkpoint) or 'skip' (drop the step).")
@@ -390,7 +389,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
                                  save_every_steps=config.checkpoint.every_steps,
                                  keep=config.checkpoint.keep,
-                                 keep_every_steps=config.checkpoint.get("keep_every_steps", 0),
+                                 keep_every_steps=config.checkpoint.keep_every_steps,
                                  async_save=config.checkpoint.async_save)
     config_json = json.loads(config_lib.to_json(config))
     latest = ckpt.latest_step()
@@ -420,7 +419,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             print(f"Resuming from checkpoint step {latest} in {workdir / 'checkpoints'}")
     else:
         state = s.init_fn()
-        if config.get("init_from"):
+        if config.init_from:
             state["params"] = load_pretrained(config, s, state["params"])
     if is_main:
         (workdir / "config.json").write_text(config_lib.to_json(config))

@@ -77,8 +77,8 @@ class FeatureExtractor:
         greedy / beam / sample and the options of :func:`vlm_jax.decoding.generate` (default
         ``caption_options``); each set of options is compiled once per extractor."""
         if not hasattr(nnx.merge(self.graphdef, self.params), "image_context"):
-            raise ValueError("This model has no captioning decoder (captions need a CoCa "
-                             "model, config.model.name='coca').")
+            raise ValueError("This model has no captioning decoder: captions need a model of a "
+                             "family with the 'caption' capability (CoCa).")
         if self.tokenizer is None:
             raise ValueError("FeatureExtractor.captions needs the tokenizer to detokenise.")
         fn = self._caption_fn(options or self.caption_options)

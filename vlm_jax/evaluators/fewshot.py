@@ -126,8 +126,8 @@ class _Generator:
         graphdef, mesh, rules = extractor.graphdef, extractor.mesh, extractor.rules
         self.model = nnx.merge(graphdef, extractor.params)
         if not hasattr(self.model, "encode_media"):
-            raise ValueError("few-shot evaluation needs a Flamingo model (config.model.name="
-                             "'flamingo').")
+            raise ValueError("few-shot evaluation needs a model of a family with the "
+                             "'interleaved' capability (Flamingo).")
 
         def fn(p, images, tokens, valid):
             with parallel.sharding_context(mesh, rules):
