@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import vlm_jax  # noqa: F401  (disables eager sharding)
+from tests.model_fixtures import randomize
 from vlm_jax import convert, decoding, parallel
 from vlm_jax.families import FAMILIES, get_family
 from vlm_jax.models import count_params
@@ -37,15 +38,6 @@ def tiny_cfg(**top):
     cfg.update(top)
     return cfg
 
-
-def randomize(model, seed=0, scale=0.3):
-    """Every parameter N(0, scale) numpy noise (LayerNorm scales 1 + noise); no compile."""
-    rs = np.random.RandomState(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = var.get_value().shape
-        noise = rs.randn(*shape) * scale + (1.0 if path[-1] == "scale" else 0.0)
-        var.set_value(jnp.asarray(noise, jnp.float32))
-    return model
 
 
 def abstract(cfg):
@@ -84,7 +76,7 @@ def stacked_copy(model, cfg):
 @pytest.fixture(scope="module")
 def model():
     # With this seed greedy rows end at different steps (eos at 4, 2, 4; see the test).
-    return randomize(abstract(tiny_cfg()), seed=0)
+    return randomize(abstract(tiny_cfg()), seed=0, scale=0.3)
 
 
 @nnx.jit

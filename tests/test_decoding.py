@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import vlm_jax  # noqa: F401  (disables eager sharding)
+from tests.model_fixtures import randomize
 from vlm_jax import decoding
 from vlm_jax.families import get_family
 from vlm_jax.models.flamingo import Flamingo
@@ -26,15 +27,6 @@ IMG, EOC = V, V + 1  # Flamingo's <image>, <|endofchunk|>
 NEW = 6  # new tokens of the LM / Flamingo decodes
 B = 3
 
-
-def randomize(model, seed, scale=0.3):
-    """Every parameter N(0, scale) numpy noise (norm scales 1 + noise)."""
-    rs = np.random.RandomState(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = var.get_value().shape
-        noise = rs.randn(*shape) * scale + (1.0 if path[-1] == "scale" else 0.0)
-        var.set_value(jnp.asarray(noise, jnp.float32))
-    return model
 
 
 def left_pad(rows):
@@ -53,7 +45,7 @@ FLAMINGO_PROMPTS = [[BOS, IMG, 5, 6, EOC, IMG], [BOS, 11, IMG], [BOS, IMG, 7]]
 def make_lm(eos_id):
     return randomize(nnx.eval_shape(lambda: LanguageModel(
         style="llama", vocab_size=V, width=16, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=32,
-        max_length=24, bos_id=BOS, eos_id=eos_id, rngs=nnx.Rngs(0))), seed=3)
+        max_length=24, bos_id=BOS, eos_id=eos_id, rngs=nnx.Rngs(0))), seed=3, scale=0.3)
 
 
 def make_case(name):
@@ -66,7 +58,8 @@ def make_case(name):
             text=dict(width=16, depth=2, num_heads=2, mlp_dim=64, vocab_size=V,
                       context_length=8, bos_id=BOS, eos_id=30, pad_id=PAD),
             decoder=dict(depth=2, num_heads=4, mlp_dim=64), pooler=dict(n_queries=5, num_heads=2))
-        model = randomize(nnx.eval_shape(lambda: get_family(cfg).build_model(cfg, nnx.Rngs(0))), seed=0)
+        model = randomize(nnx.eval_shape(lambda: get_family(cfg).build_model(cfg, nnx.Rngs(0))),
+                          seed=0, scale=0.3)
         images = jnp.asarray(np.random.RandomState(1).randn(B, 16, 16, 3), jnp.float32)
         return model, images, None, None, {}
     if name == "lm":

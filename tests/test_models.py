@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import vlm_jax  # noqa: F401  (disables eager sharding)
+from tests.model_fixtures import randomize
 from vlm_jax import parallel
 from vlm_jax.families import get_family
 from vlm_jax.models import (CLIP, CLIP_PRESETS, TextTransformer, ViT, clip_config, count_params,
@@ -76,15 +77,6 @@ def flat_params(model):
 def np_params(module):
     return {k: np.asarray(v.get_value(), np.float64) for k, v in flat_params(module).items()}
 
-
-def randomize(model, seed=0, scale=0.1):
-    """Replaces every parameter by N(0, scale) numpy noise (LayerNorm scales: 1 + noise)."""
-    rs = np.random.RandomState(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = var.get_value().shape
-        noise = rs.randn(*shape) * scale + (1.0 if path[-1] == "scale" else 0.0)
-        var.set_value(jnp.asarray(noise, jnp.float32))
-    return model
 
 
 # Numpy references (float64), written from the PyTorch / open_clip definitions.
