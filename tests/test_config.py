@@ -82,8 +82,10 @@ _PAIRS = {"data.train_files", "data.tokenizer", "data.eval_name", "data.max_skip
 _LOSS = {"loss.name", "loss.variant", "loss.chunk_size", "loss.contrastive_weight",
          "loss.caption_weight"}
 _WEIGHTS = {"loss.contrastive_weight", "loss.caption_weight"}
-# Document sources other than shapes (text corpora, web documents): new keys for every experiment.
-_SOURCES = {"data.eval_files", "data.text_key", "data.record_format", "data.min_image_similarity"}
+# Document sources other than shapes (text corpora, web documents) and the micro-batching mode:
+# new keys for every experiment.
+_SOURCES = {"data.eval_files", "data.text_key", "data.record_format", "data.min_image_similarity",
+            "optim.grad_accum_mode"}
 NEW_DEFAULTS = {
     "clip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
     "siglip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},

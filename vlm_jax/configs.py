@@ -148,7 +148,16 @@ def base_config() -> ConfigDict:
         schedule="cosine",  # After the warm-up: 'cosine', 'linear' (decay) or 'constant'.
         end_lr_factor=0.0,  # The final learning rate, as a fraction of lr.
         grad_clip_norm=0.0,  # Global-norm gradient clipping (0 = off).
-        grad_accum_steps=1,  # Micro-batches per step (optax.MultiSteps; 1 = off).
+        # A step is one optimizer update on batch_size examples: total_steps, warmup_steps and
+        # the logged train/lr count updates. grad_accum_steps=k computes each step in k
+        # micro-batches of batch_size / k (memory of one micro-batch; k must divide the rows
+        # of each batch shard). grad_accum_mode: 'embeddings' (contrastive families: the loss
+        # over all batch_size embeddings, every negative kept, equal to k=1; one extra forward
+        # pass), 'gradients' (the mean of the micro-batches' objectives: exact for per-example
+        # losses, but a contrastive micro-batch then sees only its own negatives), 'auto' (the
+        # first for contrastive families, the second otherwise).
+        grad_accum_steps=1,
+        grad_accum_mode="auto",
         # A regular expression on parameter paths (re.search, e.g. '^(resampler|xattn)\.'):
         # only matching parameters train, the others are frozen and get no optimizer state
         # ('' = every parameter trains).

@@ -69,13 +69,17 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
 
     Config fields (``config.optim``): ``name`` ('adamw'), ``lr``, ``b1``, ``b2``, ``eps``,
     ``weight_decay``, ``warmup_steps``, ``schedule``, ``end_lr_factor``, ``grad_clip_norm``
-    (0 = off), ``grad_accum_steps`` (1 = off), ``trainable`` (a regular expression on parameter
+    (0 = off), ``trainable`` (a regular expression on parameter
     paths such as ``'^(resampler|xattn)\.'``; '' = every parameter trains). Parameters that do
     not match are frozen: ``optax.multi_transform`` gives them ``optax.set_to_zero`` (no
     optimizer state), and the train step stops their gradients (:func:`trainable_mask`).
 
-    With accumulation, ``optax.MultiSteps`` drops non-finite micro-batches
-    (``skip_not_finite``); a non-finite step is kept out of the state by the train step
+    One call of the returned transformation is one update, one train step: the schedule counts
+    updates (``total_steps`` and ``warmup_steps`` are updates). Micro-batching
+    (``grad_accum_steps``) happens inside the step (:func:`vlm_jax.train.make_loss_and_grads`),
+    not here: ``optax.MultiSteps`` would make every k-th call an update, so that a step would
+    no longer be an update and the schedule would run k times slower than ``total_steps``. A
+    non-finite step is kept out of the state by the train step
     (:func:`vlm_jax.train.make_train_step`).
     """
     if cfg.name != "adamw":
@@ -95,8 +99,14 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
                                 trainable_mask(params, pattern))
 
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    accum = int(cfg.grad_accum_steps)
-    if accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accum,
-                              should_skip_update_fn=optax.skip_not_finite)
     return tx, schedule
+
+
+def applied_lr(schedule: optax.Schedule, opt_state: Any) -> jax.Array:
+    """The learning rate the next update of ``opt_state`` applies: the schedule at the
+    optimizer's own update count (``optax.scale_by_schedule``'s), which a step the guard
+    skipped does not advance, rather than at the train step."""
+    states = [x for x in jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+        if isinstance(x, optax.ScaleByScheduleState)]
+    return schedule(states[0].count)

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -261,3 +262,45 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
     if global_batch_size % jax.process_count():
         raise ValueError(f"batch_size={global_batch_size} is not divisible by the "
                          f"{jax.process_count()} processes.")
+
+
+def split_microbatches(batch: Any, k: int, mesh: Mesh) -> Any:
+    """``[B, ...]`` arrays (batch-sharded) -> ``[k, B / k, ...]``: micro-batch ``j`` holds, on
+    every batch shard, rows ``[j b / k, (j + 1) b / k)`` of that shard's ``b`` rows, so splitting
+    moves no data between devices and each micro-batch stays sharded over all batch axes.
+
+    Every row appears in exactly one micro-batch; :func:`merge_microbatches` is the inverse
+    (row order included). ``k`` must divide the per-shard batch ``b``.
+    """
+    n = batch_shard_count(mesh)
+
+    def split(x):
+        b = x.shape[0] // n
+        if b % k:
+            raise ValueError(f"{k} micro-batches do not divide the {b} rows of each of the {n} "
+                             f"batch shards (global batch {x.shape[0]}).")
+        tail = x.shape[1:]
+        y = x.reshape(n, k, b // k, *tail)
+        y = jax.lax.with_sharding_constraint(
+            y, NamedSharding(mesh, P(BATCH_AXES, *([None] * (y.ndim - 1)))))
+        y = jnp.swapaxes(y, 0, 1).reshape(k, n * (b // k), *tail)
+        return jax.lax.with_sharding_constraint(
+            y, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * len(tail)))))
+
+    return jax.tree.map(split, batch)
+
+
+def merge_microbatches(stacked: Any, mesh: Mesh) -> Any:
+    """The inverse of :func:`split_microbatches`: ``[k, B / k, ...]`` -> ``[B, ...]`` in the
+    original row order, batch-sharded, without moving rows between devices."""
+    n = batch_shard_count(mesh)
+
+    def merge(y):
+        k, m, *tail = y.shape
+        x = y.reshape(k, n, m // n, *tail)
+        x = jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (x.ndim - 2)))))
+        x = jnp.swapaxes(x, 0, 1).reshape(k * m, *tail)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, batch_spec(x.ndim)))
+
+    return jax.tree.map(merge, stacked)

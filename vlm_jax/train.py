@@ -123,33 +123,159 @@ def batch_shardings(mesh: Mesh, batch_shapes: dict[str, Any]) -> dict[str, Named
             for k, s in batch_shapes.items()}
 
 
-def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> Callable:
-    """The jitted train step with explicit in/out shardings and the state donated.
+def accumulation(config: ConfigDict, family: Family) -> tuple[int, str]:
+    """``(k, mode)``: the micro-batches per step (``config.optim.grad_accum_steps``) and how their
+    gradients combine (``config.optim.grad_accum_mode``): ``'embeddings'`` (the contrastive
+    objective over the whole batch, every negative kept; families with ``embed`` /
+    ``batch_loss``) or ``'gradients'`` (the mean of per-micro-batch objectives).
 
-    ``batch_spec``: ``{key: ShapeDtypeStruct or shape}`` of the global batch; default (what
-    ``train`` and ``compile`` use) the family's :meth:`TrainSetup.batch_spec`."""
-    config, mesh, rules = s.config, s.mesh, s.rules
-    objective = s.family.objective
-    batch_spec = s.batch_spec() if batch_spec is None else batch_spec
+    Raises:
+        ConfigError: an unknown mode, ``'embeddings'`` for a family without the split, or
+            ``k < 1``.
+    """
+    k, mode = int(config.optim.grad_accum_steps), config.optim.grad_accum_mode
+    if k < 1:
+        raise ConfigError(f"config.optim.grad_accum_steps={k}: the micro-batches per step, >= 1.")
+    if mode == "auto":
+        mode = "embeddings" if family.contrastive else "gradients"
+    if mode not in ("embeddings", "gradients"):
+        raise ConfigError(f"config.optim.grad_accum_mode={mode!r}: use 'auto', 'embeddings' or "
+                          "'gradients'.")
+    if mode == "embeddings" and not family.contrastive:
+        raise ConfigError(f"config.optim.grad_accum_mode='embeddings' needs a contrastive family "
+                          f"(embed / batch_loss); {family.name!r} has none: use 'gradients'.")
+    if mode == "gradients" and k > 1 and family.contrastive:
+        log.warning(
+            "config.optim.grad_accum_mode='gradients' with %d micro-batches changes the "
+            "contrastive objective: each micro-batch of %d sees only its own negatives, not the "
+            "batch's %d. grad_accum_mode='embeddings' computes the batch's loss exactly.",
+            k, config.batch_size // k, config.batch_size)
+    return k, mode
 
+
+def make_loss_and_grads(s: TrainSetup) -> Callable:
+    """``fn(params, batch) -> (loss, metrics, grads)`` of the family's objective on a global
+    batch, in ``config.optim.grad_accum_steps`` micro-batches (to be called inside ``jit``).
+
+    * ``k = 1``: one forward and backward pass over the whole batch.
+    * ``'embeddings'`` (contrastive families; gradient caching, Gao et al. 2021, as open_clip's
+      ``--accum-freq``): (1) every micro-batch is embedded with no activations kept; (2) the
+      loss over all ``B`` embeddings (any ``loss.variant``) and its gradient with respect to
+      them and to the loss's own parameters (temperature, bias); (3) each micro-batch's
+      forward pass again, back-propagated with its slice of the embedding gradients (plus its
+      local term, CoCa's captioning loss), parameter gradients summed. Loss and gradients
+      equal the full batch's; activations are those of one micro-batch, at the price of a
+      second forward pass (4/3 of the FLOPs).
+    * ``'gradients'``: the mean of the micro-batches' objectives and gradients; equal to the full
+      batch for objectives that are means over equal-sized micro-batches (exact for CLIP only
+      with one micro-batch: each then sees ``B / k`` negatives).
+
+    Micro-batch ``j`` takes rows ``[j b / k, (j + 1) b / k)`` of every batch shard's ``b`` rows
+    (:func:`vlm_jax.parallel.split_microbatches`): no data moves between devices.
+    """
+    config, mesh, rules, family = s.config, s.mesh, s.rules, s.family
+    k, mode = accumulation(config, family)
     nan_step = faults.nan_loss_step()  # Reliability battery only; None otherwise.
     trainable = config.optim.trainable
 
-    def train_step(state, batch):
-        def loss_fn(params):
-            if trainable:  # Frozen parameters: no weight gradients are computed at all.
-                params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
-                                      optim.trainable_mask(params, trainable))
-            with parallel.sharding_context(mesh, rules):
-                model = nnx.merge(s.graphdef, params)
-                loss, aux = objective(model, batch, config, mesh)
-            if nan_step is not None:
-                loss = loss * jnp.where(state["step"] + 1 == nan_step, jnp.nan, 1.0)
-            return loss, aux
+    def model_of(params):
+        if trainable:  # Frozen parameters: no weight gradients are computed at all.
+            params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                                  optim.trainable_mask(params, trainable))
+        return nnx.merge(s.graphdef, params)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    def objective(params, batch):
+        with parallel.sharding_context(mesh, rules):
+            return family.objective(model_of(params), batch, config, mesh)
+
+    if k == 1:
+        def whole(params, batch):
+            (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+            return loss, aux, grads
+        fn = whole
+    elif mode == "gradients":
+        def plain(params, batch):
+            def body(acc, micro):
+                (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, micro)
+                return jax.tree.map(jnp.add, acc, grads), (loss, aux)
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, (losses_, aux) = jax.lax.scan(
+                body, zeros, parallel.split_microbatches(batch, k, mesh))
+            mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
+            return mean(losses_), jax.tree.map(mean, aux), jax.tree.map(lambda g: g / k, grads)
+        fn = plain
+    else:
+        def embed(params, micro):
+            with parallel.sharding_context(mesh, rules):
+                return family.embed(model_of(params), micro, config)
+
+        def cached(params, batch):
+            micros = parallel.split_microbatches(batch, k, mesh)
+            # (1) Embeddings of every micro-batch; lax.map keeps no activations for a backward.
+            emb = jax.lax.map(lambda micro: embed(params, micro)[0], micros)
+            emb = parallel.merge_microbatches(emb, mesh)
+
+            # (2) The loss over the whole batch: gradients for the embeddings and for the
+            # parameters the loss itself reads (temperature, bias).
+            def loss_of(p, e):
+                with parallel.sharding_context(mesh, rules):
+                    return family.batch_loss(model_of(p), e, config, mesh)
+
+            (loss, aux), (g_loss, g_emb) = jax.value_and_grad(
+                loss_of, argnums=(0, 1), has_aux=True)(params, emb)
+            g_emb = parallel.split_microbatches(g_emb, k, mesh)
+
+            # (3) Each micro-batch again, back-propagated with its slice of the embedding
+            # gradients (and its local term's, weighted 1/k: the local terms are averaged).
+            def body(acc, xs):
+                micro, g = xs
+
+                def surrogate(p):
+                    e, local, local_aux = embed(p, micro)
+                    dot = sum(jnp.vdot(e[key], g[key].astype(e[key].dtype)) for key in e)
+                    return dot + local / k, (local, local_aux)
+
+                grads, (local, local_aux) = jax.grad(surrogate, has_aux=True)(params)
+                return jax.tree.map(jnp.add, acc, grads), (local, local_aux)
+
+            grads, (local, local_aux) = jax.lax.scan(body, g_loss, (micros, g_emb))
+            mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
+            return (loss + mean(local), {**aux, **jax.tree.map(mean, local_aux)}, grads)
+        fn = cached
+
+    if nan_step is None:
+        return fn
+
+    def poisoned(params, batch, step):
+        loss, aux, grads = fn(params, batch)
+        bad = jnp.where(step + 1 == nan_step, jnp.nan, 1.0)
+        return loss * bad, aux, jax.tree.map(lambda g: g * bad, grads)
+    return poisoned
+
+
+def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> Callable:
+    """The jitted train step with explicit in/out shardings and the state donated: one optimizer
+    update on one global batch of ``config.batch_size`` examples (in
+    ``optim.grad_accum_steps`` micro-batches, :func:`make_loss_and_grads`).
+
+    ``batch_spec``: ``{key: ShapeDtypeStruct or shape}`` of the global batch; default (what
+    ``train`` and ``compile`` use) the family's :meth:`TrainSetup.batch_spec`."""
+    config, mesh = s.config, s.mesh
+    batch_spec = s.batch_spec() if batch_spec is None else batch_spec
+    loss_and_grads = make_loss_and_grads(s)
+    poisoned = faults.nan_loss_step() is not None
+    after_update = s.family.after_update
+
+    def train_step(state, batch):
+        if poisoned:
+            loss, aux, grads = loss_and_grads(state["params"], batch, state["step"])
+        else:
+            loss, aux, grads = loss_and_grads(state["params"], batch)
         updates, opt_state = s.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        if after_update is not None:  # e.g. CLIP's temperature clamped, as open_clip
+            params = after_update(params, config)
         grad_norm = optax.global_norm(grads)
         # A step with a NaN/Inf loss or gradient leaves params and optimizer state as they were
         # (the loop then stops or skips, config.guard). A select rather than
@@ -161,7 +287,7 @@ def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> 
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                                          (params, opt_state), (state["params"], state["opt_state"]))
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
-                   "train/lr": s.schedule(state["step"]), **aux}
+                   "train/lr": optim.applied_lr(s.schedule, state["opt_state"]), **aux}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(train_step,

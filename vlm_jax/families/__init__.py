@@ -17,6 +17,17 @@ loop, ``vlm-jax compile``, ``vlm-jax caption`` and the evaluators ask it, instea
 * ``capabilities``: what evaluators may ask of the model (:data:`CAPABILITIES`).
 * ``image_size(config)``: the image side the model reads (None: text only).
 
+Optional, for contrastive families:
+
+* ``embed(model, batch, config) -> (embeddings, local_loss, local_metrics)`` and
+  ``batch_loss(model, embeddings, config, mesh) -> (loss, metrics)``: the objective split at the
+  per-example embeddings, so that a step in micro-batches keeps every negative
+  (``optim.grad_accum_steps``, :func:`vlm_jax.train.make_loss_and_grads`): the loss over the
+  whole batch's embeddings plus the mean of the per-micro-batch ``local_loss`` (CoCa's
+  captioning term; 0 for CLIP) equals ``objective`` on the whole batch.
+* ``after_update(params, config) -> params``: constraints applied to the parameters after each
+  optimizer update (CLIP's temperature clamped to ``[0, logit_scale_max]``, as open_clip).
+
 Adding a family (LiT, SigLIP 2, a LLaVA-style model) is one new module here that defines a
 ``FAMILY`` and one line in :data:`FAMILIES`.
 """
@@ -51,8 +62,18 @@ class Family:
     flops_per_example: Callable[..., float]
     capabilities: frozenset[str]
     image_size: Callable[[Any], int | None]
+    embed: Callable[..., tuple[dict, Any, dict]] | None = None
+    batch_loss: Callable[..., tuple[Any, dict]] | None = None
+    after_update: Callable[[Any, Any], Any] | None = None
+
+    @property
+    def contrastive(self) -> bool:
+        """Whether the objective is split at the embeddings (``embed`` / ``batch_loss``)."""
+        return self.embed is not None and self.batch_loss is not None
 
     def __post_init__(self):
+        if (self.embed is None) != (self.batch_loss is None):
+            raise ValueError(f"Family {self.name!r}: embed and batch_loss go together.")
         unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
         if unknown:
             raise ValueError(f"Family {self.name!r}: unknown capabilities {unknown}; known: "

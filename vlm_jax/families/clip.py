@@ -8,6 +8,7 @@ SigLIP) and SigLIP's learned logit bias (``config.model.logit_bias_init``); the 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import data as data_lib
@@ -24,9 +25,18 @@ def build_model(model_cfg, rngs):
     return CLIP.from_config(model_cfg, rngs=rngs)
 
 
-def objective(model, batch, config, mesh):
-    """Dual-encoder contrastive training, across all devices (the global B x B logits are never
-    built on one device).
+def embed(model, batch, config):
+    """The per-example embeddings of a (micro-)batch: ``{'image_emb', 'text_emb'}`` (normalised
+    float32), no local loss term."""
+    del config
+    out = model(batch["image"], batch["text"])
+    return {"image_emb": out["image_emb"], "text_emb": out["text_emb"]}, 0.0, {}
+
+
+def batch_loss(model, emb, config, mesh):
+    """The contrastive loss over a whole batch's embeddings ``emb`` (:func:`embed`), across all
+    devices (the global B x B logits are never built on one device), with the model's
+    temperature (and SigLIP's bias).
 
     ``config.loss.name``: ``'softmax'`` (CLIP's symmetric InfoNCE,
     :func:`vlm_jax.losses.contrastive_loss`) or ``'sigmoid'`` (SigLIP,
@@ -37,28 +47,46 @@ def objective(model, batch, config, mesh):
     name = config.loss.name
     if name not in LOSSES:
         raise ConfigError(f"config.loss.name={name!r}; valid: {list(LOSSES)}.")
-    out = model(batch["image"], batch["text"])
+    scale = model.temperature()
+    bias = None if model.logit_bias is None else model.logit_bias[...].astype(jnp.float32)
     try:
         if name == "sigmoid":
-            if "logit_bias" not in out:
+            if bias is None:
                 raise ConfigError("config.loss.name='sigmoid' needs a learned bias: set "
                                   "config.model.logit_bias_init (SigLIP: -10.0).")
             loss, metrics = losses.sigmoid_loss(
-                out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"],
-                mesh=mesh, variant=config.loss.variant)
+                emb["image_emb"], emb["text_emb"], scale, bias, mesh=mesh,
+                variant=config.loss.variant)
         else:
             loss, metrics = losses.contrastive_loss(
-                out["image_emb"], out["text_emb"], out["logit_scale"], mesh=mesh,
+                emb["image_emb"], emb["text_emb"], scale, mesh=mesh,
                 **contrastive_kwargs(config.loss))
     except ValueError as e:
         if "variant" in str(e):
             raise ConfigError(f"config.loss.variant: {e}") from e
         raise
     metrics = {f"train/{k}": v for k, v in metrics.items()}
-    metrics["train/logit_scale"] = out["logit_scale"]
-    if "logit_bias" in out:
-        metrics["train/logit_bias"] = out["logit_bias"]
+    metrics["train/logit_scale"] = scale
+    if bias is not None:
+        metrics["train/logit_bias"] = bias
     return loss, metrics
+
+
+def objective(model, batch, config, mesh):
+    """:func:`batch_loss` on the embeddings of the whole batch (:func:`embed`)."""
+    emb, _, _ = embed(model, batch, config)
+    return batch_loss(model, emb, config, mesh)
+
+
+def after_update(params, config):
+    """The learned temperature clamped to ``[0, logit_scale_max]`` after the update, as
+    open_clip does (``logit_scale.clamp_(0, math.log(100))`` after ``optimizer.step()``): the
+    forward pass uses the parameter as it is, so its gradient is never cut at the bound and it
+    can come back down."""
+    params = dict(params)
+    params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0,
+                                     config.model.logit_scale_max)
+    return params
 
 
 def contrastive_kwargs(loss_config) -> dict:
@@ -112,4 +140,5 @@ def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
 FAMILY = Family(name="clip", build_model=build_model, objective=objective,
                 batch_spec=batch_spec, make_data=make_data, default_evals=default_evals,
                 flops_per_example=flops_per_example, capabilities=frozenset({"embed"}),
-                image_size=image_size)
+                image_size=image_size, embed=embed, batch_loss=batch_loss,
+                after_update=after_update)

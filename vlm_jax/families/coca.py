@@ -6,8 +6,6 @@ data and batch are CLIP's.
 
 from __future__ import annotations
 
-from vlm_jax import losses
-from vlm_jax.config import ConfigError
 from vlm_jax.families import Family
 from vlm_jax.families import clip
 from vlm_jax.models import coca as coca_model
@@ -18,26 +16,30 @@ def build_model(model_cfg, rngs):
     return coca_model.CoCa.from_config(model_cfg, rngs=rngs)
 
 
-def objective(model, batch, config, mesh):
-    """CoCa (open_clip's ``CoCaLoss``): ``contrastive_weight`` x the all-gather contrastive loss
-    (any ``config.loss.variant``) + ``caption_weight`` x the captioning cross-entropy (teacher
-    forcing, padding ignored). Defaults 1.0 and 2.0 as open_clip."""
+def embed(model, batch, config):
+    """The embeddings of a (micro-)batch and its captioning term: ``caption_weight`` x the
+    captioning cross-entropy (teacher forcing, padding ignored; a mean over the micro-batch's
+    tokens)."""
     out = model(batch["image"], batch["text"])
-    try:
-        con, metrics = losses.contrastive_loss(out["image_emb"], out["text_emb"],
-                                               out["logit_scale"], mesh=mesh,
-                                               **clip.contrastive_kwargs(config.loss))
-    except ValueError as e:
-        if "variant" in str(e):
-            raise ConfigError(f"config.loss.variant: {e}") from e
-        raise
     cap = coca_model.captioning_loss(out["caption_logits"], batch["text"], model.pad_id)
-    w_con = config.loss.contrastive_weight
-    w_cap = config.loss.caption_weight
-    metrics = {f"train/{k}": v for k, v in metrics.items()}
-    metrics.update({"train/contrastive_loss": con, "train/caption_loss": cap,
-                    "train/logit_scale": out["logit_scale"]})
-    return w_con * con + w_cap * cap, metrics
+    emb = {"image_emb": out["image_emb"], "text_emb": out["text_emb"]}
+    return emb, config.loss.caption_weight * cap, {"train/caption_loss": cap}
+
+
+def batch_loss(model, emb, config, mesh):
+    """``contrastive_weight`` x CLIP's contrastive loss (:func:`vlm_jax.families.clip.batch_loss`:
+    any ``config.loss.variant``) over the whole batch's embeddings."""
+    con, metrics = clip.batch_loss(model, emb, config, mesh)
+    metrics["train/contrastive_loss"] = con
+    return config.loss.contrastive_weight * con, metrics
+
+
+def objective(model, batch, config, mesh):
+    """CoCa (open_clip's ``CoCaLoss``): ``contrastive_weight`` x contrastive +
+    ``caption_weight`` x captioning, open_clip's 1.0 and 2.0 by default."""
+    emb, cap, cap_metrics = embed(model, batch, config)
+    con, metrics = batch_loss(model, emb, config, mesh)
+    return con + cap, {**metrics, **cap_metrics}
 
 
 def default_evals(config) -> dict[str, dict]:
@@ -55,4 +57,5 @@ def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
 FAMILY = Family(name="coca", build_model=build_model, objective=objective,
                 batch_spec=clip.batch_spec, make_data=clip.make_data,
                 default_evals=default_evals, flops_per_example=flops_per_example,
-                capabilities=frozenset({"embed", "caption"}), image_size=clip.image_size)
+                capabilities=frozenset({"embed", "caption"}), image_size=clip.image_size,
+                embed=embed, batch_loss=batch_loss, after_update=clip.after_update)

@@ -3,8 +3,8 @@
 ``image`` (:class:`~vlm_jax.models.vit.ViT`) and ``text``
 (:class:`~vlm_jax.models.text.TextTransformer`) towers, bias-free linear projections
 ``image_projection`` / ``text_projection`` to ``embed_dim``, L2 normalisation and a learned
-temperature ``logit_scale`` (stored as a log, clamped to ``[0, logit_scale_max]`` and
-exponentiated in the forward pass, as open_clip does).
+temperature ``logit_scale`` (stored as a log and exponentiated in the forward pass; the training
+loop clamps the parameter to ``[0, logit_scale_max]`` after each update, as open_clip does).
 
 Config (a dict or ml_collections ConfigDict)::
 
@@ -163,14 +163,16 @@ class CLIP(nnx.Module):
         return layers.l2_normalize(self.text_projection(self.text(tokens)))
 
     def temperature(self) -> jax.Array:
-        """``exp(clip(logit_scale, 0, logit_scale_max))`` (float32 scalar)."""
-        return jnp.exp(jnp.clip(self.logit_scale[...].astype(jnp.float32), 0.0,
-                                self.logit_scale_max))
+        """``exp(logit_scale)`` (float32 scalar). The parameter is kept in ``[0,
+        logit_scale_max]`` by the training loop after each update
+        (:func:`vlm_jax.families.clip.after_update`), as open_clip does, not clipped here, where
+        the clip would cut its gradient at the bound."""
+        return jnp.exp(self.logit_scale[...].astype(jnp.float32))
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
         """Returns ``dict(image_emb [B, D], text_emb [B, D], logit_scale ())`` (plus
         ``logit_bias ()`` when the model has one); embeddings are normalised float32 and
-        ``logit_scale`` is already clamped and exponentiated."""
+        ``logit_scale`` is exponentiated."""
         out = dict(image_emb=self.encode_image(images), text_emb=self.encode_text(tokens),
                    logit_scale=self.temperature())
         if self.logit_bias is not None:

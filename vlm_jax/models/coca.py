@@ -42,8 +42,8 @@ Deviations from open_clip, and why:
   drops the last text token before the decoder and returns ``L - 1`` positions. Everything is
   causal, so the first ``L - 1`` positions are the same numbers; the labels are
   ``tokens[:, 1:]`` in both (:func:`captioning_loss` drops the last position).
-* The temperature is clamped to ``[0, logit_scale_max]`` in the forward pass (as vlm_jax's CLIP);
-  open_clip clamps the parameter in the training loop after each step.
+* The temperature parameter is clamped to ``[0, logit_scale_max]`` by the training loop after each
+  update, as open_clip does (not in the forward pass).
 * ``parallel`` / ``cascade`` poolers: open_clip's ``ln_post`` there has width ``embed_dim`` but is
   applied to the ViT tokens, which only works when the ViT width equals ``embed_dim``; here it
   has the ViT width (the same parameters whenever open_clip's version runs). The contrastive
@@ -635,9 +635,11 @@ class CoCa(nnx.Module):
         return layers.l2_normalize(self.text_projection(self.text.pooled(x)))
 
     def temperature(self) -> jax.Array:
-        """``exp(clip(logit_scale, 0, logit_scale_max))`` (float32 scalar)."""
-        return jnp.exp(jnp.clip(self.logit_scale[...].astype(jnp.float32), 0.0,
-                                self.logit_scale_max))
+        """``exp(logit_scale)`` (float32 scalar). The parameter is kept in ``[0,
+        logit_scale_max]`` by the training loop after each update
+        (:func:`vlm_jax.families.clip.after_update`), as open_clip does, not clipped here, where
+        the clip would cut its gradient at the bound."""
+        return jnp.exp(self.logit_scale[...].astype(jnp.float32))
 
     # Captioning.
     def init_cache(self, batch: int, max_length: int | None = None,
@@ -732,7 +734,7 @@ class CoCa(nnx.Module):
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
         """Returns ``dict(image_emb [B, E], text_emb [B, E], logit_scale (), caption_logits
         [B, L, vocab])`` (plus ``logit_bias ()`` when the model has one). Embeddings are
-        normalised float32, ``logit_scale`` clamped and exponentiated; ``caption_logits[:, t]``
+        normalised float32, ``logit_scale`` exponentiated; ``caption_logits[:, t]``
         (float32) predicts ``tokens[:, t + 1]`` (labels ``tokens[:, 1:]``, see
         :func:`captioning_loss`)."""
         image_emb, context = self.image_features(images)
