@@ -396,6 +396,29 @@ def _ring(img: jax.Array, txt: jax.Array, ctx: ShardContext, visit, row_state, c
     return row_state, ctx.shift(col_state)
 
 
+def _softmax_ring_pass(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: ShardContext):
+    """The forward ring of the softmax loss: ``(row, col)`` states, each ``((m, s), top1)``.
+
+    ``row`` holds the online log-sum-exp ``(m, s)`` and the running argmax of this shard's image
+    rows over all ``B`` texts; ``col`` those of this shard's *text columns* over all ``B``
+    images (they travelled with the text block and are home again). Shared by ``'ring'``
+    (differentiated by JAX) and ``'ring_recompute'`` (the forward rule of its custom VJP)."""
+    b = ctx.b
+    local = jnp.arange(b)
+
+    def visit(row, col, t, src, _first):
+        block = scale * (img @ _f32(t).T)
+        row_lse, row_top = row
+        col_lse, col_top = col
+        row = (_lse_update(row_lse, block, 1), _top1_update(row_top, block, src * b + local, 1))
+        col = (_lse_update(col_lse, block, 0),
+               _top1_update(col_top, block, ctx.index * b + local, 0))
+        return row, col
+
+    init = lambda: (_lse_init(b), _top1_init(b))  # noqa: E731
+    return _ring(img, txt, ctx, visit, init(), init())
+
+
 @_register(CONTRASTIVE_VARIANTS, "ring")
 def _contrastive_ring(img: jax.Array, txt: jax.Array, scale: jax.Array,
                       ctx: ShardContext) -> dict[str, jax.Array]:
@@ -412,20 +435,8 @@ def _contrastive_ring(img: jax.Array, txt: jax.Array, scale: jax.Array,
     both modalities, ``2 * (n - 1) * b * D``), in ``n`` hops that XLA can overlap with the
     matmuls.
     """
-    img, b = _f32(img), ctx.b
-    local = jnp.arange(b)
-
-    def visit(row, col, t, src, _first):
-        block = scale * (img @ _f32(t).T)
-        row_lse, row_top = row
-        col_lse, col_top = col
-        row = (_lse_update(row_lse, block, 1), _top1_update(row_top, block, src * b + local, 1))
-        col = (_lse_update(col_lse, block, 0),
-               _top1_update(col_top, block, ctx.index * b + local, 0))
-        return row, col
-
-    init = lambda: (_lse_init(b), _top1_init(b))  # noqa: E731
-    row, col = _ring(img, txt, ctx, visit, init(), init())
+    img = _f32(img)
+    row, col = _softmax_ring_pass(img, txt, scale, ctx)
     positives = scale * jnp.sum(img * _f32(txt), axis=1)
     labels = ctx.row_ids()
     return {
@@ -433,6 +444,95 @@ def _contrastive_ring(img: jax.Array, txt: jax.Array, scale: jax.Array,
         "t2i_nll": jnp.sum(_lse_final(col[0]) - positives),
         "i2t_correct": jnp.sum((row[1][1] == labels).astype(jnp.float32)),
         "t2i_correct": jnp.sum((col[1][1] == labels).astype(jnp.float32)),
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# 'ring_recompute' (softmax and sigmoid): custom_vjp, the ring run again in the backward pass.
+# -------------------------------------------------------------------------------------------
+
+
+def _varying(x: jax.Array, ctx: ShardContext) -> jax.Array:
+    """Marks a replicated scalar as varying over the batch axes before a ``custom_vjp`` whose
+    cotangent for it differs per shard; the transpose of the cast psums those cotangents, as
+    autodiff does for the replicated scalars of the other variants."""
+    return jax.lax.pcast(x, ctx.axes, to="varying") if ctx.axes else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _softmax_ring_lse(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: ShardContext):
+    """``(row_lse, col_lse, row_argmax, col_argmax)``, each ``[b]``: the log-sum-exp over all
+    ``B`` logits of this shard's image rows and of its text columns, and their int32 argmax
+    (global index). ``img [b, D]`` float32, ``txt [b, D]`` any float dtype (it travels in that
+    dtype), ``scale`` a scalar varying over the batch axes. The lse values are returned per
+    row, not summed, for the reason given in :func:`_blockwise_lse`."""
+    out, _ = _softmax_ring_lse_fwd(img, txt, scale, ctx)
+    return out
+
+
+def _softmax_ring_lse_fwd(img, txt, scale, ctx):
+    (row_lse, row_top), (col_lse, col_top) = _softmax_ring_pass(img, txt, scale, ctx)
+    out = (_lse_final(row_lse), _lse_final(col_lse), row_top[1], col_top[1])
+    # Residuals beyond the (already live) inputs: (max, sum of exp) per row and column, 4 x [b].
+    return out, (img, txt, scale, row_lse, col_lse)
+
+
+def _softmax_ring_lse_bwd(ctx, residuals, cotangents):
+    """The ring again: ``d lse / d L = softmax``, per row for the image->text terms and per
+    column for the text->image ones. With row and column cotangents ``g_r``, ``h_c`` the block
+    ``(i, j)`` of logits gets ``P = g_r exp(L - m_r) / s_r + h_c exp(L - m_c) / s_c``, whence
+    ``dI_i += s P T_j``, ``dT_j += s P^T I_i``, ``dscale += <P, I_i T_j^T>``. ``T_j`` travels
+    with its column statistics ``(m_c, h_c / s_c)`` and its float32 gradient accumulator
+    ``dT_j``; the last hop brings ``dT_j`` home. The softmax uses the forward pass's max and
+    sum rather than ``exp(L - lse)``, as :func:`_blockwise_lse_bwd` explains."""
+    img, txt, scale, (row_m, row_s), (col_m, col_s) = residuals
+    g_row = (cotangents[0] / row_s)[:, None]  # The argmax outputs have no cotangent (integer).
+
+    def visit(row, col, t, _src, _first):
+        d_img, d_scale = row
+        m_c, h_c, d_t = col
+        t = _f32(t)
+        raw = img @ t.T  # [b, b]
+        logits = scale * raw
+        p = (jnp.exp(logits - row_m[:, None]) * g_row
+             + jnp.exp(logits - m_c[None, :]) * h_c[None, :])
+        return ((d_img + scale * (p @ t), d_scale + jnp.sum(p * raw)),
+                (m_c, h_c, d_t + scale * (p.T @ img)))
+
+    zero = jnp.zeros_like(row_m[0])
+    row, col = _ring(img, txt, ctx, visit, (jnp.zeros_like(img), zero),
+                     (col_m, cotangents[1] / col_s, jnp.zeros_like(img)))
+    return row[0], col[2].astype(txt.dtype), row[1].astype(jnp.result_type(scale))
+
+
+_softmax_ring_lse.defvjp(_softmax_ring_lse_fwd, _softmax_ring_lse_bwd)
+
+
+@_register(CONTRASTIVE_VARIANTS, "ring_recompute")
+def _contrastive_ring_recompute(img: jax.Array, txt: jax.Array, scale: jax.Array,
+                                ctx: ShardContext) -> dict[str, jax.Array]:
+    """``'ring'`` with O(b x D) instead of O(B x D) memory: recompute, don't store.
+
+    JAX's autodiff of ``'ring'`` saves every received text block for the backward pass, ``n - 1``
+    blocks of ``[b, D]``. Here :func:`_softmax_ring_lse`, a ``jax.custom_vjp``, runs the same
+    forward ring but keeps only the per-row and per-column log-sum-exp statistics (``[b]``
+    each); its backward pass sends the text blocks around the ring a second time, together with
+    their float32 gradient accumulators, and recomputes each ``[b, b]`` block of logits to form
+    its softmax. No received block outlives its hop. The positive logits are a local dot
+    product differentiated by JAX, as in ``'chunked'``. The price is communication: the backward
+    pass moves ``n - 1`` text blocks plus ``n`` float32 gradient blocks per shard, where
+    ``'ring'``'s moves ``n - 1`` gradient blocks (the transpose of its ``ppermute``) in the
+    input dtype; the forward pass is the same.
+    """
+    img = _f32(img)
+    lse_i2t, lse_t2i, top_i2t, top_t2i = _softmax_ring_lse(img, txt, _varying(scale, ctx), ctx)
+    positives = scale * jnp.sum(img * _f32(txt), axis=1)
+    labels = ctx.row_ids()
+    return {
+        "i2t_nll": jnp.sum(lse_i2t - positives),
+        "t2i_nll": jnp.sum(lse_t2i - positives),
+        "i2t_correct": jnp.sum((top_i2t == labels).astype(jnp.float32)),
+        "t2i_correct": jnp.sum((top_t2i == labels).astype(jnp.float32)),
     }
 
 
@@ -659,13 +759,11 @@ def _sigmoid_block_nll(block: jax.Array, positive_diag: bool) -> jax.Array:
     return -jnp.sum(jax.nn.log_sigmoid(-block))
 
 
-@_register(SIGMOID_VARIANTS, "ring")
-def _sigmoid_ring(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
-                  ctx: ShardContext) -> dict[str, jax.Array]:
-    """big_vision's chunked sigmoid loss: the local ``[b, b]`` block holds the positives on its
-    diagonal; the text blocks of the other ``n - 1`` shards arrive by ``ppermute`` and are all
-    negatives. No normaliser couples the blocks, so the local sums just add up."""
-    img, b = _f32(img), ctx.b
+def _sigmoid_ring_pass(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
+                       ctx: ShardContext):
+    """The forward ring of the sigmoid loss: ``((nll, row top1), col top1)`` of this shard's
+    image rows and (home again) text columns. Shared by ``'ring'`` and ``'ring_recompute'``."""
+    b = ctx.b
     local = jnp.arange(b)
 
     def visit(row, col, t, src, first):
@@ -675,14 +773,87 @@ def _sigmoid_ring(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Ar
         row = (nll, _top1_update(top, block, src * b + local, 1))
         return row, _top1_update(col, block, ctx.index * b + local, 0)
 
-    row, col = _ring(img, txt, ctx, visit, (jnp.zeros((), jnp.float32), _top1_init(b)),
-                     _top1_init(b))
+    return _ring(img, txt, ctx, visit, (jnp.zeros((), jnp.float32), _top1_init(b)),
+                 _top1_init(b))
+
+
+def _sigmoid_sums(nll: jax.Array, top_i2t: jax.Array, top_t2i: jax.Array,
+                  ctx: ShardContext) -> dict[str, jax.Array]:
     labels = ctx.row_ids()
     return {
-        "nll": row[0],
-        "i2t_correct": jnp.sum((row[1][1] == labels).astype(jnp.float32)),
-        "t2i_correct": jnp.sum((col[1] == labels).astype(jnp.float32)),
+        "nll": nll,
+        "i2t_correct": jnp.sum((top_i2t == labels).astype(jnp.float32)),
+        "t2i_correct": jnp.sum((top_t2i == labels).astype(jnp.float32)),
     }
+
+
+@_register(SIGMOID_VARIANTS, "ring")
+def _sigmoid_ring(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
+                  ctx: ShardContext) -> dict[str, jax.Array]:
+    """big_vision's chunked sigmoid loss: the local ``[b, b]`` block holds the positives on its
+    diagonal; the text blocks of the other ``n - 1`` shards arrive by ``ppermute`` and are all
+    negatives. No normaliser couples the blocks, so the local sums just add up."""
+    row, col = _sigmoid_ring_pass(_f32(img), txt, scale, bias, ctx)
+    return _sigmoid_sums(row[0], row[1][1], col[1], ctx)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sigmoid_ring_nll(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
+                      ctx: ShardContext):
+    """``(nll, row_argmax, col_argmax)``: this shard's summed sigmoid loss over all ``B`` texts
+    and the int32 top-1 indices of its image rows and text columns. Arguments as
+    :func:`_softmax_ring_lse`, plus the additive ``bias`` (also varying)."""
+    out, _ = _sigmoid_ring_nll_fwd(img, txt, scale, bias, ctx)
+    return out
+
+
+def _sigmoid_ring_nll_fwd(img, txt, scale, bias, ctx):
+    (nll, row_top), col_top = _sigmoid_ring_pass(img, txt, scale, bias, ctx)
+    return (nll, row_top[1], col_top[1]), (img, txt, scale, bias)
+
+
+def _sigmoid_ring_nll_bwd(ctx, residuals, cotangents):
+    """The ring again. ``d/dL [-log_sigmoid(z L)] = -z sigmoid(-z L)``, with ``z = +1`` on the
+    diagonal of the local block (hop 0) and ``-1`` elsewhere; with the loss cotangent ``g``,
+    ``P = -g z sigmoid(-z L)`` gives ``dI_i += s P T_j``, ``dT_j += s P^T I_i`` (travelling with
+    ``T_j``, float32, home after the last hop), ``dscale += <P, I_i T_j^T>``, ``dbias += sum P``."""
+    img, txt, scale, bias = residuals
+    g = cotangents[0]
+
+    def visit(row, col, t, _src, first):
+        d_img, d_scale, d_bias = row
+        t = _f32(t)
+        raw = img @ t.T  # [b, b]
+        logits = scale * raw + bias
+        if first:
+            z = 2 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1
+            p = -g * z * jax.nn.sigmoid(-z * logits)
+        else:
+            p = g * jax.nn.sigmoid(logits)
+        return ((d_img + scale * (p @ t), d_scale + jnp.sum(p * raw), d_bias + jnp.sum(p)),
+                col + scale * (p.T @ img))
+
+    zero = jnp.zeros_like(g)
+    (d_img, d_scale, d_bias), d_txt = _ring(img, txt, ctx, visit,
+                                            (jnp.zeros_like(img), zero, zero),
+                                            jnp.zeros_like(img))
+    return (d_img, d_txt.astype(txt.dtype), d_scale.astype(jnp.result_type(scale)),
+            d_bias.astype(jnp.result_type(bias)))
+
+
+_sigmoid_ring_nll.defvjp(_sigmoid_ring_nll_fwd, _sigmoid_ring_nll_bwd)
+
+
+@_register(SIGMOID_VARIANTS, "ring_recompute")
+def _sigmoid_ring_recompute(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
+                            ctx: ShardContext) -> dict[str, jax.Array]:
+    """``'ring'`` with O(b x D) memory: :func:`_sigmoid_ring_nll`, a ``jax.custom_vjp``, keeps
+    nothing from its forward ring but the inputs, and its backward pass sends the text blocks
+    (with their float32 gradient accumulators) around the ring again, recomputing each
+    ``[b, b]`` block (SigLIP's chunked implementation, with the backward pass written out)."""
+    nll, top_i2t, top_t2i = _sigmoid_ring_nll(_f32(img), txt, _varying(scale, ctx),
+                                              _varying(bias, ctx), ctx)
+    return _sigmoid_sums(nll, top_i2t, top_t2i, ctx)
 
 
 @_register(SIGMOID_VARIANTS, "gather")
