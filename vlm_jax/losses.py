@@ -460,35 +460,42 @@ def _varying(x: jax.Array, ctx: ShardContext) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _softmax_ring_lse(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: ShardContext):
-    """``(row_lse, col_lse, row_argmax, col_argmax)``, each ``[b]``: the log-sum-exp over all
-    ``B`` logits of this shard's image rows and of its text columns, and their int32 argmax
-    (global index). ``img [b, D]`` float32, ``txt [b, D]`` any float dtype (it travels in that
-    dtype), ``scale`` a scalar varying over the batch axes. The lse values are returned per
-    row, not summed, for the reason given in :func:`_blockwise_lse`."""
-    out, _ = _softmax_ring_lse_fwd(img, txt, scale, ctx)
+def _softmax_ring_nll(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: ShardContext):
+    """``(i2t_nll, t2i_nll, i2t_argmax, t2i_argmax)``, each ``[b]``: the cross-entropy
+    ``lse - L_rr`` over all ``B`` logits of this shard's image rows and of its text columns, and
+    their int32 argmax (global index). ``img [b, D]`` float32, ``txt [b, D]`` any float dtype (it
+    travels in that dtype), ``scale`` a scalar varying over the batch axes. The positive logit
+    is subtracted per row before any sum, for the reason given in :func:`_blockwise_lse`, and
+    inside the custom VJP so that its gradient (``-1`` on the diagonal) cancels the softmax's
+    (``~1`` there when the pairs are well separated) in float32, before a bf16 ``txt``'s
+    gradient is rounded."""
+    out, _ = _softmax_ring_nll_fwd(img, txt, scale, ctx)
     return out
 
 
-def _softmax_ring_lse_fwd(img, txt, scale, ctx):
+def _softmax_ring_nll_fwd(img, txt, scale, ctx):
     (row_lse, row_top), (col_lse, col_top) = _softmax_ring_pass(img, txt, scale, ctx)
-    out = (_lse_final(row_lse), _lse_final(col_lse), row_top[1], col_top[1])
+    positives = scale * jnp.sum(img * _f32(txt), axis=1)
+    out = (_lse_final(row_lse) - positives, _lse_final(col_lse) - positives,
+           row_top[1], col_top[1])
     # Residuals beyond the (already live) inputs: (max, sum of exp) per row and column, 4 x [b].
     return out, (img, txt, scale, row_lse, col_lse)
 
 
-def _softmax_ring_lse_bwd(ctx, residuals, cotangents):
+def _softmax_ring_nll_bwd(ctx, residuals, cotangents):
     """The ring again: ``d lse / d L = softmax``, per row for the image->text terms and per
     column for the text->image ones. With row and column cotangents ``g_r``, ``h_c`` the block
-    ``(i, j)`` of logits gets ``P = g_r exp(L - m_r) / s_r + h_c exp(L - m_c) / s_c``, whence
+    ``(i, j)`` of logits gets ``P = g_r exp(L - m_r) / s_r + h_c exp(L - m_c) / s_c``, minus
+    ``g_r + h_r`` on the diagonal of the local block (the positives), whence
     ``dI_i += s P T_j``, ``dT_j += s P^T I_i``, ``dscale += <P, I_i T_j^T>``. ``T_j`` travels
     with its column statistics ``(m_c, h_c / s_c)`` and its float32 gradient accumulator
     ``dT_j``; the last hop brings ``dT_j`` home. The softmax uses the forward pass's max and
     sum rather than ``exp(L - lse)``, as :func:`_blockwise_lse_bwd` explains."""
     img, txt, scale, (row_m, row_s), (col_m, col_s) = residuals
-    g_row = (cotangents[0] / row_s)[:, None]  # The argmax outputs have no cotangent (integer).
+    g, h = cotangents[0], cotangents[1]  # The argmax outputs have no cotangent (integer).
+    g_row = (g / row_s)[:, None]
 
-    def visit(row, col, t, _src, _first):
+    def visit(row, col, t, _src, first):
         d_img, d_scale = row
         m_c, h_c, d_t = col
         t = _f32(t)
@@ -496,16 +503,18 @@ def _softmax_ring_lse_bwd(ctx, residuals, cotangents):
         logits = scale * raw
         p = (jnp.exp(logits - row_m[:, None]) * g_row
              + jnp.exp(logits - m_c[None, :]) * h_c[None, :])
+        if first:  # The local block: its diagonal holds the positive pairs.
+            p = p - jnp.diag(g + h)
         return ((d_img + scale * (p @ t), d_scale + jnp.sum(p * raw)),
                 (m_c, h_c, d_t + scale * (p.T @ img)))
 
     zero = jnp.zeros_like(row_m[0])
     row, col = _ring(img, txt, ctx, visit, (jnp.zeros_like(img), zero),
-                     (col_m, cotangents[1] / col_s, jnp.zeros_like(img)))
+                     (col_m, h / col_s, jnp.zeros_like(img)))
     return row[0], col[2].astype(txt.dtype), row[1].astype(jnp.result_type(scale))
 
 
-_softmax_ring_lse.defvjp(_softmax_ring_lse_fwd, _softmax_ring_lse_bwd)
+_softmax_ring_nll.defvjp(_softmax_ring_nll_fwd, _softmax_ring_nll_bwd)
 
 
 @_register(CONTRASTIVE_VARIANTS, "ring_recompute")
@@ -514,23 +523,21 @@ def _contrastive_ring_recompute(img: jax.Array, txt: jax.Array, scale: jax.Array
     """``'ring'`` with O(b x D) instead of O(B x D) memory: recompute, don't store.
 
     JAX's autodiff of ``'ring'`` saves every received text block for the backward pass, ``n - 1``
-    blocks of ``[b, D]``. Here :func:`_softmax_ring_lse`, a ``jax.custom_vjp``, runs the same
+    blocks of ``[b, D]``. Here :func:`_softmax_ring_nll`, a ``jax.custom_vjp``, runs the same
     forward ring but keeps only the per-row and per-column log-sum-exp statistics (``[b]``
     each); its backward pass sends the text blocks around the ring a second time, together with
     their float32 gradient accumulators, and recomputes each ``[b, b]`` block of logits to form
-    its softmax. No received block outlives its hop. The positive logits are a local dot
-    product differentiated by JAX, as in ``'chunked'``. The price is communication: the backward
+    its softmax. No received block outlives its hop. The price is communication: the backward
     pass moves ``n - 1`` text blocks plus ``n`` float32 gradient blocks per shard, where
     ``'ring'``'s moves ``n - 1`` gradient blocks (the transpose of its ``ppermute``) in the
     input dtype; the forward pass is the same.
     """
-    img = _f32(img)
-    lse_i2t, lse_t2i, top_i2t, top_t2i = _softmax_ring_lse(img, txt, _varying(scale, ctx), ctx)
-    positives = scale * jnp.sum(img * _f32(txt), axis=1)
+    nll_i2t, nll_t2i, top_i2t, top_t2i = _softmax_ring_nll(_f32(img), txt,
+                                                            _varying(scale, ctx), ctx)
     labels = ctx.row_ids()
     return {
-        "i2t_nll": jnp.sum(lse_i2t - positives),
-        "t2i_nll": jnp.sum(lse_t2i - positives),
+        "i2t_nll": jnp.sum(nll_i2t),
+        "t2i_nll": jnp.sum(nll_t2i),
         "i2t_correct": jnp.sum((top_i2t == labels).astype(jnp.float32)),
         "t2i_correct": jnp.sum((top_t2i == labels).astype(jnp.float32)),
     }
@@ -802,7 +809,7 @@ def _sigmoid_ring_nll(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: ja
                       ctx: ShardContext):
     """``(nll, row_argmax, col_argmax)``: this shard's summed sigmoid loss over all ``B`` texts
     and the int32 top-1 indices of its image rows and text columns. Arguments as
-    :func:`_softmax_ring_lse`, plus the additive ``bias`` (also varying)."""
+    :func:`_softmax_ring_nll`, plus the additive ``bias`` (also varying)."""
     out, _ = _sigmoid_ring_nll_fwd(img, txt, scale, bias, ctx)
     return out
 
