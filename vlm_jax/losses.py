@@ -18,18 +18,22 @@ whose diagonal holds the positive pairs.
 The batch-sharded functions take *global* ``jax.Array``s whose leading dimension is split over
 the batch axes ``('slice', 'data', 'fsdp')`` of the mesh (``n`` shards of ``b = B / n`` rows;
 the ``tensor`` axis only holds replicas and does not change the result). Inside ``shard_map``
-each shard only ever builds ``[b, B]`` (``'gather'``) or ``[b, b]`` (``'ring'``) blocks of
+each shard only ever builds ``[b, B]`` (``'gather'``) or ``[b, b]`` (``'ring'``,
+``'ring_recompute'``) blocks of
 logits (``'chunked'``: ``[b, chunk]``); the global ``[B, B]`` matrix is never materialised on any
 device. Every function
 computes in float32 whatever the input dtype and returns ``(loss, metrics)`` where ``metrics``
 holds the in-batch top-1 retrieval accuracies ``'i2t_acc'`` and ``'t2i_acc'``.
 
 Variants are looked up by name in a registry (:data:`CONTRASTIVE_VARIANTS`: ``'gather'``,
-``'ring'``, ``'chunked'``; :data:`SIGMOID_VARIANTS`: ``'ring'``, ``'gather'``), so further
-algorithms can be added next to the existing ones without touching the public functions.
+``'ring'``, ``'chunked'``, ``'ring_recompute'``; :data:`SIGMOID_VARIANTS`: ``'ring'``,
+``'gather'``, ``'ring_recompute'``), so further algorithms can be added next to the existing
+ones without touching the public functions.
 ``'chunked'`` builds only ``[b, chunk]`` blocks of logits, in the forward and in the backward
-pass (a ``jax.custom_vjp`` with an online log-sum-exp): its loss memory grows with the local
-batch, not the global one.
+pass (a ``jax.custom_vjp`` with an online log-sum-exp): its logit memory grows with the local
+batch, not the global one. ``'ring_recompute'`` is ``'ring'`` as a ``jax.custom_vjp`` whose
+backward pass sends the text blocks around the ring again instead of keeping the ``n - 1``
+received ones: O(b x D) memory per device instead of O(B x D), for twice the text traffic.
 """
 
 from __future__ import annotations
@@ -505,7 +509,9 @@ def _softmax_ring_nll_bwd(ctx, residuals, cotangents):
              + jnp.exp(logits - m_c[None, :]) * h_c[None, :])
         if first:  # The local block: its diagonal holds the positive pairs.
             p = p - jnp.diag(g + h)
-        return ((d_img + scale * (p @ t), d_scale + jnp.sum(p * raw)),
+        p_t = p @ t  # [b, D]
+        # <P, I T^T> as sum(I * (P T)): the raw [b, b] block need not outlive P.
+        return ((d_img + scale * p_t, d_scale + jnp.sum(img * p_t)),
                 (m_c, h_c, d_t + scale * (p.T @ img)))
 
     zero = jnp.zeros_like(row_m[0])
@@ -705,7 +711,12 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
       variant: ``'gather'`` (default; open_clip's ``local_loss=True, gather_with_grad=True``),
         ``'ring'`` (text blocks ``ppermute``-d around the batch shards, online log-sum-exp) or
         ``'chunked'`` (all-gather, then a ``custom_vjp`` online log-sum-exp over blocks of
-        ``chunk_size`` columns, recomputed in the backward pass: ``b x chunk`` logit memory).
+        ``chunk_size`` columns, recomputed in the backward pass: ``b x chunk`` logit memory) or
+        ``'ring_recompute'`` (``'ring'`` as a ``custom_vjp`` that keeps only the per-row and
+        per-column log-sum-exp and, in the backward pass, sends the text blocks and their
+        gradient accumulators around the ring again, recomputing each ``b x b`` block: O(b x D)
+        memory per device instead of ``'ring'``'s O(B x D) saved text blocks, for ``n - 1``
+        more text-block hops).
       chunk_size: columns per block of ``'chunked'`` (default :data:`DEFAULT_CHUNK_SIZE`,
         clamped to ``B``; need not divide ``B``). Only valid with ``variant='chunked'``.
 
@@ -896,8 +907,13 @@ def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Arr
     to the next shard (``ppermute``) and scores the received block, all negatives. Because the
     sigmoid loss has no per-row normaliser the blocks' sums simply add; a final ``psum`` over the
     batch axes and division by ``B`` gives the global loss. Text gradients travel back around the
-    ring through the transpose of ``ppermute``. ``variant='gather'`` all-gathers the texts
-    instead (``[b, B]`` local logits; gradient via the gather's reduce-scatter transpose).
+    ring through the transpose of ``ppermute``, but JAX's autodiff keeps the ``n - 1`` received
+    text blocks for that (O(B x D) per device). ``variant='ring_recompute'`` is the same
+    forward ring in a ``jax.custom_vjp`` that keeps nothing but its inputs: the backward pass
+    sends the text blocks around the ring again, with float32 gradient accumulators travelling
+    alongside, and recomputes each ``[b, b]`` block (O(b x D) memory, ``n - 1`` more text-block
+    hops). ``variant='gather'`` all-gathers the texts instead (``[b, B]`` local logits;
+    gradient via the gather's reduce-scatter transpose).
 
     Args are as :func:`contrastive_loss`, plus the scalar additive ``logit_bias``.
     Returns ``(loss, {'i2t_acc', 't2i_acc'})``; raises ValueError on bad shapes / mesh / variant.
