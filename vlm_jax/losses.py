@@ -19,9 +19,8 @@ The batch-sharded functions take *global* ``jax.Array``s whose leading dimension
 the batch axes ``('slice', 'data', 'fsdp')`` of the mesh (``n`` shards of ``b = B / n`` rows;
 the ``tensor`` axis only holds replicas and does not change the result). Inside ``shard_map``
 each shard only ever builds ``[b, B]`` (``'gather'``) or ``[b, b]`` (``'ring'``,
-``'ring_recompute'``) blocks of
-logits (``'chunked'``: ``[b, chunk]``); the global ``[B, B]`` matrix is never materialised on any
-device. Every function
+``'ring_recompute'``) blocks of logits (``'chunked'``: ``[b, chunk]``); the global ``[B, B]``
+matrix is never materialised on any device. Every function
 computes in float32 whatever the input dtype and returns ``(loss, metrics)`` where ``metrics``
 holds the in-batch top-1 retrieval accuracies ``'i2t_acc'`` and ``'t2i_acc'``.
 
@@ -709,7 +708,7 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
         clamped by the caller), replicated.
       mesh: the global mesh; its ``tensor`` axis (and any non-batch axis) holds replicas.
       variant: ``'gather'`` (default; open_clip's ``local_loss=True, gather_with_grad=True``),
-        ``'ring'`` (text blocks ``ppermute``-d around the batch shards, online log-sum-exp) or
+        ``'ring'`` (text blocks ``ppermute``-d around the batch shards, online log-sum-exp),
         ``'chunked'`` (all-gather, then a ``custom_vjp`` online log-sum-exp over blocks of
         ``chunk_size`` columns, recomputed in the backward pass: ``b x chunk`` logit memory) or
         ``'ring_recompute'`` (``'ring'`` as a ``custom_vjp`` that keeps only the per-row and
