@@ -35,7 +35,9 @@ VARIANTS = {  # label -> (loss, variant)
     "softmax gather": ("softmax", "gather"),
     "softmax ring": ("softmax", "ring"),
     "softmax chunked": ("softmax", "chunked"),
+    "softmax ring_recompute": ("softmax", "ring_recompute"),
     "sigmoid ring": ("sigmoid", "ring"),
+    "sigmoid ring_recompute": ("sigmoid", "ring_recompute"),
     "sigmoid gather": ("sigmoid", "gather"),
 }
 

@@ -266,6 +266,72 @@ def test_chunked_loss_memory_grows_with_chunk_not_global_batch():
     assert got[256] < got[1024]  # The block size, not the batch, sets the logit memory.
 
 
+def test_ring_recompute_bfloat16_inputs_and_tied_scores():
+    """bf16 features travel around the ring in bf16 (upcast per block) and their gradients are
+    accumulated in float32 while travelling, then returned in bf16; duplicated pairs make equal
+    logits in different blocks, whose accuracy argmax must go to the smaller index."""
+    mesh = get_mesh("data2_fsdp4")
+    img, txt = embeddings(32, seed=29)
+    img[9], txt[9] = img[3], txt[3]  # Rows 3 and 9 live on different shards (b = 4).
+    img, txt = (jnp.asarray(a, jnp.bfloat16) for a in (img, txt))
+    cases = [
+        (losses.contrastive_loss, dense_clip_vg, (jnp.float32(100.0),)),
+        (losses.sigmoid_loss, dense_sig_vg, (jnp.float32(10.0), jnp.float32(-10.0))),
+    ]
+    for loss_fn, dense_vg, scalars in cases:
+        fn = jax.jit(jax.value_and_grad(
+            functools.partial(loss_fn, mesh=mesh, variant="ring_recompute"),
+            argnums=tuple(range(2 + len(scalars))), has_aux=True))
+        (loss, metrics), grads = fn(*_put(mesh, img, txt), *scalars)
+        (w_loss, w_metrics), w_grads = dense_vg(img, txt, *scalars)
+        assert loss.dtype == jnp.float32
+        np.testing.assert_allclose(loss, w_loss, rtol=1e-5)
+        for k in w_metrics:
+            np.testing.assert_allclose(metrics[k], w_metrics[k], err_msg=k)
+        # Both sides round float32 gradients to bf16 once: at most an ulp apart.
+        for g, w in zip(grads, w_grads):
+            assert g.dtype == w.dtype
+            w = np.float32(w)
+            np.testing.assert_allclose(np.float32(g), w, rtol=2 ** -7,
+                                       atol=2 ** -9 * np.abs(w).max())
+
+
+def test_ring_recompute_memory_does_not_grow_with_shard_count():
+    """Compiled per-device temporaries of loss + gradients at a fixed local batch b = 128
+    (D = 1024, float32) on 4 and on 8 devices.
+
+    'ring' saves the n - 1 received [b, D] text blocks for the backward pass (7 x 512 KiB on
+    8 devices). 'ring_recompute' keeps O(b x D): its temporaries must not grow with the number
+    of shards, and must stay within a few [b, b] logit blocks and [b, D] feature buffers (f32
+    copies, gradient accumulators, the block in flight)."""
+    b, dim = 128, 1024
+    block, local = b * b * 4, b * dim * 4
+
+    def temp_bytes(name, variant, n):
+        mesh = create_mesh({"data": n}, devices=jax.devices()[:n])
+        x = jax.ShapeDtypeStruct((n * b, dim), jnp.float32,
+                                 sharding=NamedSharding(mesh, batch_spec(2)))
+        s = jax.ShapeDtypeStruct((), jnp.float32)
+        if name == "softmax":
+            fn = lambda a, t, sc: losses.contrastive_loss(  # noqa: E731
+                a, t, sc, mesh=mesh, variant=variant)[0]
+            args = (x, x, s)
+        else:
+            fn = lambda a, t, sc, bi: losses.sigmoid_loss(  # noqa: E731
+                a, t, sc, bi, mesh=mesh, variant=variant)[0]
+            args = (x, x, s, s)
+        vg = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))
+        return vg.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    for name in ("softmax", "sigmoid"):
+        ring8 = temp_bytes(name, "ring", 8)
+        assert ring8 >= 7 * local, (name, ring8)  # Calibration: 'ring' keeps the 7 blocks.
+        got = {n: temp_bytes(name, "ring_recompute", n) for n in (4, 8)}
+        assert got[8] <= got[4] + block, (name, got)
+        assert got[8] <= 4 * block + 6 * local, (name, got)
+        assert got[8] + 3 * local < ring8, (name, got, ring8)
+
+
 @pytest.mark.parametrize("chunk_size,match", [(0, "positive int"), (-3, "positive int"),
                                               (2.5, "positive int"), (True, "positive int")])
 def test_bad_chunk_size_raises(chunk_size, match):
@@ -291,7 +357,7 @@ def test_tensor_axis_replicas_do_not_change_result():
     np.testing.assert_allclose(ref, losses.dense_contrastive_loss(img, txt, 14.3)[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["gather", "ring", "chunked"])
+@pytest.mark.parametrize("variant", ["gather", "ring", "chunked", "ring_recompute"])
 def test_slice_axis_is_a_batch_axis(variant):
     """slice x data x fsdp = 2 x 2 x 2 (built directly: CPU devices have no slice_index)."""
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2, 1), MESH_AXES)
@@ -345,7 +411,8 @@ def test_dense_hlo_does_materialise_bxb():
 
 
 @pytest.mark.parametrize("variant,local_block", [("gather", "f32[8,64]"), ("ring", "f32[8,8]"),
-                                                 ("chunked", "f32[8,4]")])
+                                                 ("chunked", "f32[8,4]"),
+                                                 ("ring_recompute", "f32[8,8]")])
 def test_sharded_contrastive_hlo_has_no_global_matrix(variant, local_block):
     mesh = get_mesh("data8")
     img, txt = _put(mesh, *embeddings(64))
@@ -354,11 +421,12 @@ def test_sharded_contrastive_hlo_has_no_global_matrix(variant, local_block):
     shapes = _compiled_f32_matrices(fn, img, txt, jnp.float32(14.3))
     assert local_block in shapes, shapes
     assert "f32[64,64]" not in shapes, shapes
-    if variant in ("ring", "chunked"):
+    if variant in ("ring", "chunked", "ring_recompute"):
         assert "f32[8,64]" not in shapes, shapes
 
 
-@pytest.mark.parametrize("variant,local_block", [("gather", "f32[8,64]"), ("ring", "f32[8,8]")])
+@pytest.mark.parametrize("variant,local_block", [("gather", "f32[8,64]"), ("ring", "f32[8,8]"),
+                                                 ("ring_recompute", "f32[8,8]")])
 def test_sharded_sigmoid_hlo_has_no_global_matrix(variant, local_block):
     mesh = get_mesh("data8")
     img, txt = _put(mesh, *embeddings(64))
@@ -366,6 +434,8 @@ def test_sharded_sigmoid_hlo_has_no_global_matrix(variant, local_block):
     shapes = _compiled_f32_matrices(fn, img, txt, jnp.float32(10.0), jnp.float32(-10.0))
     assert local_block in shapes, shapes
     assert "f32[64,64]" not in shapes, shapes
+    if variant == "ring_recompute":
+        assert "f32[8,64]" not in shapes, shapes
 
 
 # ------------------------------------------------------------------------------------------
@@ -419,11 +489,12 @@ def test_batch_not_divisible_names_the_mesh_shape():
 def test_unknown_variant_lists_valid_ones():
     mesh = get_mesh("data8")
     x = np.zeros((32, 16), np.float32)
-    with pytest.raises(ValueError, match=r"'chunky'.*\['chunked', 'gather', 'ring'\]"):
+    with pytest.raises(ValueError,
+                       match=r"'chunky'.*\['chunked', 'gather', 'ring', 'ring_recompute'\]"):
         losses.contrastive_loss(x, x, 14.3, mesh=mesh, variant="chunky")
     with pytest.raises(ValueError, match="sigmoid_loss"):
         losses.contrastive_loss(x, x, 14.3, mesh=mesh, variant="sigmoid")
-    with pytest.raises(ValueError, match=r"\['gather', 'ring'\]"):
+    with pytest.raises(ValueError, match=r"\['gather', 'ring', 'ring_recompute'\]"):
         losses.sigmoid_loss(x, x, 10.0, -10.0, mesh=mesh, variant="dense")
 
 

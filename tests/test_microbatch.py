@@ -23,6 +23,8 @@ LOSSES = {  # name: overrides
     "softmax-chunked": ("loss.variant=chunked", "loss.chunk_size=5"),
     "sigmoid-ring": ("loss.name=sigmoid", "loss.variant=ring", *SIGLIP),
     "sigmoid-gather": ("loss.name=sigmoid", "loss.variant=gather", *SIGLIP),
+    "softmax-ring_recompute": ("loss.variant=ring_recompute",),
+    "sigmoid-ring_recompute": ("loss.name=sigmoid", "loss.variant=ring_recompute", *SIGLIP),
 }
 
 
@@ -65,7 +67,7 @@ def _assert_grads_close(got, ref, atol):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-# The default suite runs two of the ten cases; `-m slow` (or `-k microbatch`) all of them.
+# The default suite runs two of the cases; `-m slow` (or `-k microbatch`) all of them.
 FAST = {("softmax-gather", "dp2-fsdp2-tp2"), ("sigmoid-ring", "data8")}
 
 

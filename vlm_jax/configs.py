@@ -123,8 +123,9 @@ def base_config() -> ConfigDict:
         # model.logit_bias_init). See vlm_jax/losses.py.
         name="softmax",
         # How the contrastive loss crosses devices: 'gather' (all-gather, local b x B logits),
-        # 'ring' (text blocks passed around with ppermute) or 'chunked' (softmax only: the
-        # logits walked in b x chunk_size blocks, recomputed in the backward pass).
+        # 'ring' (text blocks passed around with ppermute), 'chunked' (softmax only: the
+        # logits walked in b x chunk_size blocks, recomputed in the backward pass) or
+        # 'ring_recompute' ('ring' re-run in the backward pass: O(b x D) memory, texts sent twice).
         variant="gather",
         chunk_size=0,  # chunked: the block width (0 = the default).
         # CoCa: loss = contrastive_weight x contrastive + caption_weight x captioning

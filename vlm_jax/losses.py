@@ -18,18 +18,21 @@ whose diagonal holds the positive pairs.
 The batch-sharded functions take *global* ``jax.Array``s whose leading dimension is split over
 the batch axes ``('slice', 'data', 'fsdp')`` of the mesh (``n`` shards of ``b = B / n`` rows;
 the ``tensor`` axis only holds replicas and does not change the result). Inside ``shard_map``
-each shard only ever builds ``[b, B]`` (``'gather'``) or ``[b, b]`` (``'ring'``) blocks of
-logits (``'chunked'``: ``[b, chunk]``); the global ``[B, B]`` matrix is never materialised on any
-device. Every function
+each shard only ever builds ``[b, B]`` (``'gather'``) or ``[b, b]`` (``'ring'``,
+``'ring_recompute'``) blocks of logits (``'chunked'``: ``[b, chunk]``); the global ``[B, B]``
+matrix is never materialised on any device. Every function
 computes in float32 whatever the input dtype and returns ``(loss, metrics)`` where ``metrics``
 holds the in-batch top-1 retrieval accuracies ``'i2t_acc'`` and ``'t2i_acc'``.
 
 Variants are looked up by name in a registry (:data:`CONTRASTIVE_VARIANTS`: ``'gather'``,
-``'ring'``, ``'chunked'``; :data:`SIGMOID_VARIANTS`: ``'ring'``, ``'gather'``), so further
-algorithms can be added next to the existing ones without touching the public functions.
+``'ring'``, ``'chunked'``, ``'ring_recompute'``; :data:`SIGMOID_VARIANTS`: ``'ring'``,
+``'gather'``, ``'ring_recompute'``), so further algorithms can be added next to the existing
+ones without touching the public functions.
 ``'chunked'`` builds only ``[b, chunk]`` blocks of logits, in the forward and in the backward
-pass (a ``jax.custom_vjp`` with an online log-sum-exp): its loss memory grows with the local
-batch, not the global one.
+pass (a ``jax.custom_vjp`` with an online log-sum-exp): its logit memory grows with the local
+batch, not the global one. ``'ring_recompute'`` is ``'ring'`` as a ``jax.custom_vjp`` whose
+backward pass sends the text blocks around the ring again instead of keeping the ``n - 1``
+received ones: O(b x D) memory per device instead of O(B x D), for twice the text traffic.
 """
 
 from __future__ import annotations
@@ -396,6 +399,29 @@ def _ring(img: jax.Array, txt: jax.Array, ctx: ShardContext, visit, row_state, c
     return row_state, ctx.shift(col_state)
 
 
+def _softmax_ring_pass(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: ShardContext):
+    """The forward ring of the softmax loss: ``(row, col)`` states, each ``((m, s), top1)``.
+
+    ``row`` holds the online log-sum-exp ``(m, s)`` and the running argmax of this shard's image
+    rows over all ``B`` texts; ``col`` those of this shard's *text columns* over all ``B``
+    images (they travelled with the text block and are home again). Shared by ``'ring'``
+    (differentiated by JAX) and ``'ring_recompute'`` (the forward rule of its custom VJP)."""
+    b = ctx.b
+    local = jnp.arange(b)
+
+    def visit(row, col, t, src, _first):
+        block = scale * (img @ _f32(t).T)
+        row_lse, row_top = row
+        col_lse, col_top = col
+        row = (_lse_update(row_lse, block, 1), _top1_update(row_top, block, src * b + local, 1))
+        col = (_lse_update(col_lse, block, 0),
+               _top1_update(col_top, block, ctx.index * b + local, 0))
+        return row, col
+
+    init = lambda: (_lse_init(b), _top1_init(b))  # noqa: E731
+    return _ring(img, txt, ctx, visit, init(), init())
+
+
 @_register(CONTRASTIVE_VARIANTS, "ring")
 def _contrastive_ring(img: jax.Array, txt: jax.Array, scale: jax.Array,
                       ctx: ShardContext) -> dict[str, jax.Array]:
@@ -412,20 +438,8 @@ def _contrastive_ring(img: jax.Array, txt: jax.Array, scale: jax.Array,
     both modalities, ``2 * (n - 1) * b * D``), in ``n`` hops that XLA can overlap with the
     matmuls.
     """
-    img, b = _f32(img), ctx.b
-    local = jnp.arange(b)
-
-    def visit(row, col, t, src, _first):
-        block = scale * (img @ _f32(t).T)
-        row_lse, row_top = row
-        col_lse, col_top = col
-        row = (_lse_update(row_lse, block, 1), _top1_update(row_top, block, src * b + local, 1))
-        col = (_lse_update(col_lse, block, 0),
-               _top1_update(col_top, block, ctx.index * b + local, 0))
-        return row, col
-
-    init = lambda: (_lse_init(b), _top1_init(b))  # noqa: E731
-    row, col = _ring(img, txt, ctx, visit, init(), init())
+    img = _f32(img)
+    row, col = _softmax_ring_pass(img, txt, scale, ctx)
     positives = scale * jnp.sum(img * _f32(txt), axis=1)
     labels = ctx.row_ids()
     return {
@@ -433,6 +447,104 @@ def _contrastive_ring(img: jax.Array, txt: jax.Array, scale: jax.Array,
         "t2i_nll": jnp.sum(_lse_final(col[0]) - positives),
         "i2t_correct": jnp.sum((row[1][1] == labels).astype(jnp.float32)),
         "t2i_correct": jnp.sum((col[1][1] == labels).astype(jnp.float32)),
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# 'ring_recompute' (softmax and sigmoid): custom_vjp, the ring run again in the backward pass.
+# -------------------------------------------------------------------------------------------
+
+
+def _varying(x: jax.Array, ctx: ShardContext) -> jax.Array:
+    """Marks a replicated scalar as varying over the batch axes before a ``custom_vjp`` whose
+    cotangent for it differs per shard; the transpose of the cast psums those cotangents, as
+    autodiff does for the replicated scalars of the other variants."""
+    return jax.lax.pcast(x, ctx.axes, to="varying") if ctx.axes else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _softmax_ring_nll(img: jax.Array, txt: jax.Array, scale: jax.Array, ctx: ShardContext):
+    """``(i2t_nll, t2i_nll, i2t_argmax, t2i_argmax)``, each ``[b]``: the cross-entropy
+    ``lse - L_rr`` over all ``B`` logits of this shard's image rows and of its text columns, and
+    their int32 argmax (global index). ``img [b, D]`` float32, ``txt [b, D]`` any float dtype (it
+    travels in that dtype), ``scale`` a scalar varying over the batch axes. The positive logit
+    is subtracted per row before any sum, for the reason given in :func:`_blockwise_lse`, and
+    inside the custom VJP so that its gradient (``-1`` on the diagonal) cancels the softmax's
+    (``~1`` there when the pairs are well separated) in float32, before a bf16 ``txt``'s
+    gradient is rounded."""
+    out, _ = _softmax_ring_nll_fwd(img, txt, scale, ctx)
+    return out
+
+
+def _softmax_ring_nll_fwd(img, txt, scale, ctx):
+    (row_lse, row_top), (col_lse, col_top) = _softmax_ring_pass(img, txt, scale, ctx)
+    positives = scale * jnp.sum(img * _f32(txt), axis=1)
+    out = (_lse_final(row_lse) - positives, _lse_final(col_lse) - positives,
+           row_top[1], col_top[1])
+    # Residuals beyond the (already live) inputs: (max, sum of exp) per row and column, 4 x [b].
+    return out, (img, txt, scale, row_lse, col_lse)
+
+
+def _softmax_ring_nll_bwd(ctx, residuals, cotangents):
+    """The ring again: ``d lse / d L = softmax``, per row for the image->text terms and per
+    column for the text->image ones. With row and column cotangents ``g_r``, ``h_c`` the block
+    ``(i, j)`` of logits gets ``P = g_r exp(L - m_r) / s_r + h_c exp(L - m_c) / s_c``, minus
+    ``g_r + h_r`` on the diagonal of the local block (the positives), whence
+    ``dI_i += s P T_j``, ``dT_j += s P^T I_i``, ``dscale += <P, I_i T_j^T>``. ``T_j`` travels
+    with its column statistics ``(m_c, h_c / s_c)`` and its float32 gradient accumulator
+    ``dT_j``; the last hop brings ``dT_j`` home. The softmax uses the forward pass's max and
+    sum rather than ``exp(L - lse)``, as :func:`_blockwise_lse_bwd` explains."""
+    img, txt, scale, (row_m, row_s), (col_m, col_s) = residuals
+    g, h = cotangents[0], cotangents[1]  # The argmax outputs have no cotangent (integer).
+    g_row = (g / row_s)[:, None]
+
+    def visit(row, col, t, _src, first):
+        d_img, d_scale = row
+        m_c, h_c, d_t = col
+        t = _f32(t)
+        raw = img @ t.T  # [b, b]
+        logits = scale * raw
+        p = (jnp.exp(logits - row_m[:, None]) * g_row
+             + jnp.exp(logits - m_c[None, :]) * h_c[None, :])
+        if first:  # The local block: its diagonal holds the positive pairs.
+            p = p - jnp.diag(g + h)
+        p_t = p @ t  # [b, D]
+        # <P, I T^T> as sum(I * (P T)): the raw [b, b] block need not outlive P.
+        return ((d_img + scale * p_t, d_scale + jnp.sum(img * p_t)),
+                (m_c, h_c, d_t + scale * (p.T @ img)))
+
+    zero = jnp.zeros_like(row_m[0])
+    row, col = _ring(img, txt, ctx, visit, (jnp.zeros_like(img), zero),
+                     (col_m, h / col_s, jnp.zeros_like(img)))
+    return row[0], col[2].astype(txt.dtype), row[1].astype(jnp.result_type(scale))
+
+
+_softmax_ring_nll.defvjp(_softmax_ring_nll_fwd, _softmax_ring_nll_bwd)
+
+
+@_register(CONTRASTIVE_VARIANTS, "ring_recompute")
+def _contrastive_ring_recompute(img: jax.Array, txt: jax.Array, scale: jax.Array,
+                                ctx: ShardContext) -> dict[str, jax.Array]:
+    """``'ring'`` with O(b x D) instead of O(B x D) memory: recompute, don't store.
+
+    JAX's autodiff of ``'ring'`` saves every received text block for the backward pass, ``n - 1``
+    blocks of ``[b, D]``. Here :func:`_softmax_ring_nll`, a ``jax.custom_vjp``, runs the same
+    forward ring but keeps only the per-row and per-column log-sum-exp statistics (``[b]``
+    each); its backward pass sends the text blocks around the ring a second time, together with
+    their float32 gradient accumulators, and recomputes each ``[b, b]`` block of logits to form
+    its softmax. No received block outlives its hop. The price is communication: the backward
+    pass moves ``n - 1`` text blocks plus ``n`` float32 gradient blocks per shard, where
+    ``'ring'``'s moves ``n - 1`` gradient blocks (the transpose of its ``ppermute``) in the
+    input dtype; the forward pass is the same.
+    """
+    nll_i2t, nll_t2i, top_i2t, top_t2i = _softmax_ring_nll(_f32(img), txt,
+                                                            _varying(scale, ctx), ctx)
+    labels = ctx.row_ids()
+    return {
+        "i2t_nll": jnp.sum(nll_i2t),
+        "t2i_nll": jnp.sum(nll_t2i),
+        "i2t_correct": jnp.sum((top_i2t == labels).astype(jnp.float32)),
+        "t2i_correct": jnp.sum((top_t2i == labels).astype(jnp.float32)),
     }
 
 
@@ -596,9 +708,14 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
         clamped by the caller), replicated.
       mesh: the global mesh; its ``tensor`` axis (and any non-batch axis) holds replicas.
       variant: ``'gather'`` (default; open_clip's ``local_loss=True, gather_with_grad=True``),
-        ``'ring'`` (text blocks ``ppermute``-d around the batch shards, online log-sum-exp) or
+        ``'ring'`` (text blocks ``ppermute``-d around the batch shards, online log-sum-exp),
         ``'chunked'`` (all-gather, then a ``custom_vjp`` online log-sum-exp over blocks of
-        ``chunk_size`` columns, recomputed in the backward pass: ``b x chunk`` logit memory).
+        ``chunk_size`` columns, recomputed in the backward pass: ``b x chunk`` logit memory) or
+        ``'ring_recompute'`` (``'ring'`` as a ``custom_vjp`` that keeps only the per-row and
+        per-column log-sum-exp and, in the backward pass, sends the text blocks and their
+        gradient accumulators around the ring again, recomputing each ``b x b`` block: O(b x D)
+        memory per device instead of ``'ring'``'s O(B x D) saved text blocks, for ``n - 1``
+        more text-block hops).
       chunk_size: columns per block of ``'chunked'`` (default :data:`DEFAULT_CHUNK_SIZE`,
         clamped to ``B``; need not divide ``B``). Only valid with ``variant='chunked'``.
 
@@ -659,13 +776,11 @@ def _sigmoid_block_nll(block: jax.Array, positive_diag: bool) -> jax.Array:
     return -jnp.sum(jax.nn.log_sigmoid(-block))
 
 
-@_register(SIGMOID_VARIANTS, "ring")
-def _sigmoid_ring(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
-                  ctx: ShardContext) -> dict[str, jax.Array]:
-    """big_vision's chunked sigmoid loss: the local ``[b, b]`` block holds the positives on its
-    diagonal; the text blocks of the other ``n - 1`` shards arrive by ``ppermute`` and are all
-    negatives. No normaliser couples the blocks, so the local sums just add up."""
-    img, b = _f32(img), ctx.b
+def _sigmoid_ring_pass(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
+                       ctx: ShardContext):
+    """The forward ring of the sigmoid loss: ``((nll, row top1), col top1)`` of this shard's
+    image rows and (home again) text columns. Shared by ``'ring'`` and ``'ring_recompute'``."""
+    b = ctx.b
     local = jnp.arange(b)
 
     def visit(row, col, t, src, first):
@@ -675,14 +790,87 @@ def _sigmoid_ring(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Ar
         row = (nll, _top1_update(top, block, src * b + local, 1))
         return row, _top1_update(col, block, ctx.index * b + local, 0)
 
-    row, col = _ring(img, txt, ctx, visit, (jnp.zeros((), jnp.float32), _top1_init(b)),
-                     _top1_init(b))
+    return _ring(img, txt, ctx, visit, (jnp.zeros((), jnp.float32), _top1_init(b)),
+                 _top1_init(b))
+
+
+def _sigmoid_sums(nll: jax.Array, top_i2t: jax.Array, top_t2i: jax.Array,
+                  ctx: ShardContext) -> dict[str, jax.Array]:
     labels = ctx.row_ids()
     return {
-        "nll": row[0],
-        "i2t_correct": jnp.sum((row[1][1] == labels).astype(jnp.float32)),
-        "t2i_correct": jnp.sum((col[1] == labels).astype(jnp.float32)),
+        "nll": nll,
+        "i2t_correct": jnp.sum((top_i2t == labels).astype(jnp.float32)),
+        "t2i_correct": jnp.sum((top_t2i == labels).astype(jnp.float32)),
     }
+
+
+@_register(SIGMOID_VARIANTS, "ring")
+def _sigmoid_ring(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
+                  ctx: ShardContext) -> dict[str, jax.Array]:
+    """big_vision's chunked sigmoid loss: the local ``[b, b]`` block holds the positives on its
+    diagonal; the text blocks of the other ``n - 1`` shards arrive by ``ppermute`` and are all
+    negatives. No normaliser couples the blocks, so the local sums just add up."""
+    row, col = _sigmoid_ring_pass(_f32(img), txt, scale, bias, ctx)
+    return _sigmoid_sums(row[0], row[1][1], col[1], ctx)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sigmoid_ring_nll(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
+                      ctx: ShardContext):
+    """``(nll, row_argmax, col_argmax)``: this shard's summed sigmoid loss over all ``B`` texts
+    and the int32 top-1 indices of its image rows and text columns. Arguments as
+    :func:`_softmax_ring_nll`, plus the additive ``bias`` (also varying)."""
+    out, _ = _sigmoid_ring_nll_fwd(img, txt, scale, bias, ctx)
+    return out
+
+
+def _sigmoid_ring_nll_fwd(img, txt, scale, bias, ctx):
+    (nll, row_top), col_top = _sigmoid_ring_pass(img, txt, scale, bias, ctx)
+    return (nll, row_top[1], col_top[1]), (img, txt, scale, bias)
+
+
+def _sigmoid_ring_nll_bwd(ctx, residuals, cotangents):
+    """The ring again. ``d/dL [-log_sigmoid(z L)] = -z sigmoid(-z L)``, with ``z = +1`` on the
+    diagonal of the local block (hop 0) and ``-1`` elsewhere; with the loss cotangent ``g``,
+    ``P = -g z sigmoid(-z L)`` gives ``dI_i += s P T_j``, ``dT_j += s P^T I_i`` (travelling with
+    ``T_j``, float32, home after the last hop), ``dscale += <P, I_i T_j^T>``, ``dbias += sum P``."""
+    img, txt, scale, bias = residuals
+    g = cotangents[0]
+
+    def visit(row, col, t, _src, first):
+        d_img, d_scale, d_bias = row
+        t = _f32(t)
+        raw = img @ t.T  # [b, b]
+        logits = scale * raw + bias
+        if first:
+            z = 2 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1
+            p = -g * z * jax.nn.sigmoid(-z * logits)
+        else:
+            p = g * jax.nn.sigmoid(logits)
+        return ((d_img + scale * (p @ t), d_scale + jnp.sum(p * raw), d_bias + jnp.sum(p)),
+                col + scale * (p.T @ img))
+
+    zero = jnp.zeros_like(g)
+    (d_img, d_scale, d_bias), d_txt = _ring(img, txt, ctx, visit,
+                                            (jnp.zeros_like(img), zero, zero),
+                                            jnp.zeros_like(img))
+    return (d_img, d_txt.astype(txt.dtype), d_scale.astype(jnp.result_type(scale)),
+            d_bias.astype(jnp.result_type(bias)))
+
+
+_sigmoid_ring_nll.defvjp(_sigmoid_ring_nll_fwd, _sigmoid_ring_nll_bwd)
+
+
+@_register(SIGMOID_VARIANTS, "ring_recompute")
+def _sigmoid_ring_recompute(img: jax.Array, txt: jax.Array, scale: jax.Array, bias: jax.Array,
+                            ctx: ShardContext) -> dict[str, jax.Array]:
+    """``'ring'`` with O(b x D) memory: :func:`_sigmoid_ring_nll`, a ``jax.custom_vjp``, keeps
+    nothing from its forward ring but the inputs, and its backward pass sends the text blocks
+    (with their float32 gradient accumulators) around the ring again, recomputing each
+    ``[b, b]`` block (SigLIP's chunked implementation, with the backward pass written out)."""
+    nll, top_i2t, top_t2i = _sigmoid_ring_nll(_f32(img), txt, _varying(scale, ctx),
+                                              _varying(bias, ctx), ctx)
+    return _sigmoid_sums(nll, top_i2t, top_t2i, ctx)
 
 
 @_register(SIGMOID_VARIANTS, "gather")
@@ -718,8 +906,13 @@ def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Arr
     to the next shard (``ppermute``) and scores the received block, all negatives. Because the
     sigmoid loss has no per-row normaliser the blocks' sums simply add; a final ``psum`` over the
     batch axes and division by ``B`` gives the global loss. Text gradients travel back around the
-    ring through the transpose of ``ppermute``. ``variant='gather'`` all-gathers the texts
-    instead (``[b, B]`` local logits; gradient via the gather's reduce-scatter transpose).
+    ring through the transpose of ``ppermute``, but JAX's autodiff keeps the ``n - 1`` received
+    text blocks for that (O(B x D) per device). ``variant='ring_recompute'`` is the same
+    forward ring in a ``jax.custom_vjp`` that keeps nothing but its inputs: the backward pass
+    sends the text blocks around the ring again, with float32 gradient accumulators travelling
+    alongside, and recomputes each ``[b, b]`` block (O(b x D) memory, ``n - 1`` more text-block
+    hops). ``variant='gather'`` all-gathers the texts instead (``[b, B]`` local logits;
+    gradient via the gather's reduce-scatter transpose).
 
     Args are as :func:`contrastive_loss`, plus the scalar additive ``logit_bias``.
     Returns ``(loss, {'i2t_acc', 't2i_acc'})``; raises ValueError on bad shapes / mesh / variant.

@@ -42,7 +42,8 @@ def batch_loss(model, emb, config, mesh):
     :func:`vlm_jax.losses.contrastive_loss`) or ``'sigmoid'`` (SigLIP,
     :func:`vlm_jax.losses.sigmoid_loss`; needs ``model.logit_bias_init``).
     ``config.loss.variant`` picks the distributed algorithm (``gather``, ``ring``, ``chunked``
-    for softmax; ``ring``, ``gather`` for sigmoid).
+    for softmax, ``ring_recompute`` in O(b x D) memory; ``ring``, ``gather``, ``ring_recompute`` for
+    sigmoid).
     """
     name = config.loss.name
     if name not in LOSSES:
