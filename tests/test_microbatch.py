@@ -122,6 +122,28 @@ def test_plain_accumulation_changes_the_contrastive_objective(repo_root, caplog)
     assert "changes the contrastive objective" in caplog.text
 
 
+def test_microbatched_lm_weights_micro_batches_by_their_tokens(repo_root):
+    """The LM ('gradients' mode): micro-batches with different numbers of target tokens,
+    combined weighted by their token counts, give the full batch's token-mean loss and
+    gradients."""
+    mesh = parallel.create_mesh({"data": 4, "fsdp": 2})
+    exp = "experiments/lm_tiny_shapes.py:test"
+    config = _config(repo_root, experiment=exp)
+    rng = np.random.default_rng(0)
+    b, t = config.batch_size, 24
+    config = _config(repo_root, f"data.seq_length={t}", experiment=exp)
+    tokens = rng.integers(4, config.model.vocab_size, size=(b, t)).astype(np.int32)
+    weights = (np.arange(t)[None] < rng.integers(2, t, size=(b, 1))).astype(np.float32)
+    batch = {"tokens": tokens, "weights": weights}
+    ref_loss, ref_aux, ref_grads = _loss_and_grads(config, mesh, batch)
+    loss, aux, grads = _loss_and_grads(
+        _config(repo_root, f"data.seq_length={t}", "optim.grad_accum_steps=2", experiment=exp),
+        mesh, batch)
+    assert aux["train/target_tokens"] == ref_aux["train/target_tokens"]
+    assert abs(loss - ref_loss) < 1e-5
+    _assert_grads_close(grads, ref_grads, atol=1e-5)
+
+
 def test_microbatches_must_divide_the_shard_rows(repo_root):
     mesh = parallel.create_mesh({"data": 8})
     config = _config(repo_root, "optim.grad_accum_steps=3")  # 4 rows per shard

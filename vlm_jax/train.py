@@ -123,6 +123,11 @@ def batch_shardings(mesh: Mesh, batch_shapes: dict[str, Any]) -> dict[str, Named
             for k, s in batch_shapes.items()}
 
 
+# An objective that averages over a data-dependent count (the LM: target tokens) reports the
+# count under this metric; 'gradients' micro-batching weights each micro-batch by it.
+COUNT_KEY = "train/target_tokens"
+
+
 def accumulation(config: ConfigDict, family: Family) -> tuple[int, str]:
     """``(k, mode)``: the micro-batches per step (``config.optim.grad_accum_steps``) and how their
     gradients combine (``config.optim.grad_accum_mode``): ``'embeddings'`` (the contrastive
@@ -166,9 +171,11 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
       local term, CoCa's captioning loss), parameter gradients summed. Loss and gradients
       equal the full batch's; activations are those of one micro-batch, at the price of a
       second forward pass (4/3 of the FLOPs).
-    * ``'gradients'``: the mean of the micro-batches' objectives and gradients; equal to the full
-      batch for objectives that are means over equal-sized micro-batches (exact for CLIP only
-      with one micro-batch: each then sees ``B / k`` negatives).
+    * ``'gradients'``: the mean of the micro-batches' objectives and gradients, weighted by the
+      count an objective averages over when it reports one (``metrics[COUNT_KEY]``, the LM's
+      target tokens), so that it equals the full batch for objectives that are means over
+      examples or tokens; for a contrastive loss it is another objective (each micro-batch sees
+      ``B / k`` negatives).
 
     Micro-batch ``j`` takes rows ``[j b / k, (j + 1) b / k)`` of every batch shard's ``b`` rows
     (:func:`vlm_jax.parallel.split_microbatches`): no data moves between devices.
@@ -197,13 +204,18 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
         def plain(params, batch):
             def body(acc, micro):
                 (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, micro)
-                return jax.tree.map(jnp.add, acc, grads), (loss, aux)
+                w = (aux[COUNT_KEY] if COUNT_KEY in aux else 1.0) * jnp.ones((), jnp.float32)
+                return jax.tree.map(lambda a_, g: a_ + w * g, acc, grads), (loss, aux, w)
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, (losses_, aux) = jax.lax.scan(
+            grads, (losses_, aux, w) = jax.lax.scan(
                 body, zeros, parallel.split_microbatches(batch, k, mesh))
-            mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
-            return mean(losses_), jax.tree.map(mean, aux), jax.tree.map(lambda g: g / k, grads)
+            total = jnp.sum(w)
+            mean = lambda x: jnp.tensordot(w, x, axes=1) / total  # noqa: E731
+            aux = jax.tree.map(mean, aux)
+            if COUNT_KEY in aux:
+                aux[COUNT_KEY] = total
+            return mean(losses_), aux, jax.tree.map(lambda g: g / total, grads)
         fn = plain
     else:
         def embed(params, micro):
