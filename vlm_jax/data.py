@@ -34,7 +34,8 @@ class Data:
                 self.source, tokenizer=self.tokenizer, global_batch_size=self.config.batch_size,
                 seed=self.config.seed, image_size=self.config.model.image.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                worker_count=d.worker_count, min_side=d.min_side)
+                worker_count=d.worker_count, min_side=d.min_side,
+                filters=sample_filters(self.config))
         return pipeline.create_train_iterator(
             data_dir=self.data_dir, dataset=d.name, config_name=d.config_name, split="train",
             global_batch_size=self.config.batch_size, seed=self.config.seed,
@@ -188,6 +189,9 @@ def prepare_documents(config: ConfigDict, *, lm: Any, image_size: int | None = N
     from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
     d = config.data
+    if sample_filters(config).active:
+        raise ConfigError("config.data.filters apply to image-text pairs (CLIP, SigLIP, CoCa), not "
+                          "to documents (LM, Flamingo: see data.min_image_similarity); unset them.")
     if d.seq_length > lm.max_length:
         raise ConfigError(f"config.data.seq_length={d.seq_length} exceeds the language model's "
                           f"max_length={lm.max_length}.")
@@ -264,15 +268,16 @@ def global_skip_stats() -> dict[str, int]:
     waiting in the next collective), and the logged ``data/*`` are those of the whole run.
     A collective: call it at the same steps on every process (the log steps).
     """
-    from input_pipeline.transforms import DROP_REASONS, SKIP_REASONS, SKIP_STATS  # pylint: disable=C0415
+    from input_pipeline.transforms import DROP_REASONS, SKIP_STATS  # pylint: disable=C0415
     from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
 
-    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_REASONS),
+    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_STATS.reasons()),
             *(f"dropped_images/{r}" for r in DROP_REASONS))
     local = SKIP_STATS.snapshot()
     unknown = [k for k in local if k not in keys]
     if unknown:  # A reason added to the pipeline but not to SKIP_REASONS would be lost.
-        raise ValueError(f"SKIP_STATS has reasons {unknown} that SKIP_REASONS does not list.")
+        raise ValueError(f"SKIP_STATS has reasons {unknown} that SKIP_REASONS does not list "
+                         "(nor SKIP_STATS.declare).")
     total = runtime.global_counts(local, keys)
     return {k: v for k, v in total.items()
             if v or not k.startswith(("skipped/", "dropped_images/"))}
@@ -302,6 +307,23 @@ def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
             f"({config.data.train_files}) or raise the threshold.")
 
 
+def sample_filters(config: ConfigDict):
+    """``config.data.filters`` as :class:`input_pipeline.transforms.SampleFilters`.
+
+    Raises:
+        ConfigError: an unknown filter, a bad limit, or a metadata predicate that does not parse
+            (named, with the form it should have).
+    """
+    from input_pipeline.transforms import SampleFilters  # pylint: disable=import-outside-toplevel
+
+    values = dict(config.data.filters)
+    values["metadata"] = list(values.get("metadata", []))
+    try:
+        return SampleFilters.create(**values)
+    except ValueError as e:
+        raise ConfigError(f"config.data.filters: {e}") from e
+
+
 def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
     if kind == "tfds":  # files = '<name>@<split>' of a dataset prepared in data_dir
         return sources.open_source(kind, files, data_dir=data_dir,
@@ -326,6 +348,10 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     if d.name != "shapes" and d.name not in SOURCES:
         raise ConfigError(f"config.data.name={d.name!r}: use 'shapes' (embedded) or a source of "
                           f"image-text shards {list(SOURCES)} with config.data.train_files.")
+    # A bad predicate fails here, before any shard is opened.
+    if d.name not in SOURCES and sample_filters(config).active:
+        raise ConfigError(f"config.data.filters apply to raw image-text shards (data.name one of "
+                          f"{list(SOURCES)}); data.name={d.name!r} is not filtered: unset them.")
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     source = None
     if d.name in SOURCES and not for_eval:
