@@ -244,10 +244,11 @@ def check_image(image: bytes | np.ndarray, min_side: int = 8, max_pixels: int = 
 # ``punsafe``; DataComp's ``clip_l14_similarity_score``; img2dataset's ``width`` / ``height``).
 
 # ``field op literal``. A field is a JSON key (dots walk into nested objects); ``in`` / ``not
-# in`` need whitespace around them, so a field such as ``origin`` is not read as ``orig in``.
+# in`` need whitespace around them, so a field such as ``origin`` is not read as ``orig in``;
+# the operator is an atomic group, so ``x >= `` is not read as ``x > '='``.
 _PREDICATE = re.compile(
     r"^\s*(?P<field>[A-Za-z_][\w.]*)\s*"
-    r"(?P<op>==|!=|<=|>=|<|>|(?<=\s)not\s+in(?=[\s\[({'\"])|(?<=\s)in(?=[\s\[({'\"]))"
+    r"(?P<op>(?>==|!=|<=|>=|<|>|(?<=\s)not\s+in(?=[\s\[({'\"])|(?<=\s)in(?=[\s\[({'\"])))"
     r"\s*(?P<literal>\S.*?)\s*$")
 _ORDER_OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
               ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
