@@ -319,8 +319,8 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
     predicates: :class:`input_pipeline.transforms.SampleFilters`). Dropping happens per
     process, so with bad samples the 1-process and n-process streams differ by the skipped
     records, and the global position after ``t`` steps is ``t * G`` only while nothing was
-    skipped: a checkpoint re-maps exactly onto another process count only then (the iterator records how far each process has read; see
-    :class:`StreamIterator`).
+    skipped: a checkpoint re-maps exactly onto another process count only then (the iterator
+    records how far each process has read; see :class:`StreamIterator`).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
