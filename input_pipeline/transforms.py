@@ -252,7 +252,7 @@ _PREDICATE = re.compile(
     r"\s*(?P<literal>\S.*?)\s*$")
 _ORDER_OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
               ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
-_MISSING = object()
+MISSING_FIELD = object()  # MetadataPredicate.lookup of a field the metadata lacks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,14 +316,14 @@ class MetadataPredicate:
         node: Any = metadata
         for part in self.field.split("."):
             if not isinstance(node, Mapping) or part not in node:
-                return _MISSING
+                return MISSING_FIELD
             node = node[part]
         return node
 
     def check(self, metadata: Mapping[str, Any]) -> str | None:
         """``None`` when ``metadata`` satisfies the predicate, else the skip reason."""
         value = self.lookup(metadata)
-        if value is _MISSING or value is None:
+        if value is MISSING_FIELD or value is None:
             return f"metadata_missing:{self.field}"
         literal = self.value
         if isinstance(value, str) and isinstance(literal, (int, float)) and not isinstance(

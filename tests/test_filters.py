@@ -218,3 +218,21 @@ def test_config_errors_name_the_filter():
     config.data.filters.metadata = ["similarity >= 0.3"]
     with pytest.raises(ConfigError, match="unset them"):
         data_lib.prepare(config)
+
+
+def test_a_field_no_sample_has_is_refused_before_training(tmp_path):
+    """A misspelt field would skip every sample (and the run would wait for a first batch that
+    never comes): prepare() reads the first samples' metadata and names the fields they have."""
+    shard = _shard(tmp_path / "s.tar", [_sample(i) for i in range(4)])
+    config = configs.base_config()
+    config.data.update(name="webdataset", train_files=shard)
+    config.data.filters.metadata = ["similarity >= 0.28", "clip_score >= 0.3"]
+    with pytest.raises(ConfigError, match=r"'clip_score >= 0.3'.*\['NSFW', 'key', 'similarity'\]"):
+        data_lib.prepare(config)
+    # Present in one of the first samples only (nulls elsewhere) is enough.
+    src = sources.WebDatasetSource(_shard(tmp_path / "t.tar", [
+        _sample(0, similarity=...), _sample(1, similarity=None), _sample(2)]))
+    data_lib.check_metadata_fields(src, SampleFilters.create(metadata=["similarity > 0"]))
+    src = sources.WebDatasetSource(_shard(tmp_path / "u.tar", [_sample(0, meta=None)]))
+    with pytest.raises(ConfigError, match="no metadata"):
+        data_lib.check_metadata_fields(src, SampleFilters.create(metadata=["similarity > 0"]))

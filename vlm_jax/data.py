@@ -10,6 +10,7 @@ from ml_collections import ConfigDict
 
 from input_pipeline import DataError, pipeline, sources
 from input_pipeline.shapes import builder as shapes_builder
+from input_pipeline.transforms import MISSING_FIELD as _MISSING_FIELD
 from vlm_jax.config import ConfigError
 
 
@@ -324,6 +325,42 @@ def sample_filters(config: ConfigDict):
         raise ConfigError(f"config.data.filters: {e}") from e
 
 
+def check_metadata_fields(source, filters, num_samples: int = 8) -> None:
+    """Fails when none of the first ``num_samples`` samples of ``source`` has a field that a
+    metadata predicate of ``filters`` reads: a misspelt field (``clip_score`` for DataComp's
+    ``clip_l14_similarity_score``) or shards written without ``--save_additional_columns``
+    would skip every sample, and the run would wait for a batch that never comes.
+
+    Raises:
+        ConfigError: naming the predicate, the fields the samples do have, and the fix.
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    if not filters.metadata:
+        return
+    fields: set[str] = set()
+    found: set[str] = set()
+    for i in range(min(num_samples, len(source))):
+        raw = source[i].get("metadata")
+        try:
+            meta = raw if isinstance(raw, dict) else json.loads(raw) if raw else {}
+        except ValueError:
+            continue
+        if not isinstance(meta, dict):
+            continue
+        fields.update(meta)
+        found.update(p.field for p in filters.metadata if p.lookup(meta) is not _MISSING_FIELD)
+    for predicate in filters.metadata:
+        if predicate.field not in found:
+            raise ConfigError(
+                f"config.data.filters.metadata {predicate.text!r}: none of the first "
+                f"{min(num_samples, len(source))} samples of {source!r} has a field "
+                f"{predicate.field!r} in its .json metadata (they have "
+                f"{sorted(fields) or 'no metadata'}); every sample would be skipped. Fix the "
+                "field name, or write the shards with it (img2dataset --save_additional_columns)."
+            )
+
+
 def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
     if kind == "tfds":  # files = '<name>@<split>' of a dataset prepared in data_dir
         return sources.open_source(kind, files, data_dir=data_dir,
@@ -374,6 +411,7 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
             src = src[0] if isinstance(src, tuple) else src
             for path, reason in getattr(src, "skipped_shards", []):
                 print(f"Warning: skipped unreadable shard {path}: {reason}")
+            check_metadata_fields(src, sample_filters(config))
     if d.name in SOURCES and d.tokenizer:
         from input_pipeline.tokenizers import load_tokenizer  # pylint: disable=import-outside-toplevel
 
