@@ -116,13 +116,12 @@ def _vlm_jax(repo_root, *args):
                           text=True, cwd=repo_root, timeout=600, env=_env())
 
 
-@pytest.fixture(scope="module")
-def downloaded(tmp_path_factory):
+def _download(root):
     """(output folder, rows): the parquet downloaded by img2dataset as webdataset shards."""
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
-    root = tmp_path_factory.mktemp("img2dataset")
+    root.mkdir()
     rows = _rows()
     files = {r["path"]: (_image(r), "image/png" if r["path"].endswith("png") else "image/jpeg")
              for r in rows if r["i"] not in MISSING}
@@ -173,8 +172,11 @@ def _want_counts(rows):
     return want
 
 
-def test_what_img2dataset_wrote_is_what_vlm_jax_counts(downloaded, repo_root):
-    out, rows = downloaded
+def test_img2dataset_shards_end_to_end(repo_root, shapes_data_dir, tmp_path):
+    """1. What img2dataset wrote is what vlm_jax counts, exactly; 2. training and conversion
+    (one test: a module fixture would run img2dataset again in every pytest-xdist worker that
+    takes a test of this module)."""
+    out, rows = _download(tmp_path / "img2dataset")
     stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
     assert len(stats) == 3 and [s["count"] for s in stats] == [20, 20, 8]
     assert sum(s["successes"] for s in stats) == N - len(MISSING | NOT_AN_IMAGE)
@@ -219,10 +221,11 @@ def test_what_img2dataset_wrote_is_what_vlm_jax_counts(downloaded, repo_root):
     assert {k: v for k, v in report.items() if k == "seen" or k.startswith("skipped/")
             or k == "skipped"} == want
 
+    # 2. Training on the shards, then ArrayRecord.
+    _train_then_convert(out, rows, repo_root, shapes_data_dir, tmp_path)
 
-def test_train_on_img2dataset_shards_then_convert(downloaded, repo_root, shapes_data_dir,
-                                                  tmp_path):
-    out, rows = downloaded
+
+def _train_then_convert(out, rows, repo_root, shapes_data_dir, tmp_path):
     kept = _downloaded_rows(rows)  # what img2dataset wrote: one epoch of the stream
     empty = sum(r["caption"] is None for r in kept)
     low = sum(r["caption"] is not None and r["similarity"] < 0.3 for r in kept)
