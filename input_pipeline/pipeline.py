@@ -27,7 +27,8 @@ from etils import epath
 from input_pipeline import DataError
 from input_pipeline import shapes, sources
 from input_pipeline.tokenizers import SentencePieceTokenizer
-from input_pipeline.transforms import example_transforms, pair_transforms, to_str
+from input_pipeline.transforms import (NO_FILTERS, SampleFilters, example_transforms,
+                                      pair_transforms, to_str)
 
 # Zero-shot prompt templates per dataset; other datasets use the generic CLIP prompt.
 _TEMPLATES: dict[str, tuple[str, ...]] = {"shapes": shapes.ZERO_SHOT_TEMPLATES}
@@ -305,7 +306,8 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
                          image_size: int, process_index: int | None = None,
                          process_count: int | None = None, worker_count: int = 0,
                          num_epochs: int | None = None, min_side: int = 8,
-                         max_pixels: int = 8192 * 8192) -> StreamIterator:
+                         max_pixels: int = 8192 * 8192,
+                         filters: SampleFilters = NO_FILTERS) -> StreamIterator:
     """Batches of ``{'image', 'text', 'label'}`` from a random-access source of raw image-text
     records (:mod:`input_pipeline.sources`: webdataset tars, ArrayRecord shards), or from a
     weighted mixture given as a list of ``(source, weight)``.
@@ -313,11 +315,12 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
     Same stream and sharding as :func:`create_train_iterator` (one shuffled stream, process
     ``i`` of ``n`` reads positions ``p % n == i``); bad samples are dropped before batching and
     counted in :data:`input_pipeline.transforms.SKIP_STATS` (with their reason), so a batch is
-    always full. Dropping happens per process, so with bad samples the 1-process and n-process
-    streams differ by the skipped records, and the global position after ``t`` steps is
-    ``t * G`` only while nothing was skipped: a checkpoint re-maps exactly onto another process
-    count only then (the iterator records how far each process has read; see
-    :class:`StreamIterator`).
+    always full; so are the samples ``filters`` reject (caption length, aspect ratio, metadata
+    predicates: :class:`input_pipeline.transforms.SampleFilters`). Dropping happens per
+    process, so with bad samples the 1-process and n-process streams differ by the skipped
+    records, and the global position after ``t`` steps is ``t * G`` only while nothing was
+    skipped: a checkpoint re-maps exactly onto another process count only then (the iterator
+    records how far each process has read; see :class:`StreamIterator`).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -336,7 +339,8 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
     # A weighted mixture interleaves the sources' streams deterministically (grain's mix).
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(
         streams, [float(w) for _, w in parts])
-    for op in pair_transforms(tokenizer, image_size, min_side, max_pixels, train=True):
+    for op in pair_transforms(tokenizer, image_size, min_side, max_pixels, train=True,
+                              filters=filters):
         if isinstance(op, grain.transforms.Filter):
             ds = ds.filter(op)
         elif isinstance(op, grain.transforms.RandomMap):

@@ -106,12 +106,13 @@ def convert_to_array_record(inputs: str, out_prefix: str, num_shards: int = 1,
 
 
 def inspect(kind: str, inputs: str, out_png: str | None = None, num_samples: int = 16,
-            max_scan: int | None = None) -> dict[str, Any]:
+            max_scan: int | None = None, decode: DecodePair | None = None) -> dict[str, Any]:
     """Counts, bad samples by reason and caption-length statistics of a source; optionally a
-    PNG grid of the first ``num_samples`` good samples with their captions."""
+    PNG grid of the first ``num_samples`` good samples with their captions. ``decode``: the
+    checks and sample filters to count with (default: the unusable samples only)."""
     src = sources.open_source(kind, inputs)
     n = len(src) if max_scan is None else min(len(src), max_scan)
-    stats, decode = SkipStats(), DecodePair()
+    stats, decode = SkipStats(), decode or DecodePair()
     lengths, shown = [], []
     for i in tqdm(range(n), unit="sample", desc="inspect"):
         reason, image, caption = decode._check(src[i])  # pylint: disable=protected-access

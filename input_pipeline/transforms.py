@@ -11,8 +11,12 @@ picklable, so they run in grain worker processes.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import io
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -139,6 +143,9 @@ def example_transforms(tokenizer: SentencePieceTokenizer,
 
 SKIP_REASONS = ("missing_image", "missing_caption", "caption_not_utf8", "empty_caption",
                 "corrupt_image", "image_too_small", "image_too_large",
+                # Sample filters (SampleFilters, config.data.filters); a metadata predicate adds
+                # 'metadata:<field>' and 'metadata_missing:<field>' (SkipStats.declare).
+                "extreme_aspect_ratio", "caption_too_short", "caption_too_long",
                 # Documents (input_pipeline.text / the interleaved webdataset documents):
                 "missing_text", "text_not_utf8", "empty_text", "bad_json", "no_images")
 # Images dropped from a document that is kept (its other images and its texts are used), e.g.
@@ -158,6 +165,19 @@ class SkipStats:
         self.seen = 0
         self.skipped: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
+        # Reasons beyond SKIP_REASONS that a pipeline of this process can produce (those of
+        # metadata predicates, named after their fields): the keys of the counts summed over
+        # processes must be known in advance and the same on every process.
+        self.declared: set[str] = set()
+
+    def declare(self, reasons: Sequence[str]) -> None:
+        """Registers skip reasons that are not in :data:`SKIP_REASONS` (kept across resets)."""
+        self.declared.update(r for r in reasons if r not in SKIP_REASONS)
+
+    def reasons(self) -> tuple[str, ...]:
+        """Every skip reason this process can count: :data:`SKIP_REASONS`, then the declared
+        ones, sorted (the same order on every process that built the same pipeline)."""
+        return SKIP_REASONS + tuple(sorted(self.declared))
 
     def record(self, reason: str | None) -> None:
         self.seen += 1
@@ -181,16 +201,25 @@ class SkipStats:
 SKIP_STATS = SkipStats()
 
 
-def check_image(image: bytes | np.ndarray, min_side: int = 8, max_pixels: int = 8192 * 8192
-                ) -> tuple[str | None, np.ndarray | None]:
+def _aspect_ratio_exceeds(w: int, h: int, max_aspect_ratio: float) -> bool:
+    """Whether long side / short side > ``max_aspect_ratio`` (0: no limit)."""
+    return bool(max_aspect_ratio) and max(w, h) > max_aspect_ratio * min(w, h)
+
+
+def check_image(image: bytes | np.ndarray, min_side: int = 8, max_pixels: int = 8192 * 8192,
+                max_aspect_ratio: float = 0.0) -> tuple[str | None, np.ndarray | None]:
     """``(None, uint8 [H, W, 3] RGB)`` for usable image bytes (or a decoded uint8 array), else
-    ``(reason, None)``: ``corrupt_image``, ``image_too_small`` (a side under ``min_side``) or
-    ``image_too_large`` (over ``max_pixels``, read from the header before decoding)."""
+    ``(reason, None)``: ``corrupt_image``, ``image_too_small`` (a side under ``min_side``),
+    ``image_too_large`` (over ``max_pixels``) or ``extreme_aspect_ratio`` (long side over
+    ``max_aspect_ratio`` times the short side; 0: no limit), the last three read from the
+    header before decoding."""
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:  # already decoded (TFDS)
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
         if image.ndim not in (2, 3) or min(image.shape[:2]) < min_side:
             return "image_too_small", None
+        if _aspect_ratio_exceeds(image.shape[1], image.shape[0], max_aspect_ratio):
+            return "extreme_aspect_ratio", None
         return None, np.asarray(Image.fromarray(image).convert("RGB"))
     try:
         with Image.open(io.BytesIO(image)) as pil:
@@ -199,6 +228,8 @@ def check_image(image: bytes | np.ndarray, min_side: int = 8, max_pixels: int = 
                 return "image_too_large", None
             if min(w, h) < min_side:
                 return "image_too_small", None
+            if _aspect_ratio_exceeds(w, h, max_aspect_ratio):
+                return "extreme_aspect_ratio", None
             pil.load()
             rgb = np.asarray(pil.convert("RGB"), dtype=np.uint8)
     except Image.DecompressionBombError:  # PIL's own guard, raised at open for > 2x its cap
@@ -208,19 +239,242 @@ def check_image(image: bytes | np.ndarray, min_side: int = 8, max_pixels: int = 
     return None, rgb
 
 
-class DecodePair(grain.transforms.Map):
-    """A raw record (``image`` bytes, ``caption`` bytes/str) -> ``image`` uint8 [H, W, 3] RGB and
-    ``caption`` str, or ``{'_skip': reason, 'key': ...}`` for a sample that cannot be used.
+# Sample filters (config.data.filters): caption length, aspect ratio, and predicates on the
+# ``.json`` metadata img2dataset writes next to each sample (LAION's ``similarity``, ``NSFW``,
+# ``punsafe``; DataComp's ``clip_l14_similarity_score``; img2dataset's ``width`` / ``height``).
 
-    Reasons (:data:`SKIP_REASONS`): no image or caption member, caption not UTF-8 or blank,
-    image bytes that do not decode (truncated, corrupt, not an image), smaller than
-    ``min_side`` pixels on a side (1x1 tracking pixels), or more than ``max_pixels`` pixels
-    (checked from the header, before decoding, so a 20000x20000 image costs nothing).
+# ``field op literal``. A field is a JSON key (dots walk into nested objects); ``in`` / ``not
+# in`` need whitespace around them, so a field such as ``origin`` is not read as ``orig in``;
+# the operator is an atomic group, so ``x >= `` is not read as ``x > '='``.
+_PREDICATE = re.compile(
+    r"^\s*(?P<field>[A-Za-z_][\w.]*)\s*"
+    r"(?P<op>(?>==|!=|<=|>=|<|>|(?<=\s)not\s+in(?=[\s\[({'\"])|(?<=\s)in(?=[\s\[({'\"])))"
+    r"\s*(?P<literal>\S.*?)\s*$")
+_ORDER_OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+              ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+MISSING_FIELD = object()  # MetadataPredicate.lookup of a field the metadata lacks
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataPredicate:
+    """One condition ``field op literal`` on a sample's ``.json`` metadata, e.g.
+    ``similarity >= 0.28``, ``NSFW != 'UNSURE'``, ``NSFW in ['UNLIKELY', 'NSFW']``.
+
+    Built by :meth:`parse` (the literal is read with :func:`ast.literal_eval`, never ``eval``).
+    :meth:`check` gives the skip reason of a metadata dict: ``metadata_missing:<field>`` when the
+    field is absent or null, ``metadata:<field>`` when the value fails the condition (a value
+    that cannot be compared with the literal fails it). A string value compared with a number
+    is read as a number first: img2dataset copies the columns of a CSV input as strings.
     """
 
-    def __init__(self, min_side: int = 8, max_pixels: int = 8192 * 8192):
+    text: str
+    field: str
+    op: str
+    value: Any
+
+    @classmethod
+    def parse(cls, text: str) -> "MetadataPredicate":
+        """Parses ``'field op literal'`` (ops ``== != < <= > >= in``, ``not in``).
+
+        Raises:
+            ValueError: naming the predicate and what is wrong with it.
+        """
+        if not isinstance(text, str):
+            raise ValueError(f"Metadata predicate {text!r} is not a string; write e.g. "
+                             "'similarity >= 0.28'.")
+        m = _PREDICATE.match(text)
+        if m is None:
+            raise ValueError(
+                f"Metadata predicate {text!r} is not of the form 'field op literal' with op one "
+                "of == != < <= > >= in 'not in' (e.g. \"similarity >= 0.28\", "
+                "\"NSFW != 'UNSURE'\", \"NSFW in ['UNLIKELY']\").")
+        field, op = m.group("field"), " ".join(m.group("op").split())
+        try:
+            value = ast.literal_eval(m.group("literal"))
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"Metadata predicate {text!r}: {m.group('literal')!r} is not a "
+                             "Python literal (a number, a quoted string, True/False/None or a "
+                             "list of them).") from e
+        if value is None:
+            raise ValueError(f"Metadata predicate {text!r}: a null field counts as missing "
+                             f"(skipped as metadata_missing:{field}); compare with a value.")
+        if op in _ORDER_OPS and (isinstance(value, bool)
+                                 or not isinstance(value, (int, float, str))):
+            raise ValueError(f"Metadata predicate {text!r}: {op} needs a number or a string, "
+                             f"not {value!r}.")
+        if op in ("in", "not in") and not isinstance(value, (list, tuple, set, frozenset, str)):
+            raise ValueError(f"Metadata predicate {text!r}: {op} needs a list, e.g. "
+                             f"{field} {op} ['a', 'b'].")
+        if isinstance(value, (list, set)):
+            value = tuple(value)
+        return cls(text=text.strip(), field=field, op=op, value=value)
+
+    def lookup(self, metadata: Mapping[str, Any]) -> Any:
+        """The field's value (the whole dotted name as a key, else a path), or a sentinel."""
+        if self.field in metadata:
+            return metadata[self.field]
+        node: Any = metadata
+        for part in self.field.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return MISSING_FIELD
+            node = node[part]
+        return node
+
+    def check(self, metadata: Mapping[str, Any]) -> str | None:
+        """``None`` when ``metadata`` satisfies the predicate, else the skip reason."""
+        value = self.lookup(metadata)
+        if value is MISSING_FIELD or value is None:
+            return f"metadata_missing:{self.field}"
+        literal = self.value
+        if isinstance(value, str) and isinstance(literal, (int, float)) and not isinstance(
+                literal, bool):
+            try:
+                value = float(value)
+            except ValueError:
+                return f"metadata:{self.field}"
+        try:
+            if self.op in _ORDER_OPS:
+                if isinstance(value, bool) or isinstance(value, str) != isinstance(literal, str):
+                    ok = False
+                else:
+                    ok = bool(_ORDER_OPS[self.op](value, literal))
+            elif self.op == "==":
+                ok = value == literal
+            elif self.op == "!=":
+                ok = value != literal
+            else:
+                ok = (value in literal) == (self.op == "in")
+        except TypeError:  # e.g. a list value in a string literal
+            ok = False
+        return None if ok else f"metadata:{self.field}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleFilters:
+    """What :class:`DecodePair` drops beyond unusable samples (``config.data.filters``).
+
+    Lengths are those of the caption with whitespace runs collapsed (what is tokenised):
+    characters, and words split on whitespace. 0 means no limit, everywhere.
+
+    Attributes:
+        max_aspect_ratio: the long side over the short side, at most (e.g. 3.0); from the
+            image header, before decoding (``extreme_aspect_ratio``).
+        min_caption_chars / max_caption_chars: ``caption_too_short`` / ``caption_too_long``.
+        min_caption_words / max_caption_words: the same, in words.
+        metadata: :class:`MetadataPredicate` s that must all hold on the ``.json`` metadata.
+    """
+
+    max_aspect_ratio: float = 0.0
+    min_caption_chars: int = 0
+    max_caption_chars: int = 0
+    min_caption_words: int = 0
+    max_caption_words: int = 0
+    metadata: tuple[MetadataPredicate, ...] = ()
+
+    @classmethod
+    def create(cls, *, metadata: Sequence[str] = (), **limits: Any) -> "SampleFilters":
+        """From config values: ``metadata`` as predicate strings, the limits as numbers.
+
+        Raises:
+            ValueError: an unknown key, a negative limit, a max below its min, an aspect ratio
+                in (0, 1), or a predicate that does not parse (named).
+        """
+        names = {f.name for f in dataclasses.fields(cls)} - {"metadata"}
+        unknown = sorted(set(limits) - names)
+        if unknown:
+            raise ValueError(f"Unknown sample filter(s) {unknown}; the filters are "
+                             f"{sorted(names | {'metadata'})}.")
+        for name, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"Sample filter {name}={value!r} must be a number >= 0 "
+                                 "(0: no limit).")
+        if 0 < limits.get("max_aspect_ratio", 0) < 1:
+            raise ValueError(f"Sample filter max_aspect_ratio={limits['max_aspect_ratio']} is "
+                             "long side / short side, so at least 1 (0: no limit).")
+        for unit in ("chars", "words"):
+            lo, hi = limits.get(f"min_caption_{unit}", 0), limits.get(f"max_caption_{unit}", 0)
+            if hi and lo > hi:
+                raise ValueError(f"Sample filters min_caption_{unit}={lo} > "
+                                 f"max_caption_{unit}={hi}: no caption would pass.")
+        if isinstance(metadata, str):
+            metadata = [metadata]
+        predicates = tuple(MetadataPredicate.parse(p) for p in metadata)
+        ints = {k: int(v) for k, v in limits.items() if k != "max_aspect_ratio"}
+        return cls(max_aspect_ratio=float(limits.get("max_aspect_ratio", 0.0)),
+                   metadata=predicates, **ints)
+
+    @property
+    def active(self) -> bool:
+        """Whether any filter is set."""
+        return self != SampleFilters()
+
+    def reasons(self) -> tuple[str, ...]:
+        """The skip reasons beyond :data:`SKIP_REASONS` these filters can give."""
+        out: list[str] = []
+        for p in self.metadata:
+            out += [f"metadata_missing:{p.field}", f"metadata:{p.field}"]
+        return tuple(dict.fromkeys(out))
+
+    def check_caption(self, caption: str) -> str | None:
+        """``caption_too_short`` / ``caption_too_long`` / None for a whitespace-collapsed
+        caption."""
+        chars = len(caption)
+        words = len(caption.split()) if self.min_caption_words or self.max_caption_words else 0
+        if chars < self.min_caption_chars or words < self.min_caption_words:
+            return "caption_too_short"
+        if ((self.max_caption_chars and chars > self.max_caption_chars)
+                or (self.max_caption_words and words > self.max_caption_words)):
+            return "caption_too_long"
+        return None
+
+    def check_metadata(self, metadata: bytes | str | Mapping | None) -> str | None:
+        """The first failing predicate's reason, ``bad_json`` for metadata that is not a JSON
+        object, or None. A sample without metadata lacks every field."""
+        if not self.metadata:
+            return None
+        if metadata is None:
+            meta: Mapping[str, Any] = {}
+        elif isinstance(metadata, Mapping):
+            meta = metadata
+        else:
+            try:
+                meta = json.loads(metadata)
+            except (ValueError, UnicodeDecodeError):
+                return "bad_json"
+            if not isinstance(meta, dict):
+                return "bad_json"
+        for predicate in self.metadata:
+            reason = predicate.check(meta)
+            if reason is not None:
+                return reason
+        return None
+
+
+NO_FILTERS = SampleFilters()
+
+
+class DecodePair(grain.transforms.Map):
+    """A raw record (``image`` bytes, ``caption`` bytes/str, ``metadata`` JSON bytes) ->
+    ``image`` uint8 [H, W, 3] RGB and ``caption`` str, or ``{'_skip': reason, 'key': ...}`` for
+    a sample that cannot be used or that ``filters`` (:class:`SampleFilters`) reject.
+
+    Reasons (:data:`SKIP_REASONS`), in the order they are checked, the first that applies
+    counted: no image or caption member, caption not UTF-8 or blank, caption shorter or longer
+    than the filters allow, a metadata predicate that fails (``metadata:<field>``) or whose field
+    is absent (``metadata_missing:<field>``), metadata that is not a JSON object, image bytes
+    that do not decode (truncated, corrupt, not an image), smaller than ``min_side`` pixels on a
+    side (1x1 tracking pixels), more than ``max_pixels`` pixels, or a long side over
+    ``filters.max_aspect_ratio`` times the short side (the last three from the header, before
+    decoding, so a 20000x20000 image costs nothing). Captions and metadata are checked first:
+    they cost no image decode.
+    """
+
+    def __init__(self, min_side: int = 8, max_pixels: int = 8192 * 8192,
+                 filters: SampleFilters = NO_FILTERS):
         self.min_side = min_side
         self.max_pixels = max_pixels
+        self.filters = filters
+        SKIP_STATS.declare(filters.reasons())
 
     def _check(self, example: Example) -> tuple[str | None, Any, str]:
         image, caption = example.get("image"), example.get("caption")
@@ -236,7 +490,12 @@ class DecodePair(grain.transforms.Map):
         caption = " ".join(str(caption).split())
         if not caption:
             return "empty_caption", None, ""
-        reason, rgb = check_image(image, self.min_side, self.max_pixels)
+        reason = (self.filters.check_caption(caption)
+                  or self.filters.check_metadata(example.get("metadata")))
+        if reason is not None:
+            return reason, None, ""
+        reason, rgb = check_image(image, self.min_side, self.max_pixels,
+                                  self.filters.max_aspect_ratio)
         return reason, rgb, caption
 
     def map(self, example: Example) -> Example:
@@ -288,13 +547,15 @@ class KeepValid(grain.transforms.Filter):
 
 def pair_transforms(tokenizer, image_size: int, min_side: int = 8,
                     max_pixels: int = 8192 * 8192, train: bool = True,
-                    crop_scale: tuple[float, float] = (0.9, 1.0)) -> list:
+                    crop_scale: tuple[float, float] = (0.9, 1.0),
+                    filters: SampleFilters = NO_FILTERS) -> list:
     """Transforms from a raw image-text record to ``{'image' uint8, 'text', 'label'}`` (label
-    -1), skipping bad samples (counted in :data:`SKIP_STATS`): random-resized crop for training,
-    resize + centre crop otherwise; tokenisation. Pixels stay uint8 (normalised on device)."""
+    -1), skipping bad samples and those ``filters`` reject (counted in :data:`SKIP_STATS`):
+    random-resized crop for training, resize + centre crop otherwise; tokenisation. Pixels stay
+    uint8 (normalised on device)."""
     crop = (RandomResizedCrop(image_size, crop_scale) if train else
             ResizeCenterCrop(image_size))
-    return [DecodePair(min_side, max_pixels), KeepValid(), crop, Tokenize(tokenizer),
+    return [DecodePair(min_side, max_pixels, filters), KeepValid(), crop, Tokenize(tokenizer),
             SelectFeatures(PAIR_FEATURES)]
 
 

@@ -82,10 +82,12 @@ _PAIRS = {"data.train_files", "data.tokenizer", "data.eval_name", "data.max_skip
 _LOSS = {"loss.name", "loss.variant", "loss.chunk_size", "loss.contrastive_weight",
          "loss.caption_weight"}
 _WEIGHTS = {"loss.contrastive_weight", "loss.caption_weight"}
-# Document sources other than shapes (text corpora, web documents) and the micro-batching mode:
-# new keys for every experiment.
+# Document sources other than shapes (text corpora, web documents), the micro-batching mode and
+# the sample filters of raw image-text shards: new keys for every experiment.
 _SOURCES = {"data.eval_files", "data.text_key", "data.record_format", "data.min_image_similarity",
-            "optim.grad_accum_mode"}
+            "optim.grad_accum_mode"} | {
+    f"data.filters.{k}" for k in ("max_aspect_ratio", "min_caption_chars", "max_caption_chars",
+                                  "min_caption_words", "max_caption_words", "metadata")}
 NEW_DEFAULTS = {
     "clip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
     "siglip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},

@@ -90,6 +90,28 @@ def base_config() -> ConfigDict:
         # counted; the run stops when more than this fraction of the samples read are (1.0: never).
         max_skipped_fraction=0.1,
         min_side=8,
+        # Sample filters of image-text pairs from raw shards (webdataset / array_record / tfds),
+        # applied before decoding where they can be (input_pipeline/transforms.py SampleFilters;
+        # docs/data.md). A rejected sample is skipped and counted as data/skipped/<reason>, and
+        # counts towards max_skipped_fraction (raise it when filtering a noisy corpus on purpose).
+        # 0 means no limit. Caption lengths are of the whitespace-collapsed caption.
+        filters=dict(
+            # Long side / short side at most this (e.g. 3.0), from the image header:
+            # extreme_aspect_ratio.
+            max_aspect_ratio=0.0,
+            # caption_too_short / caption_too_long, in characters and in words.
+            min_caption_chars=0,
+            max_caption_chars=0,
+            min_caption_words=0,
+            max_caption_words=0,
+            # Predicates 'field op literal' on the sample's .json metadata (as img2dataset writes
+            # it, with --save_additional_columns), all of which must hold; ops == != < <= > >= in
+            # 'not in', literals in Python syntax (ast.literal_eval), e.g. LAION-400M:
+            # ["similarity >= 0.3", "NSFW != 'NSFW'"], DataComp: ["clip_l14_similarity_score >=
+            # 0.3"]. Skipped as metadata:<field> when the value fails, metadata_missing:<field>
+            # when the field is absent or null (bad_json: metadata that is not a JSON object).
+            metadata=[],
+        ),
         # Several sources mixed by weight: [dict(name=..., train_files=..., weight=...), ...]
         # (replaces name / train_files when non-empty).
         mixture=[],

@@ -10,6 +10,7 @@ from ml_collections import ConfigDict
 
 from input_pipeline import DataError, pipeline, sources
 from input_pipeline.shapes import builder as shapes_builder
+from input_pipeline.transforms import MISSING_FIELD as _MISSING_FIELD
 from vlm_jax.config import ConfigError
 
 
@@ -34,7 +35,8 @@ class Data:
                 self.source, tokenizer=self.tokenizer, global_batch_size=self.config.batch_size,
                 seed=self.config.seed, image_size=self.config.model.image.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                worker_count=d.worker_count, min_side=d.min_side)
+                worker_count=d.worker_count, min_side=d.min_side,
+                filters=sample_filters(self.config))
         return pipeline.create_train_iterator(
             data_dir=self.data_dir, dataset=d.name, config_name=d.config_name, split="train",
             global_batch_size=self.config.batch_size, seed=self.config.seed,
@@ -188,6 +190,9 @@ def prepare_documents(config: ConfigDict, *, lm: Any, image_size: int | None = N
     from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
 
     d = config.data
+    if sample_filters(config).active:
+        raise ConfigError("config.data.filters apply to image-text pairs (CLIP, SigLIP, CoCa), not "
+                          "to documents (LM, Flamingo: see data.min_image_similarity); unset them.")
     if d.seq_length > lm.max_length:
         raise ConfigError(f"config.data.seq_length={d.seq_length} exceeds the language model's "
                           f"max_length={lm.max_length}.")
@@ -264,15 +269,16 @@ def global_skip_stats() -> dict[str, int]:
     waiting in the next collective), and the logged ``data/*`` are those of the whole run.
     A collective: call it at the same steps on every process (the log steps).
     """
-    from input_pipeline.transforms import DROP_REASONS, SKIP_REASONS, SKIP_STATS  # pylint: disable=C0415
+    from input_pipeline.transforms import DROP_REASONS, SKIP_STATS  # pylint: disable=C0415
     from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
 
-    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_REASONS),
+    keys = ("seen", "skipped", *(f"skipped/{r}" for r in SKIP_STATS.reasons()),
             *(f"dropped_images/{r}" for r in DROP_REASONS))
     local = SKIP_STATS.snapshot()
     unknown = [k for k in local if k not in keys]
     if unknown:  # A reason added to the pipeline but not to SKIP_REASONS would be lost.
-        raise ValueError(f"SKIP_STATS has reasons {unknown} that SKIP_REASONS does not list.")
+        raise ValueError(f"SKIP_STATS has reasons {unknown} that SKIP_REASONS does not list "
+                         "(nor SKIP_STATS.declare).")
     total = runtime.global_counts(local, keys)
     return {k: v for k, v in total.items()
             if v or not k.startswith(("skipped/", "dropped_images/"))}
@@ -302,6 +308,59 @@ def check_skipped(stats: dict[str, int], config: ConfigDict) -> None:
             f"({config.data.train_files}) or raise the threshold.")
 
 
+def sample_filters(config: ConfigDict):
+    """``config.data.filters`` as :class:`input_pipeline.transforms.SampleFilters`.
+
+    Raises:
+        ConfigError: an unknown filter, a bad limit, or a metadata predicate that does not parse
+            (named, with the form it should have).
+    """
+    from input_pipeline.transforms import SampleFilters  # pylint: disable=import-outside-toplevel
+
+    values = dict(config.data.filters)
+    values["metadata"] = list(values.get("metadata", []))
+    try:
+        return SampleFilters.create(**values)
+    except ValueError as e:
+        raise ConfigError(f"config.data.filters: {e}") from e
+
+
+def check_metadata_fields(source, filters, num_samples: int = 8) -> None:
+    """Fails when none of the first ``num_samples`` samples of ``source`` has a field that a
+    metadata predicate of ``filters`` reads: a misspelt field (``clip_score`` for DataComp's
+    ``clip_l14_similarity_score``) or shards written without ``--save_additional_columns``
+    would skip every sample, and the run would wait for a batch that never comes.
+
+    Raises:
+        ConfigError: naming the predicate, the fields the samples do have, and the fix.
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    if not filters.metadata:
+        return
+    fields: set[str] = set()
+    found: set[str] = set()
+    for i in range(min(num_samples, len(source))):
+        raw = source[i].get("metadata")
+        try:
+            meta = raw if isinstance(raw, dict) else json.loads(raw) if raw else {}
+        except ValueError:
+            continue
+        if not isinstance(meta, dict):
+            continue
+        fields.update(meta)
+        found.update(p.field for p in filters.metadata if p.lookup(meta) is not _MISSING_FIELD)
+    for predicate in filters.metadata:
+        if predicate.field not in found:
+            raise ConfigError(
+                f"config.data.filters.metadata {predicate.text!r}: none of the first "
+                f"{min(num_samples, len(source))} samples of {source!r} has a field "
+                f"{predicate.field!r} in its .json metadata (they have "
+                f"{sorted(fields) or 'no metadata'}); every sample would be skipped. Fix the "
+                "field name, or write the shards with it (img2dataset --save_additional_columns)."
+            )
+
+
 def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
     if kind == "tfds":  # files = '<name>@<split>' of a dataset prepared in data_dir
         return sources.open_source(kind, files, data_dir=data_dir,
@@ -326,6 +385,10 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     if d.name != "shapes" and d.name not in SOURCES:
         raise ConfigError(f"config.data.name={d.name!r}: use 'shapes' (embedded) or a source of "
                           f"image-text shards {list(SOURCES)} with config.data.train_files.")
+    # A bad predicate fails here, before any shard is opened.
+    if d.name not in SOURCES and sample_filters(config).active:
+        raise ConfigError(f"config.data.filters apply to raw image-text shards (data.name one of "
+                          f"{list(SOURCES)}); data.name={d.name!r} is not filtered: unset them.")
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     source = None
     if d.name in SOURCES and not for_eval:
@@ -348,6 +411,7 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
             src = src[0] if isinstance(src, tuple) else src
             for path, reason in getattr(src, "skipped_shards", []):
                 print(f"Warning: skipped unreadable shard {path}: {reason}")
+            check_metadata_fields(src, sample_filters(config))
     if d.name in SOURCES and d.tokenizer:
         from input_pipeline.tokenizers import load_tokenizer  # pylint: disable=import-outside-toplevel
 

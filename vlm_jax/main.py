@@ -104,7 +104,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                     "webdataset tar shards (--output DIR). convert: webdataset tars (--input "
                     "PATTERN) or an image folder (--input DIR --captions CSV/JSONL) to ArrayRecord "
                     "shards (--output PREFIX). inspect: counts, bad samples, caption lengths and "
-                    "a PNG grid (--input PATTERN --format webdataset|array_record --output PNG).")
+                    "a PNG grid (--input PATTERN --format webdataset|array_record --output PNG); "
+                    "with --config, also the samples its data.min_side / data.filters reject.")
     p.add_argument("action", choices=["prepare", "export", "convert", "inspect"])
     common(p, config_required=False)
     p.add_argument("--input", default=None)
@@ -200,8 +201,14 @@ def _data_command(args, config) -> int:
                                               args.captions)
         print(f"Wrote {len(paths)} ArrayRecord shard(s): {', '.join(paths[:3])}")
     else:
+        decode = None  # With a config: its data.min_side and data.filters, as training skips.
+        if config is not None:
+            from input_pipeline.transforms import DecodePair  # pylint: disable=C0415
+            from vlm_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+
+            decode = DecodePair(config.data.min_side, filters=data_lib.sample_filters(config))
         report = tools.inspect(args.format, need("input", args.input), args.output,
-                               max_scan=args.max_scan)
+                               max_scan=args.max_scan, decode=decode)
         print(json.dumps(report, indent=2))
     return 0
 
@@ -233,7 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [n.strip() for n in args.evaluators.split(",") if n.strip()]
     try:
         if args.command == "data" and args.action in ("convert", "inspect"):
-            config = None  # These work on files, not on a config.
+            config = None  # These work on files, not on a config; inspect applies the sample
+            if args.action == "inspect" and (args.config or overrides):  # filters of a config.
+                if args.config is None:
+                    raise ConfigError("vlm-jax data inspect: --config.* overrides need --config "
+                                      "(e.g. --config experiments/clip_tiny.py).")
+                config = _load(args, overrides)
         else:
             if args.config is None and args.command == "data":
                 raise ConfigError(f"vlm-jax data {args.action} needs --config.")
