@@ -224,9 +224,14 @@ def _shard_name(prefix: str, i: int, n: int) -> str:
 _PROGRESS = None  # a worker process's queue to the parent's progress bar (set by _init_worker)
 
 
-def _init_worker(queue) -> None:
+def _init_worker(queue, environ: dict[str, str]) -> None:
+    """Worker set-up: the progress queue, and the parent's environment as it is now (a worker
+    is forked from the forkserver, whose environment is the parent's when the server started:
+    storage settings such as ``STORAGE_EMULATOR_HOST`` set since then would be missing)."""
     global _PROGRESS  # pylint: disable=global-statement
     _PROGRESS = queue
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def _convert_task(task: ConvertTask, keep_bad: bool = False, progress=None) -> dict[str, Any]:
@@ -355,7 +360,7 @@ def convert_shards(inputs: str, out_prefix: str, num_shards: int | None = None,
       ``process_count`` writes byte-identical files.
     * **Parallel**: process ``process_index`` of ``process_count`` (hosts, each running this
       with its own index) converts output shards ``i`` with ``i % process_count ==
-      process_index``, with ``workers`` worker processes (``spawn``ed; 1: in this process).
+      process_index``, with ``workers`` worker processes (1: in this process).
     * **Resumable**: a shard appears under its final name only once complete (local: rename of
       a temporary file; gs://: upload of the finished local file, see
       :func:`sources.write_array_record_shard`), so the shards present at start are complete;
@@ -435,16 +440,19 @@ def _write_task(task: ConvertTask, keep_bad: bool, progress=None) -> dict[str, A
 
 
 def _run_pool(todo, keep_bad, workers, on_progress, merge) -> None:
-    """Runs the tasks on ``workers`` spawned processes; progress increments come back through a
+    """Runs the tasks on ``workers`` forked worker processes; progress increments come back through a
     queue. The first failure cancels the tasks not yet started, lets the running ones finish
     (their shards are kept) and is raised."""
     import concurrent.futures  # pylint: disable=import-outside-toplevel
     import multiprocessing  # pylint: disable=import-outside-toplevel
     import queue as queue_lib  # pylint: disable=import-outside-toplevel
 
-    # spawn, not fork: the parent may hold threads (grain, gcsfs's event loop) that a fork
-    # would copy in an undefined state.
-    ctx = multiprocessing.get_context("spawn")
+    # forkserver, not fork: the parent may hold threads (grain, gcsfs's event loop) that a fork
+    # would copy in an undefined state; the server is a fresh process. With this module
+    # preloaded in it, workers are forked already importing it (jax, through grain: seconds),
+    # where spawn would import it once per worker.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     queue = ctx.Queue()
 
     def drain() -> None:
@@ -455,7 +463,7 @@ def _run_pool(todo, keep_bad, workers, on_progress, merge) -> None:
                 return
 
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(queue,)) as pool:
+                                                initargs=(queue, dict(os.environ))) as pool:
         pending = {pool.submit(_write_task, t, keep_bad) for t in todo}
         try:
             while pending:
