@@ -238,7 +238,8 @@ def _convert_task(task: ConvertTask, keep_bad: bool = False, progress=None) -> d
     """Converts one output shard (:func:`sources.write_array_record_shard`: it appears under its
     name only when complete); returns ``{'output', 'stats', 'damaged'}``. ``progress(shards,
     samples, skipped)`` (or, in a worker process, the parent's queue) receives increments about
-    twice a second."""
+    twice a second. ``cpu_seconds``: this process's CPU time for the shard."""
+    cpu = time.process_time()
     if progress is None and _PROGRESS is not None:
         progress = lambda *x: _PROGRESS.put(x)  # noqa: E731
     stats, damaged, check = SkipStats(), [], DecodePair()
@@ -271,7 +272,8 @@ def _convert_task(task: ConvertTask, keep_bad: bool = False, progress=None) -> d
     report(1.0, force=True)
     out = stats.snapshot()
     out["written"] = written
-    return {"output": task.output, "stats": out, "damaged": damaged}
+    return {"output": task.output, "stats": out, "damaged": damaged,
+            "cpu_seconds": time.process_time() - cpu}
 
 
 @dataclasses.dataclass
@@ -282,7 +284,9 @@ class ConvertReport:
     ``already_done``: this process's shards written in this run / found complete and kept;
     ``stats``: ``seen``, ``written``, ``skipped`` and ``skipped/<reason>`` (the reasons of
     :data:`input_pipeline.transforms.SKIP_REASONS`) over the converted shards; ``damaged``:
-    input tar shards read only up to their damage, with the reason.
+    input tar shards read only up to their damage, with the reason; ``cpu_seconds``: CPU time
+    the workers spent on the converted shards (``seen / cpu_seconds`` is the rate per core of a
+    machine where the workers get whole cores).
     """
 
     paths: list[str]
@@ -295,6 +299,7 @@ class ConvertReport:
     process_index: int = 0
     process_count: int = 1
     keep_bad: bool = False
+    cpu_seconds: float = 0.0
 
     def summary(self) -> str:
         """A few lines for the terminal: shards, samples, skips by reason, rate."""
@@ -312,8 +317,10 @@ class ConvertReport:
         for path, why in self.damaged:
             lines.append(f"damaged input shard, read up to the damage: {path} ({why})")
         rate = s.get("seen", 0) / self.seconds if self.seconds > 0 else 0.0
+        per_core = s.get("seen", 0) / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
         lines.append(f"{s.get('seen', 0):,} samples in {self.seconds:.1f} s: {rate:,.0f} "
-                     f"samples/s with {self.workers} worker process(es)")
+                     f"samples/s with {self.workers} worker process(es); {per_core:,.0f} "
+                     "samples per CPU-second of a worker")
         return "\n".join(lines)
 
 
@@ -408,6 +415,7 @@ def convert_shards(inputs: str, out_prefix: str, num_shards: int | None = None,
     def merge(result: dict[str, Any]) -> None:
         report.converted.append(result["output"])
         report.damaged.extend(result["damaged"])
+        report.cpu_seconds += result["cpu_seconds"]
         for k, v in result["stats"].items():
             if k.startswith("dropped_images/"):
                 continue
