@@ -1,6 +1,6 @@
 """Throughput of `vlm-jax data convert` (webdataset tars -> ArrayRecord) per worker process.
 
-    python benchmarks/convert.py                        # 2000 JPEGs in 8 tar shards, 1 and 2 workers
+    python benchmarks/convert.py                   # 2000 JPEGs in 8 tar shards, 1 and 2 workers
     python benchmarks/convert.py --n 4000 --shards 16 --workers 1 2 4
 
 Writes img2dataset-like tar shards (JPEG images with random 256-640 px sides and smooth content

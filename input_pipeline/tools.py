@@ -341,8 +341,15 @@ def _existing_outputs(tasks: list[ConvertTask]) -> set[str]:
     stem = os.path.basename(tasks[0].output)[:-len("-00000-of-" + suffix)]
     try:
         if not out_dir.exists():
-            if "://" in os.fspath(out_dir):
-                return set()  # gs:// has no directories: a prefix without objects
+            url = os.fspath(out_dir)
+            if "://" in url:  # No object under the prefix yet (gs:// has no directories).
+                scheme, rest = url.split("://", 1)
+                bucket = epath.Path(f"{scheme}://{rest.split('/', 1)[0]}")
+                if not bucket.exists():  # Said now, not after the first shard is converted.
+                    raise DataError(f"Cannot write to {url}: bucket {bucket} does not exist "
+                                    "(create it, e.g. `gcloud storage buckets create`, or fix "
+                                    "--output).")
+                return set()
             out_dir.mkdir(parents=True, exist_ok=True)
             return set()
         return {p.name for p in out_dir.glob(f"{stem}-*-of-{suffix}")}
@@ -448,8 +455,8 @@ def _write_task(task: ConvertTask, keep_bad: bool, progress=None) -> dict[str, A
 
 
 def _run_pool(todo, keep_bad, workers, on_progress, merge) -> None:
-    """Runs the tasks on ``workers`` forked worker processes; progress increments come back through a
-    queue. The first failure cancels the tasks not yet started, lets the running ones finish
+    """Runs the tasks on ``workers`` forked worker processes; progress increments come back
+    through a queue. The first failure cancels the tasks not yet started, lets the running ones finish
     (their shards are kept) and is raised."""
     import concurrent.futures  # pylint: disable=import-outside-toplevel
     import multiprocessing  # pylint: disable=import-outside-toplevel

@@ -215,6 +215,9 @@ def test_conversion_to_gcs_reads_back_like_local(gcs_emulator, inputs, one_worke
     assert all(gcs.info(p)["generation"] == generations[p] for p in report.paths
                if p != report.paths[2])
     assert _bytes(report.paths) == _bytes(one_worker.paths)
+    with pytest.raises(DataError, match="bucket gs://no-such-bucket-vlm does not exist"):
+        tools.convert_shards(str(root / "part-*.tar"), "gs://no-such-bucket-vlm/r/train",
+                             progress=False)
     staging = os.path.join(tempfile.gettempdir(), "vlm_jax_array_record")
     assert not any(n.endswith("train-00002-of-00007.array_record.tmp")
                    for n in (os.listdir(staging) if os.path.isdir(staging) else []))
