@@ -360,9 +360,11 @@ def write_array_record_shard(records: Iterable[Record], path: str) -> int:
       temporary object plus "rename" would not be safer, and on GCS a rename is a copy and a
       delete (twice the writes).
 
-    Temporary names are fixed per ``path``, so a file left by a killed run is overwritten by the
-    next attempt rather than accumulating. Two processes must not write the same ``path``
-    (``vlm-jax data convert`` gives every output shard to exactly one process).
+    A temporary name carries the writer's process id, and each attempt first deletes the
+    temporary files of earlier attempts at ``path`` (a killed run's), so they do not accumulate.
+    Should an earlier writer still be running (a worker outliving its killed parent for the rest
+    of its shard), it loses its file and fails; had it finished first, it would have installed
+    a complete file with the same bytes (conversions are deterministic).
 
     Raises:
         Whatever ``records`` raises; the temporary file is removed and ``path`` left as it was.
@@ -378,10 +380,17 @@ def write_array_record_shard(records: Iterable[Record], path: str) -> int:
         staging = os.path.join(tempfile.gettempdir(), "vlm_jax_array_record")
         os.makedirs(staging, exist_ok=True)
         digest = hashlib.sha1(path.encode()).hexdigest()[:16]
-        tmp = os.path.join(staging, f"{digest}-{name}.tmp")
+        tmp_dir, tmp_name = staging, f"{digest}-{name}.tmp"
     else:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{name}.tmp")
+        tmp_dir, tmp_name = os.path.dirname(path) or ".", f".{name}.tmp"
+        os.makedirs(tmp_dir, exist_ok=True)
+    for old in os.listdir(tmp_dir):  # earlier attempts' leftovers
+        if old.startswith(tmp_name):
+            try:
+                os.remove(os.path.join(tmp_dir, old))
+            except FileNotFoundError:
+                pass
+    tmp = os.path.join(tmp_dir, f"{tmp_name}.{os.getpid()}")
     n = 0
     try:
         # One record per chunk (random access reads one record). Uncompressed: a record is

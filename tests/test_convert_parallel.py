@@ -219,5 +219,5 @@ def test_conversion_to_gcs_reads_back_like_local(gcs_emulator, inputs, one_worke
         tools.convert_shards(str(root / "part-*.tar"), "gs://no-such-bucket-vlm/r/train",
                              progress=False)
     staging = os.path.join(tempfile.gettempdir(), "vlm_jax_array_record")
-    assert not any(n.endswith("train-00002-of-00007.array_record.tmp")
+    assert not any("train-00002-of-00007.array_record.tmp" in n
                    for n in (os.listdir(staging) if os.path.isdir(staging) else []))
