@@ -323,9 +323,7 @@ def write_array_record(records: Iterable[Record], path_prefix: str, num_shards: 
                    for p in local]
         try:
             for i, record in enumerate(records):
-                keep = {k: v for k, v in record.items() if k in ("key", "image", "caption",
-                                                                  "metadata")}
-                writers[i % num_shards].write(msgpack.packb(keep, use_bin_type=True))
+                writers[i % num_shards].write(_pack_record(record))
         finally:
             for w in writers:
                 w.close()
@@ -338,6 +336,86 @@ def write_array_record(records: Iterable[Record], path_prefix: str, num_shards: 
         if staging is not None:
             staging.cleanup()
     return paths
+
+
+def _pack_record(record: Record) -> bytes:
+    """The stored form of a record: msgpack of its ``key``, ``image``, ``caption``, ``metadata``."""
+    keep = {k: v for k, v in record.items() if k in ("key", "image", "caption", "metadata")}
+    return msgpack.packb(keep, use_bin_type=True)
+
+
+def write_array_record_shard(records: Iterable[Record], path: str) -> int:
+    """Writes ``records`` into the one ArrayRecord file ``path`` (local or ``gs://``); returns
+    the number written. The file appears under ``path`` only once it is complete.
+
+    * Local ``path``: written as ``.<name>.tmp`` in the same directory, fsync'ed, then renamed
+      (``os.replace``: atomic on POSIX). The fsync makes a machine crash (a preempted VM) leave
+      either the old state or the whole file, never a renamed but empty one.
+    * ``gs://`` ``path``: array_record's writer (riegeli's ``FdWriter``) writes local files only
+      (its reader has a GCS client, the writer none), so the shard is written to a local staging
+      file (under ``$TMPDIR``) and then uploaded to ``path`` through etils.epath (gcsfs). GCS
+      creates an object only when its upload completes -- the single request of a small upload
+      or the finalising request of a resumable one -- so an interrupted upload leaves no object
+      and a visible object is always whole: uploading straight to the final name is atomic. A
+      temporary object plus "rename" would not be safer, and on GCS a rename is a copy and a
+      delete (twice the writes).
+
+    A temporary name carries the writer's process id, and each attempt first deletes the
+    temporary files of earlier attempts at ``path`` (a killed run's), so they do not accumulate.
+    Should an earlier writer still be running (a worker outliving its killed parent for the rest
+    of its shard), it loses its file and fails; had it finished first, it would have installed
+    a complete file with the same bytes (conversions are deterministic).
+
+    Raises:
+        Whatever ``records`` raises; the temporary file is removed and ``path`` left as it was.
+    """
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+    path = os.fspath(path)
+    remote = "://" in path
+    name = os.path.basename(path)
+    if remote:
+        import hashlib  # pylint: disable=import-outside-toplevel
+
+        staging = os.path.join(tempfile.gettempdir(), "vlm_jax_array_record")
+        os.makedirs(staging, exist_ok=True)
+        digest = hashlib.sha1(path.encode()).hexdigest()[:16]
+        tmp_dir, tmp_name = staging, f"{digest}-{name}.tmp"
+    else:
+        tmp_dir, tmp_name = os.path.dirname(path) or ".", f".{name}.tmp"
+        os.makedirs(tmp_dir, exist_ok=True)
+    for old in os.listdir(tmp_dir):  # earlier attempts' leftovers
+        if old.startswith(tmp_name):
+            try:
+                os.remove(os.path.join(tmp_dir, old))
+            except FileNotFoundError:
+                pass
+    tmp = os.path.join(tmp_dir, f"{tmp_name}.{os.getpid()}")
+    n = 0
+    try:
+        # One record per chunk (random access reads one record). Uncompressed: a record is
+        # mostly an encoded image, which riegeli's default brotli cannot shrink, at ~5 % of a
+        # conversion's CPU time.
+        writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1,uncompressed")
+        try:
+            for record in records:
+                writer.write(_pack_record(record))
+                n += 1
+        finally:
+            writer.close()
+        if remote:
+            epath.Path(tmp).copy(path, overwrite=True)
+        else:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n
 
 
 class TfdsPairSource:

@@ -284,11 +284,17 @@ def test_convert_image_folder_with_captions(tmp_path, fmt):
         path = tmp_path / "captions.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from input_pipeline import tools
-    tools.convert_to_array_record(str(folder), str(tmp_path / "ar" / "pairs"), 2, str(path))
+    tools.convert_to_array_record(str(folder), str(tmp_path / "ar" / "pairs"), 2, str(path),
+                                  keep_bad=True, progress=False)
     src = sources.ArrayRecordSource(str(tmp_path / "ar" / "pairs-*.array_record"))
     got = {src[i]["key"]: src[i] for i in range(len(src))}
     assert len(got) == 6
     assert got["p3"]["image"] == (folder / "p3.png").read_bytes()
     assert got["p3"]["caption"] == "photo 3, with a comma"
-    # The missing image is kept as a record and skipped (and counted) by the pipeline.
+    # keep_bad: the missing image is kept as a record and skipped (and counted) by the pipeline.
     assert transforms.DecodePair().map(got["missing"])["_skip"] == "missing_image"
+    # By default it is dropped (and counted) by the conversion.
+    report = tools.convert_shards(str(folder), str(tmp_path / "ar2" / "pairs"), 2, str(path),
+                                  progress=False)
+    assert len(sources.ArrayRecordSource(report.paths)) == 5
+    assert report.stats["skipped/missing_image"] == 1 and report.stats["written"] == 5

@@ -10,7 +10,7 @@
     vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
     vlm-jax data prepare --config experiments/clip_tiny.py
     vlm-jax data export  --config experiments/clip_tiny.py --split train --output shards/
-    vlm-jax data convert --input 'shards/train-*.tar' --output records/train --num_shards 4
+    vlm-jax data convert --input 'shards/train-*.tar' --output gs://bucket/records/train --workers 8
     vlm-jax data inspect --input 'shards/train-*.tar' --output grid.png
 
 ``train`` on a workdir that holds checkpoints resumes from the latest one. ``eval`` without
@@ -103,9 +103,11 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description="prepare: build the config's dataset. export: write a split of it as "
                     "webdataset tar shards (--output DIR). convert: webdataset tars (--input "
                     "PATTERN) or an image folder (--input DIR --captions CSV/JSONL) to ArrayRecord "
-                    "shards (--output PREFIX). inspect: counts, bad samples, caption lengths and "
-                    "a PNG grid (--input PATTERN --format webdataset|array_record --output PNG); "
-                    "with --config, also the samples its data.min_side / data.filters reject.")
+                    "shards (--output PREFIX, local or gs://), with --workers processes per host "
+                    "and --process_id/--num_processes hosts; rerunning it resumes. inspect: "
+                    "counts, bad samples, caption lengths and a PNG grid (--input PATTERN --format "
+                    "webdataset|array_record --output PNG); with --config, also the samples its "
+                    "data.min_side / data.filters reject.")
     p.add_argument("action", choices=["prepare", "export", "convert", "inspect"])
     common(p, config_required=False)
     p.add_argument("--input", default=None)
@@ -114,7 +116,13 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--captions", default=None, help="convert: CSV (file,caption) or JSONL")
     p.add_argument("--split", default="train", help="export: split to write")
     p.add_argument("--shard_size", type=int, default=1000)
-    p.add_argument("--num_shards", type=int, default=1)
+    p.add_argument("--num_shards", type=int, default=None,
+                   help="convert: output shards (default: one per input tar shard, or per "
+                        "10,000 rows of --captions)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="convert: worker processes on this host")
+    p.add_argument("--keep_bad", action="store_true",
+                   help="convert: also write the samples that fail the checks (still counted)")
     p.add_argument("--max_scan", type=int, default=None, help="inspect: samples to scan")
 
     args, rest = parser.parse_known_args(argv)
@@ -171,6 +179,24 @@ def _init_distributed(args) -> None:
                                                 args.process_id))
 
 
+def _convert_process(args) -> tuple[int, int]:
+    """(process index, count) of ``data convert``: ``--process_id`` / ``--num_processes``, else
+    the cluster jax detects (a TPU pod with ``--worker=all``: each host takes its share), else
+    (0, 1). Conversion shares no state between hosts, so no distributed runtime is started."""
+    from input_pipeline import DataError  # pylint: disable=import-outside-toplevel
+
+    if (args.process_id is None) != (args.num_processes is None):
+        raise DataError("vlm-jax data convert: --process_id and --num_processes go together.")
+    if args.process_id is not None:
+        return args.process_id, args.num_processes
+    from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
+
+    plan = runtime.plan_distributed()
+    if plan.source == "cluster" and plan.num_processes and plan.process_id is not None:
+        return plan.process_id, plan.num_processes
+    return 0, 1
+
+
 def _data_command(args, config) -> int:
     import json  # pylint: disable=import-outside-toplevel
 
@@ -196,10 +222,12 @@ def _data_command(args, config) -> int:
                                         need("output", args.output), args.shard_size)
         print(f"Wrote {len(paths)} tar shard(s): {paths[0]} ... {paths[-1]}")
     elif args.action == "convert":
-        paths = tools.convert_to_array_record(need("input", args.input),
-                                              need("output", args.output), args.num_shards,
-                                              args.captions)
-        print(f"Wrote {len(paths)} ArrayRecord shard(s): {', '.join(paths[:3])}")
+        index, count = _convert_process(args)
+        report = tools.convert_shards(need("input", args.input), need("output", args.output),
+                                      args.num_shards, args.captions, workers=args.workers,
+                                      process_index=index, process_count=count,
+                                      keep_bad=args.keep_bad)
+        print(report.summary())
     else:
         decode = None  # With a config: its data.min_side and data.filters, as training skips.
         if config is not None:
@@ -252,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _load(args, overrides)  # Fails on a bad key before anything happens.
             if args.command == "eval" and (args.dataset or args.split):
                 config = _eval_elsewhere(config, names, args.dataset, args.split)
-        if args.command != "compile":  # Compiling for a TPU topology needs no distributed runtime.
+        # Compiling for a TPU topology and converting data need no distributed runtime.
+        if args.command != "compile" and not (args.command == "data" and args.action == "convert"):
             _init_distributed(args)
         if args.command == "train":
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
