@@ -1,0 +1,225 @@
+"""Streamed webdataset (config.data.webdataset_mode 'stream' / 'resampled'): shard-level
+assignment, shuffle buffer, exact resume, unreadable shards, and a killed training run that
+resumes with the losses of an uninterrupted one."""
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from input_pipeline import DataError, pipeline, sources, transforms
+from input_pipeline.tokenizers import load_tokenizer
+from tests.test_sources import good, write_shard
+from vlm_jax import checkpoint as ckpt_lib
+from vlm_jax import config as config_lib
+from vlm_jax import data as data_lib
+from vlm_jax.config import ConfigError
+
+
+def _shards(root, counts, start=0):
+    """Tar shards ``s-<i>.tar`` with ``counts[i]`` good samples each; returns their paths."""
+    paths, key = [], start
+    for i, n in enumerate(counts):
+        path = root / f"s-{i:03d}.tar"
+        write_shard(path, [good(key + j) for j in range(n)])
+        paths.append(str(path))
+        key += n
+    return paths
+
+
+def _keys_in_tar(path):
+    """The sample keys of a tar shard as Python's tarfile lists them (the reference)."""
+    with tarfile.open(path) as tar:
+        return {m.name.split(".")[0] for m in tar.getmembers()}
+
+
+def _first_epoch(it):
+    """The keys a reader with shuffle_buffer=1 (records in shard order) gives in epoch 0."""
+    keys = []
+    while True:
+        record = next(it)
+        if it.get_state()["epoch"] > 0:  # this one opened the next epoch
+            return keys
+        keys.append(record["key"])
+
+
+def _reader(paths, worker=0, workers=1, **kw):
+    ds = sources.WebDatasetStream(paths, **kw)
+    if workers > 1:  # what grain does to the dataset copy of each worker process
+        ds.set_slice(slice(worker, None, workers))
+    return iter(ds)
+
+
+def test_each_shard_is_read_once_per_epoch_by_one_reader(tmp_path):
+    counts = [5, 3, 4, 6, 2, 5]
+    paths = _shards(tmp_path, counts)
+    readers = [(p, w) for p in range(2) for w in range(2)]  # 2 processes x 2 grain workers
+    epoch0 = {}
+    for p, w in readers:
+        it = _reader(paths, w, 2, shuffle_buffer=1, seed=7, process_index=p, process_count=2)
+        epoch0[(p, w)] = _first_epoch(it)
+    # Epoch 0: every sample of every shard exactly once, over all readers.
+    everything = sorted(k for path in paths for k in _keys_in_tar(path))
+    got = sorted(k for keys in epoch0.values() for k in keys)
+    assert got == everything
+    # Each reader reads whole shards: its keys are a union of shards.
+    by_shard = {k: i for i, path in enumerate(paths) for k in _keys_in_tar(path)}
+    for keys in epoch0.values():
+        shards = {by_shard[k] for k in keys}
+        assert len(keys) == sum(counts[s] for s in shards)
+
+
+def test_shard_order_is_reshuffled_per_epoch_and_differs_by_seed(tmp_path):
+    paths = _shards(tmp_path, [1] * 12)  # one sample per shard: the keys are the shard order
+
+    def order(seed, n):
+        it = _reader(paths, shuffle_buffer=1, seed=seed)
+        return [next(it)["key"] for _ in range(n)]
+
+    a = order(0, 24)
+    assert sorted(a[:12]) == sorted(a[12:]) and a[:12] != a[12:]
+    assert order(0, 24) == a and order(1, 24) != a
+
+
+@pytest.mark.parametrize("mode", ["stream", "resampled"])
+def test_resume_continues_exactly_buffer_included(tmp_path, mode):
+    paths = _shards(tmp_path, [7, 5, 9, 4])
+    kw = dict(mode=mode, seed=3, shuffle_buffer=6, samples_per_epoch=10, process_index=1,
+              process_count=2)
+    ref_it = _reader(paths, **kw)
+    ref = [next(ref_it) for _ in range(40)]
+    for k in (1, 4, 11, 23):  # at the start, mid shard, across shards and epochs
+        it = _reader(paths, **kw)
+        for _ in range(k):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+        assert len(state["buffer"]) == kw["shuffle_buffer"] - 1
+        resumed = _reader(paths, **kw)
+        resumed.set_state(state)
+        got = [next(resumed) for _ in range(40 - k)]
+        assert [r["key"] for r in got] == [r["key"] for r in ref[k:]]
+        assert all(a["image"] == b["image"] and a["caption"] == b["caption"]
+                   for a, b in zip(got, ref[k:]))
+    # The buffer shuffles: not the order the shards are read in.
+    plain = _reader(paths, **{**kw, "shuffle_buffer": 1})
+    assert [r["key"] for r in ref[:20]] != [next(plain)["key"] for _ in range(20)]
+
+
+def test_resampled_draws_shards_with_replacement_per_reader(tmp_path):
+    paths = _shards(tmp_path, [1] * 5)
+    kw = dict(mode="resampled", seed=0, shuffle_buffer=1, samples_per_epoch=40, process_count=2)
+    draws = {}
+    for p in range(2):
+        it = _reader(paths, process_index=p, **kw)
+        draws[p] = [next(it)["key"] for _ in range(60)]
+        assert it.get_state()["epoch"] == 2  # 20 samples per reader and epoch
+    a = draws[0]
+    assert set(a) == {f"{i:06d}" for i in range(5)}  # every shard drawn
+    assert len(set(a[:5])) < 5 or len(set(a[5:10])) < 5  # with replacement: repeats
+    assert draws[0] != draws[1]  # readers draw independently
+    # A stream mode epoch, for contrast, reads each shard exactly once.
+    it = _reader(paths, mode="stream", seed=0, shuffle_buffer=1)
+    assert sorted(next(it)["key"] for _ in range(5)) == sorted(set(a))
+
+
+def test_unreadable_shards_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+    good_paths = _shards(tmp_path, [4])
+    (tmp_path / "s-001.tar").write_bytes(b"not a tar file " * 100)
+    write_shard(tmp_path / "s-002.tar", [good(i) for i in range(10, 16)])
+    data = (tmp_path / "s-002.tar").read_bytes()
+    (tmp_path / "s-002.tar").write_bytes(data[: len(data) // 2])  # cut mid-shard
+    paths = sources.expand_paths(str(tmp_path / "s-*.tar"))
+    # The reference: the samples of the cut shard that Python's tarfile reads whole.
+    whole = set()
+    with tarfile.open(paths[2]) as tar:
+        try:
+            for m in tar:
+                tar.extractfile(m).read()
+                whole.add(m.name.split(".")[0])
+        except tarfile.TarError:
+            pass
+    transforms.SKIP_STATS.reset()
+    keys = set(_first_epoch(_reader(paths, shuffle_buffer=1, seed=0)))
+    assert _keys_in_tar(good_paths[0]) <= keys
+    assert 0 < len(keys - _keys_in_tar(good_paths[0])) < 6
+    assert keys - _keys_in_tar(good_paths[0]) <= whole  # no partial sample kept
+    assert transforms.SKIP_STATS.snapshot()["skipped/unreadable_shard"] == 2
+    assert "s-001.tar" in caplog.text and "s-002.tar" in caplog.text
+
+    (tmp_path / "s-000.tar").write_bytes(b"")
+    only_bad = [paths[0], paths[1]]
+    with pytest.raises(DataError, match="read no sample from"):
+        next(_reader(only_bad, shuffle_buffer=1))
+
+
+@pytest.fixture(scope="module")
+def clip_bpe():
+    return load_tokenizer("clip_bpe", 16)
+
+
+def test_pipeline_skips_bad_samples_and_resumes_exactly(tmp_path, clip_bpe):
+    samples = [good(i) for i in range(20)]
+    samples[3] = (samples[3][0], {"png": b"\x89PNG broken", "txt": b"broken"})
+    samples[11] = (samples[11][0], {"png": samples[11][1]["png"]})  # no caption
+    for s in range(4):
+        write_shard(tmp_path / f"p-{s}.tar", samples[5 * s:5 * s + 5])
+    shards = sources.WebDatasetShards(str(tmp_path / "p-{0..3}.tar"))
+
+    def make():
+        return pipeline.create_webdataset_stream_iterator(
+            shards, tokenizer=clip_bpe, global_batch_size=4, seed=1, image_size=16,
+            shuffle_buffer=5, process_index=0, process_count=1)
+
+    transforms.SKIP_STATS.reset()
+    ref_it = make()
+    ref = [next(ref_it) for _ in range(9)]  # 36 samples: 2 epochs of 18 good ones
+    stats = transforms.SKIP_STATS.snapshot()
+    assert stats["skipped/corrupt_image"] >= 1 and stats["skipped/missing_caption"] >= 1
+    assert stats["seen"] - stats["skipped"] == 36  # every kept sample is in a batch
+    assert ref[0]["image"].shape == (4, 16, 16, 3) and ref[0]["image"].dtype == np.uint8
+    it = make()
+    for _ in range(4):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = make()
+    resumed.set_state(state)
+    for want in ref[4:]:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_another_process_or_worker_count_is_refused(tmp_path, clip_bpe):
+    paths = _shards(tmp_path, [4, 4])
+
+    def make(process_index=0, process_count=1, worker_count=0):
+        return pipeline.create_webdataset_stream_iterator(
+            paths, tokenizer=clip_bpe, global_batch_size=2, seed=0, image_size=16,
+            shuffle_buffer=2, process_index=process_index, process_count=process_count,
+            worker_count=worker_count)
+
+    it = make()
+    next(it)
+    handler = ckpt_lib.DataIteratorHandler()
+    (tmp_path / "data").mkdir()
+    handler.save(tmp_path / "data", item=it)
+    with pytest.raises(ckpt_lib.CheckpointError, match="cannot be re-mapped; resume with the "
+                                                       "process count that wrote it"):
+        handler.restore(tmp_path / "data", item=make(1, 2))
+    state = it.get_state()
+    with pytest.raises(DataError, match="worker_count 0 -> 2"):
+        make(worker_count=2).set_state(state)
+    with pytest.raises(DataError, match="webdataset_mode"):
+        pipeline.StreamIterator(lambda s: None, global_batch_size=2, process_index=0,
+                                process_count=1).set_state(state)
+
+
+def test_config_keys_are_checked(repo_root):
+    path = f"{repo_root / 'experiments' / 'clip_tiny.py'}:test"
+    bad = config_lib.load_config(path, ["data.name=webdataset", "data.webdataset_mode=streamed",
+                                        "data.train_files=x.tar"])
+    with pytest.raises(ConfigError, match="webdataset_mode='streamed'"):
+        data_lib.prepare(bad)
+    mixed = config_lib.load_config(path, ["data.name=webdataset", "data.webdataset_mode=stream"])
+    mixed.data.mixture = [dict(name="webdataset", train_files="x.tar", weight=1.0)]
+    with pytest.raises(ConfigError, match="mixture"):
+        data_lib.prepare(mixed)
