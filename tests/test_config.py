@@ -86,6 +86,8 @@ _WEIGHTS = {"loss.contrastive_weight", "loss.caption_weight"}
 # new keys for every experiment.
 _SOURCES = {"data.eval_files", "data.text_key", "data.record_format", "data.min_image_similarity",
             "optim.grad_accum_mode"}
+# The streamed webdataset modes (input_pipeline.sources.WebDatasetStream): new for every one.
+_SOURCES |= {"data.webdataset_mode", "data.shuffle_buffer", "data.samples_per_epoch"}
 NEW_DEFAULTS = {
     "clip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
     "siglip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
