@@ -259,16 +259,18 @@ def test_grain_workers_resume_exactly(tmp_path, clip_bpe):
 @pytest.fixture(scope="module")
 def stream_battery(tmp_path_factory, shapes_data_dir):
     """The fault battery's runs (tests/reliability/battery.py) on the shapes train split exported
-    as 6 webdataset tar shards, read with webdataset_mode='stream'."""
+    as 11 webdataset tar shards, read with webdataset_mode='stream'."""
     from input_pipeline import tools  # pylint: disable=import-outside-toplevel
     from tests.reliability import battery as battery_lib  # pylint: disable=import-outside-toplevel
 
     root = tmp_path_factory.mktemp("wds_stream")
     tools.export_webdataset(shapes_data_dir, "shapes", "32px", "train", str(root / "shards"),
-                            shard_size=100)
+                            shard_size=50)
+    # Synchronous saves: a kill after step 5 always finds step 4's checkpoint, so the resume
+    # starts mid-run, past shard boundaries, with a full buffer to restore.
     extra = ("--config.data.name=webdataset", "--config.data.webdataset_mode=stream",
              f"--config.data.train_files={root}/shards/train-*.tar",
-             "--config.data.shuffle_buffer=64")
+             "--config.data.shuffle_buffer=64", "--config.checkpoint.async_save=false")
 
     class StreamBattery(battery_lib.Battery):
         def args(self, workdir, *more, **kw):
@@ -291,9 +293,12 @@ def test_sigkilled_stream_run_resumes_with_the_uninterrupted_losses(stream_batte
     failed = [k for k, v in row.checks.items() if not v]
     assert row.survived and not failed, (row, failed)
     assert row.data_lost == "none", row  # bitwise equal losses after the resume
+    start = int(row.detail.rsplit("resumed from ", 1)[1])
+    assert start >= battery_lib.EVERY  # a mid-run state: 64 + 63 samples read, shard 2
     # The checkpoints hold the streamed reader's state: cursor, offset, buffer positions.
-    saved = json.loads(next((stream_battery.root / "sigkill" / "checkpoints").glob(
-        "*/data/process_0-of-1.json")).read_text())
+    ckpts = stream_battery.root / "sigkill" / "checkpoints"
+    last = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    saved = json.loads((ckpts / str(last) / "data" / "process_0-of-1.json").read_text())
     assert saved["webdataset_stream"] == "stream"
     reader = saved["iterator"]
     while "cursor" not in reader:  # grain's batch / map / filter states wrap the reader's
