@@ -152,6 +152,32 @@ def test_unreadable_shards_are_skipped_with_a_warning_and_counted(tmp_path, capl
         next(_reader(only_bad, shuffle_buffer=1))
 
 
+def test_gcs_shards_stream_and_resume_like_local(tmp_path, gcs_emulator):
+    """gs:// shards (GCS API emulator, gcsfs through etils.epath) stream the records of their
+    local copies, resume from a state taken mid-shard, and a shard missing from a brace range
+    is skipped and counted."""
+    from tests.test_gcs_data import _upload  # pylint: disable=import-outside-toplevel
+
+    bucket = gcs_emulator.create_bucket("vlm-wds-stream")
+    local = _shards(tmp_path, [6, 4, 7])
+    for i, path in enumerate(local):
+        _upload(path, f"{bucket}/s-{i:03d}.tar")
+    remote = sources.WebDatasetShards(f"{bucket}/s-{{000..003}}.tar").paths  # 003 is missing
+    kw = dict(seed=5, shuffle_buffer=5)
+    want = _reader([*local, str(tmp_path / "missing.tar")], **kw)
+    want = [next(want) for _ in range(30)]
+    transforms.SKIP_STATS.reset()
+    it = _reader(remote, **kw)
+    got = [next(it) for _ in range(12)]
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = _reader(remote, **kw)
+    resumed.set_state(state)
+    got += [next(resumed) for _ in range(18)]
+    assert [(r["key"], r["image"], r["caption"]) for r in got] == [
+        (r["key"], r["image"], r["caption"]) for r in want]
+    assert transforms.SKIP_STATS.snapshot()["skipped/unreadable_shard"] >= 1
+
+
 @pytest.fixture(scope="module")
 def clip_bpe():
     return load_tokenizer("clip_bpe", 16)
