@@ -357,6 +357,9 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     ``data.config_name`` and tokenised with ``data.tokenizer`` (CLIP's BPE merges file
     ``bpe_simple_vocab_16e6.txt.gz`` or a sentencepiece ``.model``; default: the shapes
     tokenizer). ``for_eval``: the training data is not opened (``vlm-jax eval``).
+    ``data.webdataset_mode`` 'stream' / 'resampled' lists the tar shards without indexing them
+    (:class:`input_pipeline.sources.WebDatasetShards`; read by
+    :func:`input_pipeline.pipeline.create_webdataset_stream_iterator`).
     """
     d = config.data
     if d.name != "shapes" and d.name not in SOURCES:
