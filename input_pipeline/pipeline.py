@@ -463,6 +463,13 @@ def create_webdataset_stream_iterator(shards, *, tokenizer, global_batch_size: i
         raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
                         f"process count {process_count}; choose a multiple of {process_count}.")
     paths = list(getattr(shards, "paths", shards))
+    readers = process_count * max(worker_count, 1)
+    if mode == "stream" and len(paths) < readers:  # before any worker process starts
+        raise DataError(
+            f"{len(paths)} tar shard(s) for {process_count} process(es) x "
+            f"{max(worker_count, 1)} grain worker(s): in webdataset_mode='stream' each reads "
+            "whole shards of its own, so there must be at least as many shards. Lower "
+            "config.data.worker_count, or use webdataset_mode='resampled' or 'indexed'.")
     ds: grain.IterDataset = sources.WebDatasetStream(
         paths, mode=mode, seed=seed, shuffle_buffer=shuffle_buffer,
         samples_per_epoch=samples_per_epoch, process_index=process_index,

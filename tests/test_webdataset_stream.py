@@ -234,6 +234,8 @@ def test_another_process_or_worker_count_is_refused(tmp_path, clip_bpe):
     state = it.get_state()
     with pytest.raises(DataError, match="worker_count 0 -> 2"):
         make(worker_count=2).set_state(state)
+    with pytest.raises(DataError, match="2 tar shard.* 1 process.* 3 grain worker"):
+        make(worker_count=3)
     with pytest.raises(DataError, match="webdataset_mode"):
         pipeline.StreamIterator(lambda s: None, global_batch_size=2, process_index=0,
                                 process_count=1).set_state(state)
