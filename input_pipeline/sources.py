@@ -377,11 +377,13 @@ class WebDatasetStream(grain.IterDataset):
       (the train loop stops at ``total_steps``).
     * ``mode='resampled'``: open_clip's ``--dataset-resampled``: each shard is drawn with
       replacement, uniformly, from ``(seed, epoch, r, draw)``; an epoch ends after
-      ``samples_per_epoch / R`` samples read by the reader (0: one endless epoch), and the
-      next one draws from new seeds. Readers may read the same shard at the same time.
+      ``samples_per_epoch / R`` samples read by the reader (0: one endless epoch; the rest of
+      the shard being read is left, as open_clip's ``with_epoch`` does), and the next one
+      draws from new seeds. Readers may read the same shard at the same time.
 
     Samples pass through a buffer of ``shuffle_buffer`` records (webdataset's ``shuffle``):
-    once it is full, each record out is a uniformly chosen one (from ``(seed, r, count)``),
+    once it is full, each record out is a uniformly chosen one (drawn from ``(seed, r,
+    count // 1024)``),
     replaced by the next one read. The iterator state is the epoch, the shard cursor, the byte
     offset of the next sample in the current shard and the (shard, offset) of each buffered
     record, which are re-read on restore: the stream continues exactly, buffer included.
@@ -448,6 +450,7 @@ class _WebDatasetStreamIterator(grain.DatasetIterator):
         self._barren = 0  # shards in a row that gave no sample (all unreadable: an error)
         self._shard_samples = 0  # samples the current shard gave so far
         self._uniforms: tuple[int, np.ndarray] | None = None  # (block, its uniform draws)
+        self._drawn: tuple[tuple[int, int], int] | None = None  # resampled: the current draw
 
     # -- the shard sequence -------------------------------------------------------------------
 
@@ -458,8 +461,11 @@ class _WebDatasetStreamIterator(grain.DatasetIterator):
             quota = -(-ds.samples_per_epoch // ds.readers) if ds.samples_per_epoch else 0
             if quota and self._read >= quota:
                 return None
-            return int(_stream_rng(ds.seed, 2, self._epoch, ds.reader, ds.readers,
-                                   self._cursor).integers(len(ds.paths)))
+            if self._drawn is None or self._drawn[0] != (self._epoch, self._cursor):
+                shard = _stream_rng(ds.seed, 2, self._epoch, ds.reader, ds.readers,
+                                    self._cursor).integers(len(ds.paths))
+                self._drawn = ((self._epoch, self._cursor), int(shard))
+            return self._drawn[1]
         if self._order is None or self._order[0] != self._epoch:
             perm = _stream_rng(ds.seed, 1, self._epoch).permutation(len(ds.paths))
             self._order = (self._epoch, perm[ds.reader::ds.readers])
