@@ -188,6 +188,10 @@ class StreamIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a state this process (same index and count) saved, exactly."""
+        if "webdataset_stream" in state:
+            raise DataError("The checkpoint's data-iterator state is of a streamed webdataset "
+                            f"(config.data.webdataset_mode={state['webdataset_stream']!r}); "
+                            "resume with that webdataset_mode.")
         if (state["process_index"], state["process_count"]) != (self.process_index,
                                                                 self.process_count):
             raise ValueError(f"State of process {state['process_index']} of "
@@ -365,6 +369,134 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
     return StreamIterator(build, global_batch_size=global_batch_size,
                           process_index=process_index, process_count=process_count,
                           tracks_positions=True, positional=worker_count == 0)
+
+
+class ShardStreamIterator(grain.DatasetIterator):
+    """This process's batches of a streamed webdataset corpus
+    (:func:`create_webdataset_stream_iterator`), checkpointable like :class:`StreamIterator`.
+
+    ``get_state()`` holds grain's state of the whole pipeline: the shard cursor, the byte offset
+    in the current shard and the shuffle buffer's positions of every reader
+    (:class:`input_pipeline.sources.WebDatasetStream`), with grain's own worker and prefetch
+    state. :meth:`set_state` restores it exactly on the same process count and
+    ``worker_count``. There is no global stream position to re-map onto another process count
+    (each process reads shards of its own; see docs/design.md), so this iterator has no
+    ``seek``: ``vlm_jax.checkpoint`` then refuses such a resume with a CheckpointError.
+    """
+
+    def __init__(self, build: Callable[[], grain.DatasetIterator], *, mode: str,
+                 global_batch_size: int, process_index: int, process_count: int,
+                 worker_count: int):
+        super().__init__()
+        self._build = build
+        self.mode = mode
+        self.global_batch_size = global_batch_size
+        self.process_index, self.process_count = process_index, process_count
+        self.worker_count = worker_count
+        self.tracks_positions, self.positional = False, False
+        self._it: grain.DatasetIterator | None = None  # built on first use (workers start then)
+
+    def _iterator(self) -> grain.DatasetIterator:
+        if self._it is None:
+            self._it = self._build()
+        return self._it
+
+    def __next__(self) -> dict:
+        return next(self._iterator())
+
+    def get_state(self) -> dict[str, Any]:
+        return {"webdataset_stream": self.mode, "global_batch_size": self.global_batch_size,
+                "process_index": self.process_index, "process_count": self.process_count,
+                "worker_count": self.worker_count, "iterator": self._iterator().get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a state this process saved (same process index and count, worker count,
+        mode and global batch size), exactly.
+
+        Raises:
+            DataError: the state is of another stream, process, worker count or batch size.
+        """
+        if "webdataset_stream" not in state:
+            raise DataError("The checkpoint's data-iterator state is not of a streamed webdataset "
+                            "(it was written with config.data.webdataset_mode='indexed' or "
+                            "another source); resume with the webdataset_mode that wrote it.")
+        saved = {k: state[k] for k in ("webdataset_stream", "global_batch_size",
+                                        "process_index", "process_count", "worker_count")}
+        now = {"webdataset_stream": self.mode, "global_batch_size": self.global_batch_size,
+               "process_index": self.process_index, "process_count": self.process_count,
+               "worker_count": self.worker_count}
+        if saved != now:
+            diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if saved[k] != now[k])
+            raise DataError(f"Cannot restore the streamed webdataset position exactly ({diff}): "
+                            "each process and grain worker reads shards of its own, so resume "
+                            "with the settings that wrote the checkpoint (config.data."
+                            "worker_count, batch_size, webdataset_mode and the process count).")
+        self._iterator().set_state(state["iterator"])
+
+    def start_prefetch(self) -> None:
+        self._iterator().start_prefetch()
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+
+
+def create_webdataset_stream_iterator(shards, *, tokenizer, global_batch_size: int, seed: int,
+                                      image_size: int, mode: str = "stream",
+                                      shuffle_buffer: int = 1000, samples_per_epoch: int = 0,
+                                      process_index: int | None = None,
+                                      process_count: int | None = None, worker_count: int = 0,
+                                      min_side: int = 8,
+                                      max_pixels: int = 8192 * 8192) -> ShardStreamIterator:
+    """Batches of ``{'image', 'text', 'label'}`` from webdataset tar shards read as streams
+    (``config.data.webdataset_mode`` 'stream' or 'resampled'), for corpora too large to index:
+    start-up and host memory do not grow with the number of samples.
+
+    ``shards``: a :class:`input_pipeline.sources.WebDatasetShards` (or a list of paths). Each
+    process, and each of its ``worker_count`` grain workers, reads whole shards of its own
+    through a shuffle buffer of ``shuffle_buffer`` raw samples
+    (:class:`input_pipeline.sources.WebDatasetStream`, which says how shards are assigned and
+    drawn); bad samples are skipped and counted as in :func:`create_pair_iterator`, unreadable
+    shards too (``unreadable_shard``). Unlike the indexed pipelines there is no global shuffle
+    and the stream depends on the process and worker counts: a checkpoint resumes exactly on
+    the counts that wrote it, and only on those (:class:`ShardStreamIterator`).
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
+                        f"process count {process_count}; choose a multiple of {process_count}.")
+    paths = list(getattr(shards, "paths", shards))
+    readers = process_count * max(worker_count, 1)
+    if mode == "stream" and len(paths) < readers:  # before any worker process starts
+        raise DataError(
+            f"{len(paths)} tar shard(s) for {process_count} process(es) x "
+            f"{max(worker_count, 1)} grain worker(s): in webdataset_mode='stream' each reads "
+            "whole shards of its own, so there must be at least as many shards. Lower "
+            "config.data.worker_count, or use webdataset_mode='resampled' or 'indexed'.")
+    ds: grain.IterDataset = sources.WebDatasetStream(
+        paths, mode=mode, seed=seed, shuffle_buffer=shuffle_buffer,
+        samples_per_epoch=samples_per_epoch, process_index=process_index,
+        process_count=process_count)
+    # Augmentation: grain seeds each element's generator from (seed, element count, worker),
+    # restored with the iterator; the process index enters the seed so that hosts crop
+    # differently.
+    aug_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+    for op in pair_transforms(tokenizer, image_size, min_side, max_pixels, train=True):
+        if isinstance(op, grain.transforms.Filter):
+            ds = ds.filter(op)
+        elif isinstance(op, grain.transforms.RandomMap):
+            ds = ds.random_map(op, seed=aug_seed)
+        else:
+            ds = ds.map(op)
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+
+    def build() -> grain.DatasetIterator:
+        return _iterate(ds, worker_count)
+
+    return ShardStreamIterator(build, mode=mode, global_batch_size=global_batch_size,
+                               process_index=process_index, process_count=process_count,
+                               worker_count=worker_count)
 
 
 def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shapes",

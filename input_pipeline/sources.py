@@ -17,6 +17,14 @@ bad sample never stops a run.
   seek + read. A shard that is not a readable tar, or is truncated, is skipped with its path
   and the reason in :attr:`WebDatasetSource.skipped_shards`, the members read before the damage
   are kept.
+* :class:`WebDatasetStream` streams the same tar shards without an index (LAION scale, 10^4-10^5
+  shards): each process, and each grain worker in it, reads whole shards of its own in
+  sequence ('stream': every shard once per epoch, shard order reshuffled per epoch; 'resampled':
+  shards drawn with replacement, open_clip's ``--dataset-resampled``) through a seeded shuffle
+  buffer. Opening it costs one listing (nothing for brace ranges) and its memory is the shard
+  list plus the buffer, whatever the number of samples; its checkpointable state is the shard
+  cursor, the byte offset of the next sample in the current shard and the positions of the
+  buffered samples (re-read on restore).
 * :class:`ArrayRecordSource` reads ArrayRecord shards written by :func:`write_array_record`
   (one msgpack-encoded record each), the format `vlm-jax data convert` produces.
 
@@ -39,11 +47,13 @@ import re
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import fsspec
+import grain
 import msgpack
+import numpy as np
 from etils import epath
 
 from input_pipeline import DataError
@@ -260,6 +270,312 @@ class WebDatasetSource:
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({len(self.paths)} shards, {len(self)} samples)"
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """Tar member name -> (sample key, lower-case extension), as webdataset groups members:
+    the key is the path up to the first dot of the base name."""
+    base = os.path.basename(name)
+    key, _, ext = base.partition(".")
+    return os.path.join(os.path.dirname(name), key), ext.lower()
+
+
+def _record(key: str, members: dict[str, bytes], path: str) -> Record:
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    return {"key": key, "image": members.get(image_ext) if image_ext else None,
+            "caption": members.get("txt"), "metadata": members.get("json"), "source": path}
+
+
+def iter_tar_samples(path: str, offset: int = 0) -> Iterator[tuple[int, Record, int | None]]:
+    """Streams the samples of one webdataset tar shard, from the sample whose first header is at
+    byte ``offset`` (0: the start), reading it front to back once (no index).
+
+    Yields ``(start, record, next)``: the byte offset of the sample's first header, the record
+    (as :class:`WebDatasetSource` returns it) and the offset of the next sample's first header
+    (None after the last one), so a reader can stop after any sample and continue later from
+    ``next``. The consecutive members sharing a key form a sample (img2dataset's layout).
+
+    Raises:
+        tarfile.TarError, OSError, EOFError: the shard is not a tar, or is damaged or cut at
+            that point; the samples yielded before stay valid.
+    """
+    with epath.Path(path).open("rb") as f:
+        if offset:
+            f.seek(offset)
+        # tarfile takes its offsets from the file's position when it is opened, so a shard
+        # entered mid-way still reports absolute member offsets.
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            key, members, start = None, {}, None
+            for info in tar:
+                if not info.isfile():
+                    continue
+                member_key, ext = _sample_key(info.name)
+                if member_key != key:
+                    if members:
+                        yield start, _record(key, members, path), info.offset
+                    key, members, start = member_key, {}, info.offset
+                    tar.members.clear()  # tarfile keeps every TarInfo it read otherwise.
+                # The payload is read straight from the file (tarfile's extractfile wraps
+                # each member in a file object: a third of the time of a small sample).
+                f.seek(info.offset_data)
+                data = f.read(info.size)
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"unexpected end of data in member {info.name}")
+                members[ext] = data
+            if members:
+                yield start, _record(key, members, path), None
+
+
+def read_tar_sample(path: str, offset: int) -> Record | None:
+    """The sample whose first header is at byte ``offset`` of tar shard ``path``, or None if it
+    cannot be read any more (the shard was removed or changed)."""
+    try:
+        return next(iter_tar_samples(path, offset))[1]
+    except (StopIteration, tarfile.TarError, OSError, EOFError):
+        return None
+
+
+class WebDatasetShards:
+    """The tar shards of a webdataset corpus, listed but not opened: what
+    :class:`WebDatasetStream` reads (``config.data.webdataset_mode`` 'stream' / 'resampled').
+
+    Listing is one glob per pattern (brace ranges of remote shards are not even stat'ed), so
+    opening 10^5 shards on GCS costs what opening 10 does.
+    """
+
+    def __init__(self, patterns: str | Sequence[str]):
+        self.paths = expand_paths(patterns)
+        self.skipped_shards: list[tuple[str, str]] = []  # found while streaming, not here
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"WebDatasetShards({len(self.paths)} shards)"
+
+
+STREAM_MODES = ("stream", "resampled")
+
+
+def _stream_rng(*key: int) -> np.random.Generator:
+    """A generator fixed by integers (seed, purpose, process, worker, counter): the stream's
+    random choices are functions of where they are made, so a restored stream redraws them
+    without any saved generator state."""
+    return np.random.default_rng([int(k) for k in key])
+
+
+class WebDatasetStream(grain.IterDataset):
+    """Raw records of webdataset tar shards, streamed: this process's (and, under grain workers,
+    this worker's) own shards read in sequence through a seeded shuffle buffer.
+
+    Reader ``r = process_index * W + worker`` of ``R = process_count * W`` (``W`` grain
+    workers, 1 without) reads:
+
+    * ``mode='stream'``: epoch ``e``'s shard order is a permutation of all shards drawn from
+      ``(seed, e)``; reader ``r`` reads every ``R``-th shard of it starting at ``r``, so in one
+      epoch every shard is read exactly once by one reader. Epochs follow each other forever
+      (the train loop stops at ``total_steps``).
+    * ``mode='resampled'``: open_clip's ``--dataset-resampled``: each shard is drawn with
+      replacement, uniformly, from ``(seed, epoch, r, draw)``; an epoch ends after
+      ``samples_per_epoch / R`` samples read by the reader (0: one endless epoch; the rest of
+      the shard being read is left, as open_clip's ``with_epoch`` does), and the next one
+      draws from new seeds. Readers may read the same shard at the same time.
+
+    Samples pass through a buffer of ``shuffle_buffer`` records (webdataset's ``shuffle``):
+    once it is full, each record out is a uniformly chosen one (drawn from ``(seed, r,
+    count // 1024)``),
+    replaced by the next one read. The iterator state is the epoch, the shard cursor, the byte
+    offset of the next sample in the current shard and the (shard, offset) of each buffered
+    record, which are re-read on restore: the stream continues exactly, buffer included.
+
+    A shard that cannot be opened or is damaged is skipped from that point on (the samples read
+    before are kept), with a warning, and counted in ``SKIP_STATS`` as ``unreadable_shard``.
+    """
+
+    def __init__(self, paths: Sequence[str], *, mode: str = "stream", seed: int = 0,
+                 shuffle_buffer: int = 1000, samples_per_epoch: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        super().__init__()
+        if mode not in STREAM_MODES:
+            raise DataError(f"Unknown webdataset stream mode {mode!r}; use one of "
+                            f"{list(STREAM_MODES)}.")
+        if not paths:
+            raise DataError("WebDatasetStream needs at least one shard.")
+        self.paths = list(paths)
+        self.mode, self.seed = mode, seed
+        self.shuffle_buffer, self.samples_per_epoch = max(1, shuffle_buffer), samples_per_epoch
+        self.process_index, self.process_count = process_index, process_count
+        self.worker_index, self.worker_count = 0, 1
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """grain's hook for its worker processes: worker ``sl.start`` of ``sl.step`` reads its
+        own shards (a stream cannot be sliced by element without reading every element)."""
+        del sequential_slice
+        self.worker_index, self.worker_count = sl.start or 0, sl.step or 1
+
+    @property
+    def readers(self) -> int:
+        return self.process_count * self.worker_count
+
+    @property
+    def reader(self) -> int:
+        return self.process_index * self.worker_count + self.worker_index
+
+    def __iter__(self) -> "_WebDatasetStreamIterator":
+        if self.mode == "stream" and len(self.paths) < self.readers:
+            raise DataError(
+                f"{len(self.paths)} tar shard(s) for {self.process_count} process(es) x "
+                f"{self.worker_count} grain worker(s): each reads whole shards of its own, so "
+                "there must be at least as many shards as readers. Lower "
+                "config.data.worker_count, or use webdataset_mode='resampled' or 'indexed'.")
+        return _WebDatasetStreamIterator(self)
+
+    def __str__(self) -> str:
+        return (f"WebDatasetStream({len(self.paths)} shards, mode={self.mode}, reader "
+                f"{self.reader} of {self.readers})")
+
+
+class _WebDatasetStreamIterator(grain.DatasetIterator):
+    """The iterator of :class:`WebDatasetStream` (see there for its state)."""
+
+    def __init__(self, ds: WebDatasetStream):
+        super().__init__()
+        self._ds = ds
+        self._epoch, self._cursor, self._offset = 0, 0, 0
+        self._read = 0  # samples read in this epoch (resampled epochs are counted in samples)
+        self._emitted = 0
+        self._buffer: list[tuple[int, int, Record]] = []  # (shard, offset, record)
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, this reader's shards)
+        self._samples = None  # the generator over the current shard
+        self._barren = 0  # shards in a row that gave no sample (all unreadable: an error)
+        self._shard_samples = 0  # samples the current shard gave so far
+        self._uniforms: tuple[int, np.ndarray] | None = None  # (block, its uniform draws)
+        self._drawn: tuple[tuple[int, int], int] | None = None  # resampled: the current draw
+
+    # -- the shard sequence -------------------------------------------------------------------
+
+    def _shard(self) -> int | None:
+        """The shard at the cursor, or None when this epoch has no more for this reader."""
+        ds = self._ds
+        if ds.mode == "resampled":
+            quota = -(-ds.samples_per_epoch // ds.readers) if ds.samples_per_epoch else 0
+            if quota and self._read >= quota:
+                return None
+            if self._drawn is None or self._drawn[0] != (self._epoch, self._cursor):
+                shard = _stream_rng(ds.seed, 2, self._epoch, ds.reader, ds.readers,
+                                    self._cursor).integers(len(ds.paths))
+                self._drawn = ((self._epoch, self._cursor), int(shard))
+            return self._drawn[1]
+        if self._order is None or self._order[0] != self._epoch:
+            perm = _stream_rng(ds.seed, 1, self._epoch).permutation(len(ds.paths))
+            self._order = (self._epoch, perm[ds.reader::ds.readers])
+        order = self._order[1]
+        return int(order[self._cursor]) if self._cursor < len(order) else None
+
+    def _next_epoch(self) -> None:
+        self._epoch, self._cursor, self._offset, self._read = self._epoch + 1, 0, 0, 0
+        self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._samples is not None:
+            self._samples.close()
+        self._samples = None
+
+    def _read_one(self) -> tuple[int, int, Record]:
+        """The next sample of this reader's shard sequence (moving across shards and epochs)."""
+        from input_pipeline.transforms import SKIP_STATS  # pylint: disable=import-outside-toplevel
+
+        while True:
+            shard = self._shard()
+            if shard is None:
+                self._next_epoch()
+                continue
+            path = self._ds.paths[shard]
+            if self._samples is None:
+                self._samples = iter_tar_samples(path, self._offset)
+            try:
+                start, record, nxt = next(self._samples)
+            except StopIteration:
+                nxt, record = None, None
+            except (tarfile.TarError, OSError, EOFError) as e:
+                log.warning("Skipping the rest of tar shard %s from byte %d (%s: %s).", path,
+                            self._offset, type(e).__name__, e)
+                SKIP_STATS.record("unreadable_shard")
+                nxt, record = None, None
+            if nxt is None:  # the shard is done: the cursor moves on
+                self._close_shard()
+                self._cursor, self._offset = self._cursor + 1, 0
+                self._barren = 0 if record is not None or self._shard_samples else self._barren + 1
+                self._shard_samples = 0
+                if self._barren > 10 * len(self._ds.paths) + 10:
+                    raise DataError(
+                        f"Reader {self._ds.reader} of {self._ds.readers} read no sample from "
+                        f"{self._barren} shards in a row of {len(self._ds.paths)} tar shard(s) "
+                        f"({self._ds.paths[:2]}...): they are unreadable or empty (see the "
+                        "warnings above); check config.data.train_files.")
+            else:
+                self._offset = nxt
+            if record is not None:
+                self._read += 1
+                self._shard_samples += 1
+                return shard, start, record
+
+    # -- the shuffle buffer ---------------------------------------------------------------------
+
+    def __next__(self) -> Record:
+        ds = self._ds
+        while len(self._buffer) < ds.shuffle_buffer:
+            self._buffer.append(self._read_one())
+        j = self._uniform_index(len(self._buffer)) if len(self._buffer) > 1 else 0
+        self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
+        self._emitted += 1
+        return self._buffer.pop()[2]
+
+    def _uniform_index(self, n: int) -> int:
+        """A uniform draw in ``[0, n)`` for output number ``self._emitted``: uniforms come in
+        blocks of 1024 from ``(seed, reader, block)`` (one generator per sample costs 30 us)."""
+        ds = self._ds
+        block, i = divmod(self._emitted, 1024)
+        if self._uniforms is None or self._uniforms[0] != block:
+            self._uniforms = (block, _stream_rng(ds.seed, 3, ds.reader, ds.readers,
+                                                 block).random(1024))
+        return min(int(self._uniforms[1][i] * n), n - 1)
+
+    def get_state(self) -> dict[str, Any]:
+        ds = self._ds
+        return {"mode": ds.mode, "reader": ds.reader, "readers": ds.readers,
+                "shuffle_buffer": ds.shuffle_buffer, "epoch": self._epoch,
+                "cursor": self._cursor, "offset": self._offset, "read": self._read,
+                "emitted": self._emitted,
+                "buffer": [[shard, offset] for shard, offset, _ in self._buffer]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        ds = self._ds
+        saved = (state["mode"], state["reader"], state["readers"], state["shuffle_buffer"])
+        if saved != (ds.mode, ds.reader, ds.readers, ds.shuffle_buffer):
+            raise DataError(
+                f"The saved webdataset stream state is of mode {saved[0]!r}, reader {saved[1]} "
+                f"of {saved[2]}, shuffle buffer {saved[3]}; this stream is mode {ds.mode!r}, "
+                f"reader {ds.reader} of {ds.readers}, buffer {ds.shuffle_buffer}. Resume with "
+                "the process count, config.data.worker_count and data.shuffle_buffer that "
+                "wrote the checkpoint.")
+        self._close_shard()
+        self._epoch, self._cursor, self._offset = state["epoch"], state["cursor"], state["offset"]
+        self._read, self._emitted = state["read"], state["emitted"]
+        # The buffered records are read again from their positions (threads: on GCS each is one
+        # small read, which a pool overlaps).
+        positions = [(int(s), int(o)) for s, o in state["buffer"]]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            records = list(pool.map(lambda p: read_tar_sample(ds.paths[p[0]], p[1]), positions))
+        missing = [ds.paths[s] for (s, _), r in zip(positions, records) if r is None]
+        if missing:
+            raise DataError(f"{len(missing)} buffered sample(s) of the checkpoint cannot be read "
+                            f"again from {missing[:2]}: the shards changed since it was "
+                            "written. Restore with the shards as they were.")
+        self._buffer = [(s, o, r) for (s, o), r in zip(positions, records)]
+
+    def close(self) -> None:
+        self._close_shard()
 
 
 class ArrayRecordSource:

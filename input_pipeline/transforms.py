@@ -147,7 +147,10 @@ SKIP_REASONS = ("missing_image", "missing_caption", "caption_not_utf8", "empty_c
                 # 'metadata:<field>' and 'metadata_missing:<field>' (SkipStats.declare).
                 "extreme_aspect_ratio", "caption_too_short", "caption_too_long",
                 # Documents (input_pipeline.text / the interleaved webdataset documents):
-                "missing_text", "text_not_utf8", "empty_text", "bad_json", "no_images")
+                "missing_text", "text_not_utf8", "empty_text", "bad_json", "no_images",
+                # A tar shard (or its rest) that cannot be read, streamed webdataset (counted
+                # once per shard, not per sample: input_pipeline.sources.WebDatasetStream).
+                "unreadable_shard")
 # Images dropped from a document that is kept (its other images and its texts are used), e.g.
 # the failed downloads of an OBELICS / MMC4 conversion: counted, not skipped samples.
 DROP_REASONS = ("missing_image", "corrupt_image", "image_too_small", "image_too_large")

@@ -88,6 +88,8 @@ _SOURCES = {"data.eval_files", "data.text_key", "data.record_format", "data.min_
             "optim.grad_accum_mode"} | {
     f"data.filters.{k}" for k in ("max_aspect_ratio", "min_caption_chars", "max_caption_chars",
                                   "min_caption_words", "max_caption_words", "metadata")}
+# The streamed webdataset modes (input_pipeline.sources.WebDatasetStream): new for every one.
+_SOURCES |= {"data.webdataset_mode", "data.shuffle_buffer", "data.samples_per_epoch"}
 NEW_DEFAULTS = {
     "clip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
     "siglip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},

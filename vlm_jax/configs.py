@@ -112,6 +112,20 @@ def base_config() -> ConfigDict:
             # when the field is absent or null (bad_json: metadata that is not a JSON object).
             metadata=[],
         ),
+        # name='webdataset': how the tar shards are read. 'indexed': every shard's headers are
+        # read at start-up (one record per sample in every process), then one global shuffle;
+        # resumes on any process count. 'stream': no index (LAION scale: start-up and host
+        # memory independent of the corpus size); each process and grain worker reads whole
+        # shards of its own, every shard once per epoch, through a shuffle buffer; resumes
+        # exactly on the same process count and worker_count only. 'resampled': as 'stream'
+        # with shards drawn with replacement (open_clip's --dataset-resampled).
+        # See docs/design.md ("Webdataset at LAION scale is streamed").
+        webdataset_mode="indexed",
+        # 'stream' / 'resampled': raw samples in each reader's shuffle buffer (1 = shard order).
+        shuffle_buffer=1000,
+        # 'resampled': samples (all processes) per epoch; each epoch draws shards from new seeds
+        # (0 = one endless epoch).
+        samples_per_epoch=0,
         # Several sources mixed by weight: [dict(name=..., train_files=..., weight=...), ...]
         # (replaces name / train_files when non-empty).
         mixture=[],

@@ -30,6 +30,14 @@ class Data:
     def train_iterator(self):
         """This process's share of the training stream (checkpointable grain iterator)."""
         d = self.config.data
+        if isinstance(self.source, sources.WebDatasetShards):  # webdataset_mode stream/resampled
+            return pipeline.create_webdataset_stream_iterator(
+                self.source, tokenizer=self.tokenizer, global_batch_size=self.config.batch_size,
+                seed=self.config.seed, image_size=self.config.model.image.image_size,
+                mode=d.webdataset_mode, shuffle_buffer=d.shuffle_buffer,
+                samples_per_epoch=d.samples_per_epoch, process_index=jax.process_index(),
+                process_count=jax.process_count(), worker_count=d.worker_count,
+                min_side=d.min_side)
         if self.source is not None:
             return pipeline.create_pair_iterator(
                 self.source, tokenizer=self.tokenizer, global_batch_size=self.config.batch_size,
@@ -369,6 +377,34 @@ def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
     return sources.open_source(kind, files)
 
 
+WEBDATASET_MODES = ("indexed", *sources.STREAM_MODES)  # config.data.webdataset_mode
+
+
+def _check_webdataset_mode(d: ConfigDict) -> bool:
+    """Whether the run streams webdataset shards (``data.webdataset_mode`` 'stream' or
+    'resampled'); checks the keys that mode reads.
+
+    Raises:
+        ConfigError: an unknown mode, a streamed mixture, a negative buffer or epoch size.
+    """
+    if d.webdataset_mode not in WEBDATASET_MODES:
+        raise ConfigError(f"config.data.webdataset_mode={d.webdataset_mode!r}: use one of "
+                          f"{list(WEBDATASET_MODES)}.")
+    if d.shuffle_buffer < 0 or d.samples_per_epoch < 0:
+        raise ConfigError(f"config.data.shuffle_buffer={d.shuffle_buffer} and "
+                          f"samples_per_epoch={d.samples_per_epoch} must be >= 0.")
+    if d.name != "webdataset" or d.webdataset_mode == "indexed":
+        return False
+    if d.mixture:
+        raise ConfigError(f"config.data.webdataset_mode={d.webdataset_mode!r} reads "
+                          "config.data.train_files; a mixture is read indexed (set "
+                          "webdataset_mode='indexed', or list all shards in train_files).")
+    if not d.train_files:
+        raise ConfigError("config.data.name='webdataset' needs config.data.train_files (e.g. "
+                          "'gs://bucket/laion400m/{00000..41407}.tar').")
+    return True
+
+
 def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     """The image-text data of a dual-encoder run (CLIP, SigLIP, CoCa; other families prepare
     theirs, e.g. :func:`prepare_documents`: ask ``families.get_family(config).make_data``).
@@ -380,6 +416,9 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     ``data.config_name`` and tokenised with ``data.tokenizer`` (CLIP's BPE merges file
     ``bpe_simple_vocab_16e6.txt.gz`` or a sentencepiece ``.model``; default: the shapes
     tokenizer). ``for_eval``: the training data is not opened (``vlm-jax eval``).
+    ``data.webdataset_mode`` 'stream' / 'resampled' lists the tar shards without indexing them
+    (:class:`input_pipeline.sources.WebDatasetShards`; read by
+    :func:`input_pipeline.pipeline.create_webdataset_stream_iterator`).
     """
     d = config.data
     if d.name != "shapes" and d.name not in SOURCES:
@@ -391,8 +430,11 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
                           f"{list(SOURCES)}); data.name={d.name!r} is not filtered: unset them.")
     data_dir = d.data_dir or shapes_builder.default_data_dir()
     source = None
+    streamed = _check_webdataset_mode(d)
     if d.name in SOURCES and not for_eval:
-        if d.mixture:  # [{'name': ..., 'train_files': ..., 'weight': ...}, ...]
+        if streamed:  # Listed, not indexed: the stream opens each shard when it reaches it.
+            source = sources.WebDatasetShards(d.train_files)
+        elif d.mixture:  # [{'name': ..., 'train_files': ..., 'weight': ...}, ...]
             parts = []
             for i, part in enumerate(d.mixture):
                 missing = {"name", "train_files", "weight"} - set(part)
