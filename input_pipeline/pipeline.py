@@ -446,8 +446,9 @@ def create_webdataset_stream_iterator(shards, *, tokenizer, global_batch_size: i
                                       shuffle_buffer: int = 1000, samples_per_epoch: int = 0,
                                       process_index: int | None = None,
                                       process_count: int | None = None, worker_count: int = 0,
-                                      min_side: int = 8,
-                                      max_pixels: int = 8192 * 8192) -> ShardStreamIterator:
+                                      min_side: int = 8, max_pixels: int = 8192 * 8192,
+                                      filters: SampleFilters = NO_FILTERS
+                                      ) -> ShardStreamIterator:
     """Batches of ``{'image', 'text', 'label'}`` from webdataset tar shards read as streams
     (``config.data.webdataset_mode`` 'stream' or 'resampled'), for corpora too large to index:
     start-up and host memory do not grow with the number of samples.
@@ -456,7 +457,8 @@ def create_webdataset_stream_iterator(shards, *, tokenizer, global_batch_size: i
     process, and each of its ``worker_count`` grain workers, reads whole shards of its own
     through a shuffle buffer of ``shuffle_buffer`` raw samples
     (:class:`input_pipeline.sources.WebDatasetStream`, which says how shards are assigned and
-    drawn); bad samples are skipped and counted as in :func:`create_pair_iterator`, unreadable
+    drawn); bad samples (and those ``filters`` reject) are skipped and counted as in
+    :func:`create_pair_iterator`, unreadable
     shards too (``unreadable_shard``). Unlike the indexed pipelines there is no global shuffle
     and the stream depends on the process and worker counts: a checkpoint resumes exactly on
     the counts that wrote it, and only on those (:class:`ShardStreamIterator`).
@@ -482,7 +484,8 @@ def create_webdataset_stream_iterator(shards, *, tokenizer, global_batch_size: i
     # restored with the iterator; the process index enters the seed so that hosts crop
     # differently.
     aug_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-    for op in pair_transforms(tokenizer, image_size, min_side, max_pixels, train=True):
+    for op in pair_transforms(tokenizer, image_size, min_side, max_pixels, train=True,
+                              filters=filters):
         if isinstance(op, grain.transforms.Filter):
             ds = ds.filter(op)
         elif isinstance(op, grain.transforms.RandomMap):

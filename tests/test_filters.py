@@ -236,3 +236,25 @@ def test_a_field_no_sample_has_is_refused_before_training(tmp_path):
     src = sources.WebDatasetSource(_shard(tmp_path / "u.tar", [_sample(0, meta=None)]))
     with pytest.raises(ConfigError, match="no metadata"):
         data_lib.check_metadata_fields(src, SampleFilters.create(metadata=["similarity > 0"]))
+
+
+def test_streamed_shards_are_filtered_and_counted_alike(tmp_path):
+    """webdataset_mode='stream' applies the same filters: one epoch of the streamed shard keeps
+    the same 12 samples and counts the same reasons as the indexed pipeline above."""
+    path = _shard(tmp_path / "s.tar", [s for s, _ in CASES])
+    config = configs.base_config()
+    config.data.filters.update(FILTERS)
+    transforms.SKIP_STATS.reset()
+    it = pipeline.create_webdataset_stream_iterator(
+        sources.WebDatasetShards(path), tokenizer=load_tokenizer("clip_bpe", 16),
+        global_batch_size=4, seed=0, image_size=16, shuffle_buffer=1, process_index=0,
+        process_count=1, filters=data_lib.sample_filters(config))
+    kept = sum(len(next(it)["image"]) for _ in range(3))
+    assert kept == 12
+    stats = transforms.SKIP_STATS.snapshot()
+    assert {k: v for k, v in stats.items() if k != "seen" and v} == \
+        {k: v for k, v in WANT_COUNTS.items() if k != "seen"}
+    # A misspelt metadata field is refused from the first streamed samples, before training.
+    with pytest.raises(ConfigError, match="clip_score"):
+        data_lib.check_metadata_fields(sources.WebDatasetShards(path), transforms.SampleFilters
+                                       .create(metadata=["clip_score >= 0.3"]))

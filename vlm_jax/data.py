@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tarfile
 from typing import Any
 
 import jax
@@ -37,7 +38,7 @@ class Data:
                 mode=d.webdataset_mode, shuffle_buffer=d.shuffle_buffer,
                 samples_per_epoch=d.samples_per_epoch, process_index=jax.process_index(),
                 process_count=jax.process_count(), worker_count=d.worker_count,
-                min_side=d.min_side)
+                min_side=d.min_side, filters=sample_filters(self.config))
         if self.source is not None:
             return pipeline.create_pair_iterator(
                 self.source, tokenizer=self.tokenizer, global_batch_size=self.config.batch_size,
@@ -348,8 +349,21 @@ def check_metadata_fields(source, filters, num_samples: int = 8) -> None:
         return
     fields: set[str] = set()
     found: set[str] = set()
-    for i in range(min(num_samples, len(source))):
-        raw = source[i].get("metadata")
+    if isinstance(source, sources.WebDatasetShards):  # streamed: the first shard's samples
+        records = []
+        try:
+            for _, record, _ in sources.iter_tar_samples(source.paths[0]):
+                records.append(record)
+                if len(records) == num_samples:
+                    break
+        except (OSError, EOFError, tarfile.TarError):
+            pass  # an unreadable shard is skipped and counted when the stream reaches it
+        if not records:
+            return
+    else:
+        records = [source[i] for i in range(min(num_samples, len(source)))]
+    for record in records:
+        raw = record.get("metadata")
         try:
             meta = raw if isinstance(raw, dict) else json.loads(raw) if raw else {}
         except ValueError:
