@@ -23,44 +23,20 @@ import io
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from input_pipeline import sources, tools  # noqa: E402
+import synthetic_shards  # noqa: E402  (benchmarks/)
 
 
 def write_shards(root: str, n: int, shards: int, bad_fraction: float = 0.05) -> list[str]:
-    """``shards`` tar shards of ``n`` samples (``<key>.jpg``, ``.txt``, ``.json``)."""
-    rng = np.random.default_rng(0)
-    paths, per = [], -(-n // shards)
-    for s in range(shards):
-        path = os.path.join(root, f"bench-{s:05d}.tar")
-        with tarfile.open(path, "w") as tar:
-            for i in range(s * per, min(n, (s + 1) * per)):
-                w, h = rng.integers(256, 641, size=2)
-                small = rng.integers(0, 255, (h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
-                img = Image.fromarray(small).resize((int(w), int(h)), Image.Resampling.BILINEAR)
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=90)
-                members = {"jpg": buf.getvalue(),
-                           "txt": f"a photo of object number {i} on a table".encode(),
-                           "json": f'{{"key": "{i:08d}", "width": {w}, "height": {h}}}'.encode()}
-                if rng.random() < bad_fraction:
-                    if rng.random() < 0.5:
-                        del members["txt"]
-                    else:
-                        members["jpg"] = members["jpg"][: len(members["jpg"]) // 2]
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
-    return paths
+    """``shards`` tar shards of ``n`` samples (``<key>.jpg``, ``.txt``, ``.json``), 5 % bad."""
+    return synthetic_shards.write_shards(root, n, shards, metadata=True,
+                                         bad_fraction=bad_fraction)
 
 
 def decode_baseline(paths: list[str]) -> tuple[int, float]:

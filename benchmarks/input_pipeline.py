@@ -23,7 +23,6 @@ import io
 import multiprocessing
 import os
 import sys
-import tarfile
 import tempfile
 import time
 
@@ -33,29 +32,11 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from input_pipeline import pipeline, sources  # noqa: E402
 from input_pipeline.tokenizers import train_sentencepiece, SentencePieceTokenizer  # noqa: E402
+import synthetic_shards  # noqa: E402  (benchmarks/)
 
 
 def write_shards(root: str, n: int, shards: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    paths = []
-    per = -(-n // shards)
-    for s in range(shards):
-        path = os.path.join(root, f"bench-{s:05d}.tar")
-        with tarfile.open(path, "w") as tar:
-            for i in range(s * per, min(n, (s + 1) * per)):
-                w, h = rng.integers(256, 641, size=2)
-                # Smooth random images compress like photos (noise would not).
-                small = rng.integers(0, 255, (h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
-                img = Image.fromarray(small).resize((int(w), int(h)), Image.Resampling.BILINEAR)
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=90)
-                for ext, data in (("jpg", buf.getvalue()),
-                                  ("txt", f"a photo of object number {i} on a table".encode())):
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
-    return paths
+    return synthetic_shards.write_shards(root, n, shards)
 
 
 def _decode_resize(data: bytes) -> np.ndarray:

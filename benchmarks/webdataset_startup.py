@@ -27,7 +27,6 @@ import io
 import os
 import pickle
 import sys
-import tarfile
 import tempfile
 import time
 
@@ -37,6 +36,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from input_pipeline import pipeline, sources  # noqa: E402
 from input_pipeline.tokenizers import load_tokenizer  # noqa: E402
+import synthetic_shards  # noqa: E402  (benchmarks/)
 
 PER_SHARD = 20
 BATCH = 32
@@ -45,21 +45,8 @@ SIZE = 64
 
 def write_shards(root: str, shards: int) -> str:
     """``shards`` tar shards of ``PER_SHARD`` JPEGs; returns the brace pattern's prefix."""
-    rng = np.random.default_rng(0)
-    for s in range(shards):
-        with tarfile.open(os.path.join(root, f"bench-{s:05d}.tar"), "w") as tar:
-            for j in range(PER_SHARD):
-                i = s * PER_SHARD + j
-                w, h = (int(x) for x in rng.integers(96, 161, size=2))
-                small = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-                img = Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=90)
-                for ext, data in (("jpg", buf.getvalue()),
-                                  ("txt", f"a photo of object number {i}".encode())):
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+    synthetic_shards.write_shards(root, shards * PER_SHARD, shards, sides=(96, 160), block=16,
+                                  caption="a photo of object number {i}")
     return os.path.join(root, "bench-")
 
 
