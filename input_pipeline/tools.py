@@ -126,49 +126,23 @@ def _folder_records(folder: str, rows) -> Iterator[tuple[dict[str, Any], float]]
 
 def _tar_records(path: str, damaged: list[tuple[str, str]]
                  ) -> Iterator[tuple[dict[str, Any], float]]:
-    """(record, fraction of the file read) for the samples of one tar shard, read as a stream.
-
-    Members are grouped by key (the name up to its first dot, directory included) as
-    :class:`input_pipeline.sources.WebDatasetSource` groups them, consecutively as webdataset
-    and img2dataset write them. One sequential read per shard: a conversion reads every byte
-    anyway, and WebDatasetSource's index-then-seek access would cost a ranged GET per member on
-    gs://. A shard that is not a tar or is truncated is appended to ``damaged`` with the reason;
-    the samples before the damage are kept.
+    """(record, fraction of the file read) for the samples of one tar shard, read front to back
+    by :func:`input_pipeline.sources.iter_tar_samples` (the streamed sources' reader: members
+    grouped by key as :class:`~input_pipeline.sources.WebDatasetSource` groups them). One
+    sequential read per shard: a conversion reads every byte anyway, and WebDatasetSource's
+    index-then-seek access would cost a ranged GET per member on gs://. A shard that is not a
+    tar or is truncated is appended to ``damaged`` with the reason; the samples before the
+    damage are kept.
     """
-    key, members, size, f = None, {}, 1, None
     try:
-        f = epath.Path(path).open("rb")
-        f.seek(0, os.SEEK_END)
-        size = max(f.tell(), 1)
-        f.seek(0)
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                name, _, ext = base.partition(".")
-                name = os.path.join(os.path.dirname(info.name), name)
-                data = tar.extractfile(info).read()
-                if name != key and key is not None:
-                    yield _pair_record(key, members), min(f.tell() / size, 1.0)
-                    members = {}
-                key = name
-                members[ext.lower()] = data
+        with epath.Path(path).open("rb") as f:
+            size = max(f.seek(0, os.SEEK_END), 1)
+        for _, record, after in sources.iter_tar_samples(path):
+            yield record, 1.0 if after is None else min(after / size, 1.0)
     except (tarfile.TarError, OSError, EOFError) as e:
         damaged.append((path, f"{type(e).__name__}: {e}"))
         log.warning("Tar shard %s is damaged (%s); its samples before the damage are "
                     "converted.", path, damaged[-1][1])
-    finally:
-        if f is not None:
-            f.close()
-    if key is not None:
-        yield _pair_record(key, members), 1.0
-
-
-def _pair_record(key: str, members: dict[str, bytes]) -> dict[str, Any]:
-    image_ext = next((e for e in sources.IMAGE_EXTENSIONS if e in members), None)
-    return {"key": key, "image": members.get(image_ext) if image_ext else None,
-            "caption": members.get("txt"), "metadata": members.get("json")}
 
 
 def plan_conversion(inputs: str, out_prefix: str, num_shards: int | None = None,
