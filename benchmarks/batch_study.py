@@ -57,13 +57,20 @@ MODEL_OVERRIDES = (
 )
 
 
-def lr_for(batch: int) -> float:
-    """Square-root scaling for Adam from ``BASE_LR`` at ``BASE_BATCH``."""
-    return BASE_LR * math.sqrt(batch / BASE_BATCH)
+LR_RULES = {  # The learning rate at global batch B, from BASE_LR at BASE_BATCH.
+    "sqrt": lambda b: BASE_LR * math.sqrt(b / BASE_BATCH),  # Adam (Malladi et al. 2022)
+    "linear": lambda b: BASE_LR * b / BASE_BATCH,  # SGD (Goyal et al. 2017)
+    "constant": lambda b: BASE_LR,  # no scaling: a control
+}
+
+
+def lr_for(batch: int, rule: str = "sqrt") -> float:
+    """The learning rate at global batch ``batch`` under ``rule`` (a key of ``LR_RULES``)."""
+    return LR_RULES[rule](batch)
 
 
 def make_config(loss: str, batch: int, samples: int, micro_batch: int, warmup_fraction: float,
-                model_overrides: list[str]):
+                model_overrides: list[str], lr_rule: str = "sqrt"):
     """The config of one run: ``samples // batch`` updates on global batches of ``batch``, in
     ``batch / micro_batch`` micro-batches when ``batch > micro_batch``."""
     if samples % batch:
@@ -80,7 +87,7 @@ def make_config(loss: str, batch: int, samples: int, micro_batch: int, warmup_fr
         *model_overrides,
         f"batch_size={batch}", f"total_steps={steps}",
         f"log_every_steps={max(1, steps // 10)}",
-        f"optim.lr={lr_for(batch)!r}", f"optim.warmup_steps={warmup}",
+        f"optim.lr={lr_for(batch, lr_rule)!r}", f"optim.warmup_steps={warmup}",
         f"optim.grad_accum_steps={accum}",
         f"checkpoint.every_steps={steps}", "checkpoint.keep=1",
         # Evaluated once, at the end, on the whole test split; no linear probe.
@@ -90,7 +97,7 @@ def make_config(loss: str, batch: int, samples: int, micro_batch: int, warmup_fr
     return config_lib.load_config(os.path.join(REPO, EXPERIMENTS[loss]), overrides)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, lr_rule: str = "sqrt") -> None:
     """Zero-shot top-1 and retrieval R@1 (both directions) against batch size, one line per
     loss."""
     import matplotlib  # pylint: disable=import-outside-toplevel
@@ -113,8 +120,9 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     samples = rows[0]["samples"]
-    fig.suptitle(f"shapes 32 px, {samples:,} samples seen per run, lr = "
-                 f"{BASE_LR:g} x sqrt(B / {BASE_BATCH})", fontsize=10)
+    rule = {"sqrt": f"{BASE_LR:g} x sqrt(B / {BASE_BATCH})",
+            "linear": f"{BASE_LR:g} x B / {BASE_BATCH}", "constant": f"{BASE_LR:g}"}[lr_rule]
+    fig.suptitle(f"shapes 32 px, {samples:,} samples seen per run, lr = {rule}", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -156,6 +164,8 @@ def main(argv=None) -> None:
     p.add_argument("--micro-batch", type=int, default=256,
                    help="batches above this are computed in micro-batches of this size")
     p.add_argument("--warmup-fraction", type=float, default=0.1)
+    p.add_argument("--lr-rule", choices=sorted(LR_RULES), default="sqrt",
+                   help=f"the learning rate against batch, from {BASE_LR:g} at {BASE_BATCH}")
     p.add_argument("--model-overrides", nargs="*", default=list(MODEL_OVERRIDES),
                    help="config overrides (key=value) applied to every run")
     p.add_argument("--workdir", default="", help="run directories (default: a temporary one)")
@@ -164,7 +174,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     configs = [(loss, b, make_config(loss, b, args.samples, args.micro_batch,
-                                     args.warmup_fraction, args.model_overrides))
+                                     args.warmup_fraction, args.model_overrides, args.lr_rule))
                for loss in args.losses for b in args.batches]  # All validated before any run.
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="batch_study_")
     root = args.workdir or tmp.name
@@ -191,7 +201,7 @@ def main(argv=None) -> None:
     print()
     print(table(rows))
     print(f"\nTotal wall time {time.perf_counter() - t_all:.0f} s.")
-    plot(rows, args.out)
+    plot(rows, args.out, args.lr_rule)
     print(f"Plot: {args.out}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
