@@ -38,13 +38,14 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, REPO)
 from vlm_jax import config as config_lib  # noqa: E402
 from vlm_jax import train  # noqa: E402
 
 EXPERIMENTS = {"softmax": "experiments/clip_tiny.py", "sigmoid": "experiments/siglip_tiny.py"}
 BASE_LR, BASE_BATCH = 1e-3, 128  # clip_tiny's learning rate at its batch size.
+ZEROSHOT_CHANCE = 1 / 30  # shapes zero-shot: 30 classes (colour x shape of the main object).
 # The study's model: 32 px shapes, patch 8 (16 patches, as clip_tiny's 64 px / 16), towers of
 # width 64 and depth 2 (clip_tiny: 128 and 4), small enough for 8 runs in ~40 minutes on 2 cores.
 MODEL_OVERRIDES = (
@@ -118,6 +119,7 @@ def plot(rows: list[dict], path: str, lr_rule: str = "sqrt") -> None:
         ax.set_xlabel("global batch size")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    axes[0].axhline(100 * ZEROSHOT_CHANCE, color="gray", ls=":", lw=1, label="chance")
     axes[0].legend()
     samples = rows[0]["samples"]
     rule = {"sqrt": f"{BASE_LR:g} x sqrt(B / {BASE_BATCH})",
@@ -171,7 +173,16 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="", help="run directories (default: a temporary one)")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "batch_study.png"))
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--plot-only", default="", metavar="ROWS_JSON",
+                   help="no training: table and plot from the rows a previous --json wrote")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only, encoding="utf-8") as f:
+            rows = json.load(f)
+        print(table(rows))
+        plot(rows, args.out, args.lr_rule)
+        print(f"Plot: {args.out}")
+        return
 
     configs = [(loss, b, make_config(loss, b, args.samples, args.micro_batch,
                                      args.warmup_fraction, args.model_overrides, args.lr_rule))
