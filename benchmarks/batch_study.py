@@ -1,8 +1,9 @@
 r"""Large-batch CLIP in miniature: global batch size at a fixed number of samples seen.
 
     python benchmarks/batch_study.py                       # the table of docs/benchmarks.md
-    python benchmarks/batch_study.py --batches 64 256 --losses softmax --samples 2048 \
-        --out /tmp/batch_study_smoke.png                   # a smoke run (a minute or two)
+    python benchmarks/batch_study.py --batches 64 512 --losses sigmoid --samples 4096 \
+        --out /tmp/batch_study_smoke.png                   # a smoke run (two minutes)
+    python benchmarks/batch_study.py --plot-only rows.json # table and plot of saved rows
 
 Trains ``experiments/clip_tiny.py`` (softmax loss) and ``experiments/siglip_tiny.py`` (sigmoid
 loss) on the 32 px shapes dataset with a smaller tower (``--model-overrides``), once per global
@@ -13,8 +14,7 @@ negative: the loss and gradients are those of the whole batch), so each run is o
 global batch, exactly as on a pod that holds the batch at once.
 
 The learning rate follows the square-root rule for Adam (Malladi et al., "On the SDEs and
-Scaling Rules for Adaptive Gradient Algorithms", 2022; Granziol et al. 2022), anchored at the
-quickstart's ``lr=1e-3`` at batch 128: ``lr(B) = 1e-3 * sqrt(B / 128)``. The warm-up is a fixed
+Scaling Rules for Adaptive Gradient Algorithms", 2022), anchored at the quickstart's ``lr=1e-3`` at batch 128: ``lr(B) = 1e-3 * sqrt(B / 128)``. The warm-up is a fixed
 fraction of the updates (``--warmup-fraction``, default 10 %, as the quickstart's 100 of 1,200
 rounded), then cosine decay to zero. Everything else (AdamW b2 0.98, weight decay 0.2, clipping
 at norm 1, the temperature and bias initialisations, seed 0) is the experiment's.
