@@ -14,10 +14,12 @@ negative: the loss and gradients are those of the whole batch), so each run is o
 global batch, exactly as on a pod that holds the batch at once.
 
 The learning rate follows the square-root rule for Adam (Malladi et al., "On the SDEs and
-Scaling Rules for Adaptive Gradient Algorithms", 2022), anchored at the quickstart's ``lr=1e-3`` at batch 128: ``lr(B) = 1e-3 * sqrt(B / 128)``. The warm-up is a fixed
-fraction of the updates (``--warmup-fraction``, default 10 %, as the quickstart's 100 of 1,200
-rounded), then cosine decay to zero. Everything else (AdamW b2 0.98, weight decay 0.2, clipping
-at norm 1, the temperature and bias initialisations, seed 0) is the experiment's.
+Scaling Rules for Adaptive Gradient Algorithms", 2022), anchored at the quickstart's
+``lr=1e-3`` at batch 128: ``lr(B) = 1e-3 * sqrt(B / 128)`` (``--lr-rule``: also linear, or
+constant as a control). The warm-up is a fixed fraction of the updates
+(``--warmup-fraction``, default 10 %, as the quickstart's 100 of 1,200 rounded), then cosine
+decay to zero. Everything else (AdamW b2 0.98, weight decay 0.2, clipping at norm 1, the
+temperature and bias initialisations, seed 0) is the experiment's.
 
 Each run is ``vlm_jax.train.train_and_evaluate`` in this process, one after another, in its own
 workdir under ``--workdir`` (a temporary directory by default); it reports zero-shot top-1 and
@@ -108,11 +110,12 @@ def plot(rows: list[dict], path: str, lr_rule: str = "sqrt") -> None:
     panels = [("zeroshot", "zero-shot top-1 (%)"), ("i2t", "R@1 image -> text (%)"),
               ("t2i", "R@1 text -> image (%)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    names = {"softmax": "softmax (CLIP)", "sigmoid": "sigmoid (SigLIP)"}
     for ax, (key, title) in zip(axes, panels):
         for loss, style in (("softmax", "o-"), ("sigmoid", "s--")):
             pts = sorted((r["batch"], 100 * r[key]) for r in rows if r["loss"] == loss)
             if pts:
-                ax.plot(*zip(*pts), style, label=f"{loss} ({'CLIP' if loss == 'softmax' else 'SigLIP'})")
+                ax.plot(*zip(*pts), style, label=names[loss])
         ax.set_xscale("log", base=2)
         batches = sorted({r["batch"] for r in rows})
         ax.set_xticks(batches, [f"{b:,}" for b in batches])
