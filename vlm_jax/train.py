@@ -191,19 +191,22 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
                                   optim.trainable_mask(params, trainable))
         return nnx.merge(s.graphdef, params)
 
-    def objective(params, batch):
+    def objective(params, batch, scale):
         with parallel.sharding_context(mesh, rules):
-            return family.objective(model_of(params), batch, config, mesh)
+            loss, aux = family.objective(model_of(params), batch, config, mesh)
+        return (loss if scale is None else loss * scale), aux
 
     if k == 1:
-        def whole(params, batch):
-            (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+        def whole(params, batch, scale=None):
+            (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch,
+                                                                              scale)
             return loss, aux, grads
         fn = whole
     elif mode == "gradients":
-        def plain(params, batch):
+        def plain(params, batch, scale=None):
             def body(acc, micro):
-                (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, micro)
+                (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, micro,
+                                                                                  scale)
                 w = (aux[COUNT_KEY] if COUNT_KEY in aux else 1.0) * jnp.ones((), jnp.float32)
                 return jax.tree.map(lambda a_, g: a_ + w * g, acc, grads), (loss, aux, w)
 
@@ -222,7 +225,7 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
             with parallel.sharding_context(mesh, rules):
                 return family.embed(model_of(params), micro, config)
 
-        def cached(params, batch):
+        def cached(params, batch, scale=None):
             micros = parallel.split_microbatches(batch, k, mesh)
             # (1) Embeddings of every micro-batch; lax.map keeps no activations for a backward.
             emb = jax.lax.map(lambda micro: embed(params, micro)[0], micros)
@@ -232,7 +235,8 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
             # parameters the loss itself reads (temperature, bias).
             def loss_of(p, e):
                 with parallel.sharding_context(mesh, rules):
-                    return family.batch_loss(model_of(p), e, config, mesh)
+                    loss, aux = family.batch_loss(model_of(p), e, config, mesh)
+                return (loss if scale is None else loss * scale), aux
 
             (loss, aux), (g_loss, g_emb) = jax.value_and_grad(
                 loss_of, argnums=(0, 1), has_aux=True)(params, emb)
@@ -260,9 +264,9 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
         return fn
 
     def poisoned(params, batch, step):
-        loss, aux, grads = fn(params, batch)
-        bad = jnp.where(step + 1 == nan_step, jnp.nan, 1.0)
-        return loss * bad, aux, jax.tree.map(lambda g: g * bad, grads)
+        # The loss scaled by NaN at the armed step, inside the differentiated function, so that
+        # the gradients are NaN too and the other steps' arithmetic is that of an unarmed run.
+        return fn(params, batch, jnp.where(step + 1 == nan_step, jnp.nan, 1.0))
     return poisoned
 
 
