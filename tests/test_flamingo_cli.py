@@ -35,6 +35,7 @@ def _params(workdir):
     return [np.asarray(x) for x in jax.tree.leaves(params)], params
 
 
+@pytest.mark.slow  # three runs; test_flamingo covers the model, init_from and the evaluators.
 def test_flamingo_from_clip_and_lm_runs(repo_root, tmp_path, shapes_data_dir):
     clip, lm, fl = tmp_path / "clip", tmp_path / "lm", tmp_path / "flamingo"
     _train(repo_root, "clip_tiny.py", clip, shapes_data_dir)

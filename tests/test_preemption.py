@@ -110,6 +110,7 @@ def _interrupt(repo_root, args, workdir, sig, target, after_step):
     return run, saved
 
 
+@pytest.mark.slow  # 2 minutes; the battery's 2-process SIGTERM test covers the agreed save.
 def test_signals_to_one_process_save_the_same_step_everywhere_and_resume(
         reference, repo_root, shapes_data_dir, tmp_path):
     """SIGTERM to process 1 -> both save step a, exit 0; the same command resumes at a; SIGINT
