@@ -255,9 +255,10 @@ def _train_then_convert(out, rows, repo_root, shapes_data_dir, tmp_path):
     assert last["data/skipped"] == (last["data/skipped/empty_caption"]
                                     + last["data/skipped/metadata:similarity"])
 
-    # ArrayRecord: every sample img2dataset wrote, with its metadata (the filters still apply).
+    # ArrayRecord: every sample img2dataset wrote (--keep_bad keeps the empty captions, which
+    # convert drops by default), with its metadata (the filters still apply at training time).
     proc = _vlm_jax(repo_root, "data", "convert", "--input", f"{out}/*.tar", "--output",
-                    str(tmp_path / "ar" / "train"), "--num_shards", "2")
+                    str(tmp_path / "ar" / "train"), "--num_shards", "2", "--keep_bad")
     assert proc.returncode == 0, proc.stderr[-2000:]
     print(proc.stdout.strip().splitlines()[-1])
     records = sources.ArrayRecordSource(str(tmp_path / "ar" / "train-*.array_record"))
