@@ -530,17 +530,23 @@ def _suggestions(r: Report, config: ConfigDict, searched: bool = False) -> list[
     return out
 
 
-_COMPILER_USED = re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm",
-                            re.IGNORECASE)
+# The TPU compiler's out-of-memory errors: "Ran out of memory in memory space hbm. Used 49.34G
+# of 32.00G hbm.", "the total memory required for HLO temporaries (64.00G) exceeds ...",
+# "Allocation (size=21474836480) would exceed memory (size=17179869184)" (one buffer alone).
+_COMPILER_NEEDS = (re.compile(r"Used\s+([\d.]+)([KMGT]?)\S*\s+of\s+[\d.]+\S*\s+hbm", re.I),
+                   re.compile(r"HLO temporaries\s*\(([\d.]+)([KMGT]?)\S*\)", re.I),
+                   re.compile(r"Allocation\s*\(size=(\d+)()\)\s*would exceed", re.I))
 
 
 def _compiler_required_bytes(msg: str) -> int | None:
-    """The HBM the TPU compiler's out-of-memory error says the program needs, if it says."""
-    m = _COMPILER_USED.search(msg)
-    if not m:
-        return None
+    """A lower bound of the HBM the TPU compiler's out-of-memory error says the program needs,
+    if it says."""
     scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-    return int(float(m.group(1)) * scale[m.group(2).upper()])
+    for pattern in _COMPILER_NEEDS:
+        m = pattern.search(msg)
+        if m:
+            return int(float(m.group(1)) * scale[m.group(2).upper()])
+    return None
 
 
 def plan(config: ConfigDict, topology: str, num_slices: int = 1,
@@ -594,7 +600,7 @@ def plan(config: ConfigDict, topology: str, num_slices: int = 1,
                                r.stage, "does not fit"),
                            peak_bytes=r.peak_bytes, temp_bytes=r.temp_bytes,
                            required_bytes=r.compiler_required_bytes,
-                           compile_seconds=r.compile_seconds))
+                           compile_seconds=r.compile_seconds, error=r.error))
         print(f"vlm-jax compile: {k} micro-batch(es): {search[-1]['result']}"
               + (f", peak {r.peak_bytes / GiB:.2f} GiB" if r.peak_bytes is not None else "")
               + (f" ({r.compile_seconds:.0f} s)" if r.compile_seconds else ""),
