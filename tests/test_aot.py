@@ -130,6 +130,7 @@ def test_contrastive_suggestions_never_average_micro_batch_losses(repo_root):
     assert "grad_accum_mode=gradients" not in text
 
 
+@pytest.mark.slow  # Five TPU compiles: about 2 minutes of CPU.
 @needs_libtpu
 def test_micro_batch_search_picks_the_smallest_count_that_fits(repo_root, monkeypatch):
     """`--grad_accum_steps auto` against each count compiled directly: with an HBM budget
@@ -152,14 +153,15 @@ def test_micro_batch_search_picks_the_smallest_count_that_fits(repo_root, monkey
     assert r.fits and r.grad_accum_steps == smallest == 4, (r.search, peaks, budget)
     assert r.peak_bytes == peaks[4] and r.grad_accum_mode == "embeddings"
     assert [e["k"] for e in r.search] == [1, 2, 4] and r.search[-1]["result"] == "fits"
-    assert f"FITS: peak" in r.to_text() and "4 micro-batches of 4096" in r.to_text()
-    # Gradient caching's extra forward pass: 4/3 of the unsplit step's matrix products (the
-    # loss's logits, computed once either way, make it a little less). XLA's own count, each
-    # loop body once, is far lower.
-    ratio = r.compiled_matmul_flops_per_device / direct[1].compiled_matmul_flops_per_device
-    assert 1.2 < ratio < 1.34, ratio
-    assert r.loops_counted_once == 0
-    assert r.compiled_flops_per_device < 0.75 * r.compiled_matmul_flops_per_device
+    assert "FITS: peak" in r.to_text() and "4 micro-batches of 4096" in r.to_text()
+    # The FLOPs count loops by their trip counts: 2 and 4 micro-batches do the same matrix
+    # products (the towers' forward pass twice, their backward once, the loss once), whatever
+    # XLA unrolls; counting each loop body once would halve the 4-step loop's share. Both
+    # exceed the unsplit step by gradient caching's extra forward pass.
+    flops = {k: x.compiled_matmul_flops_per_device for k, x in direct.items()}
+    assert r.compiled_matmul_flops_per_device == flops[4] and r.loops_counted_once == 0
+    assert abs(flops[4] / flops[2] - 1) < 0.02, flops
+    assert flops[2] > 1.05 * flops[1], flops
 
 
 def test_bad_topology_is_a_config_error(repo_root):

@@ -422,14 +422,15 @@ class Report:
                      if per_device_model else 0)
             once = (f"; {self.loops_counted_once} loop(s) of unknown trip count counted once"
                     if self.loops_counted_once else "")
-            lines.append(f"  compiled FLOPs (matmuls)      {self.compiled_matmul_flops_per_device:.3e} "
-                         f"per device = {ratio:.2f} x model (expected "
-                         f"{self.expected_flops_ratio:.2f}: remat={self.remat}, "
+            lines.append(f"  compiled FLOPs (matmuls)      "
+                         f"{self.compiled_matmul_flops_per_device:.3e} per device = "
+                         f"{ratio:.2f} x model (expected {self.expected_flops_ratio:.2f}: "
+                         f"remat={self.remat}, "
                          f"{self.grad_accum_steps} micro-batch(es){once})")
         if self.compiled_flops_per_device is not None:
             ratio = self.compiled_flops_per_device / per_device_model if per_device_model else 0
-            lines.append(f"  XLA cost analysis FLOPs       {self.compiled_flops_per_device:.3e} per "
-                         f"device = {ratio:.2f} x model (counts each loop body once: a scanned "
+            lines.append(f"  XLA cost analysis FLOPs       {self.compiled_flops_per_device:.3e} "
+                         f"per device = {ratio:.2f} x model (counts each loop body once: a scanned "
                          "layer stack's layer, one micro-batch)")
         for mfu in (1.0, 0.5):
             t = self.step_seconds(mfu)

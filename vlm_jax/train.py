@@ -159,9 +159,9 @@ def _after(acc: Any, xs: Any) -> tuple[Any, Any]:
 
     XLA unrolls short loops (two micro-batches, on TPU) and may then schedule the next
     micro-batch's forward pass before the previous one's backward pass, keeping the activations
-    of both alive (measured with ``vlm-jax compile``: clip_tiny.py:test at 256 images per v5e chip
-    in two micro-batches of 128, 55 MiB of temporaries without this, 10 MiB with it; in one
-    micro-batch, 9 MiB).
+    of both alive (measured with ``vlm-jax compile``: clip_tiny.py:test at 256 images per
+    v5e chip in two micro-batches of 128, 55 MiB of temporaries without this, 10 MiB with it;
+    in one micro-batch, 9 MiB).
     """
     return jax.lax.optimization_barrier((acc, xs))
 
