@@ -45,9 +45,9 @@ def compile_report(tower: str, topology: str, batch: int, loss: str, accum: str,
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
+            return {"failed": f"timed out after {timeout:.0f} s"}
         if not os.path.exists(out):
-            return {"error": (proc.stderr or proc.stdout)[-300:]}
+            return {"failed": (proc.stderr or proc.stdout)[-300:]}
         with open(out, encoding="utf-8") as f:
             r = json.load(f)
         r["wall_seconds"] = time.perf_counter() - t
@@ -57,8 +57,8 @@ def compile_report(tower: str, topology: str, batch: int, loss: str, accum: str,
 def row(tower: str, batch: int, loss: str, slice_name: str, r: dict) -> str:
     """The markdown row of one report."""
     head = f"| ViT-{tower} | {batch:,} | {loss} | {slice_name} |"
-    if "error" in r:
-        return head + f" error: {r['error'][:100].strip()} ||||||||"
+    if "failed" in r:  # No report: the compile command itself failed.
+        return head + f" error: {r['failed'][-100:].strip()} ||||||||"
     per_chip = max(1, r["devices"] // r["chips"])
     k = r["grad_accum_steps"]
     fits = "yes" if r["fits"] else {"compile-oom": "no (compiler OOM)",

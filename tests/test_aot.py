@@ -130,7 +130,7 @@ def test_contrastive_suggestions_never_average_micro_batch_losses(repo_root):
     assert "grad_accum_mode=gradients" not in text
 
 
-@pytest.mark.slow  # Five TPU compiles: about 2 minutes of CPU.
+@pytest.mark.slow  # Five TPU compiles: minutes of CPU (7 min on a loaded 2-core machine).
 @needs_libtpu
 def test_micro_batch_search_picks_the_smallest_count_that_fits(repo_root, monkeypatch):
     """`--grad_accum_steps auto` against each count compiled directly: with an HBM budget
