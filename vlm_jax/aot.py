@@ -11,13 +11,18 @@ mesh and compiled by the TPU compiler. The report gives, per device:
 * the compiler's buffer assignment: arguments, outputs, donated (aliased) bytes and temporaries
   (activations kept for the backward pass, gradients, collectives' buffers), and the peak
   ``arguments + outputs - aliased + temporaries`` against the chip's HBM,
-* FLOPs per step from the compiled cost analysis next to the analytic model FLOPs
-  (``3 x forward`` per example), and the step time and images/s this predicts at 100 % and
-  50 % MFU of the chip's peak bf16 FLOP/s.
+* FLOPs per step of the compiled program (its matrix products, every loop counted by its trip
+  count: :func:`hlo_matmul_flops`) next to the analytic model FLOPs (``3 x forward`` per
+  example) and the ratio the configuration should give (remat, gradient caching), and the step
+  time and images/s this predicts at 100 % and 50 % MFU of the chip's peak bf16 FLOP/s.
 
-A setting that cannot fit exits non-zero with suggestions computed from these numbers. A cheap
-analytic pre-check (parameters + optimizer state per device against HBM) rejects hopeless
-settings before the compile, which can take minutes for large models on large slices.
+When the step does not fit in one pass, ``--grad_accum_steps auto`` (:func:`plan`) searches the
+number of micro-batches the step is computed in (``config.optim.grad_accum_steps``; the batch
+and the update stay the same, contrastive families keep every negative) and reports the
+smallest that fits. A setting that cannot fit exits non-zero with suggestions computed from
+these numbers. A cheap analytic pre-check (parameters + optimizer state + input batch per device
+against HBM) rejects hopeless settings before the compile, which can take minutes for large
+models on large slices.
 """
 
 from __future__ import annotations
