@@ -102,8 +102,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="micro-batches per step: 'auto' (the smallest power of two that fits, "
                         "searched from config.optim.grad_accum_steps; contrastive families "
                         "micro-batched at the embeddings, every negative kept) or a number. "
-                        "Default: 'auto' unless the config or --config.optim.grad_accum_steps "
-                        "sets a count other than 1, which is then compiled as given")
+                        "Default: 'auto', unless --config.optim.grad_accum_steps is given or "
+                        "the config sets a count other than 1: that count is compiled as given")
     p = sub.add_parser(
         "data", help="dataset tools: prepare | export | convert | inspect",
         description="prepare: build the config's dataset. export: write a split of it as "
