@@ -7,7 +7,9 @@ Each cell runs ``vlm-jax compile --config experiments/clip_openai.py:<tower> --t
 in a subprocess (libtpu, no TPU needed) with ``--json``, first without rematerialisation and,
 if that does not fit, with ``model.remat=full``; it reports the lightest setting that fits, the
 per-chip peak memory, the predicted step time at 50 % MFU and the compile time here. The last
-row is ViT-L/14 at batch 1,048,576 with the chunked contrastive loss.
+row is ViT-L/14 at batch 1,048,576 with the chunked contrastive loss. Every cell is one
+micro-batch (``--grad_accum_steps 1``); benchmarks/clip_planner.py lets the planner pick the
+micro-batch count.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def compile_once(tower: str, topology: str, overrides: list[str], timeout: float
         out = os.path.join(tmp, "report.json")
         cmd = [sys.executable, "-m", "vlm_jax.main", "compile", "--config",
                f"experiments/clip_openai.py:{tower}", "--topology", topology, "--json", out,
-               *[f"--config.{o}" for o in overrides]]
+               "--grad_accum_steps", "1", *[f"--config.{o}" for o in overrides]]
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)

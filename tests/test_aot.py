@@ -1,4 +1,5 @@
 """`vlm-jax compile`: ahead-of-time compilation for TPU topologies with libtpu (no TPU)."""
+import dataclasses
 import math
 import os
 import subprocess
@@ -96,12 +97,71 @@ def test_impossible_setting_exits_nonzero_with_suggestion(repo_root, tmp_path):
 
 @needs_libtpu
 def test_compile_oom_is_reported_with_suggestions(repo_root):
-    """Fits the pre-check but not the compiler: activations of 1k images per chip."""
+    """Fits the pre-check but not the compiler: activations of 16k images per chip, in one
+    micro-batch (--grad_accum_steps 1: no search)."""
     proc = _cli(repo_root, "--config", "experiments/clip_tiny.py", "--topology", "v5e:2x2",
-                "--config.batch_size=65536", "--config.model.dtype=float32")
+                "--config.batch_size=65536", "--config.model.dtype=float32",
+                "--grad_accum_steps", "1")
     assert proc.returncode == aot.EXIT_DOES_NOT_FIT, proc.stdout + proc.stderr
     assert "DOES NOT FIT" in proc.stdout
     assert "--config.model.remat=full" in proc.stdout
+    # Micro-batches split the same batch (it stays 65536) and, CLIP being contrastive, keep
+    # every negative: never a halved batch or plain gradient averaging.
+    assert "--config.optim.grad_accum_steps=2 (batch_size stays 65536" in proc.stdout
+    assert "every negative kept" in proc.stdout
+    assert "--config.batch_size=32768" not in proc.stdout
+    assert "gradients" not in proc.stdout.split("Suggestions:")[1]
+
+
+def test_contrastive_suggestions_never_average_micro_batch_losses(repo_root):
+    """A contrastive config accumulating 'gradients' is told to use 'embeddings'; the
+    micro-batch suggestion keeps the batch and every negative (no compile: a pre-check)."""
+    config = config_lib.load_config(f"{repo_root / 'experiments/clip_tiny.py'}:test",
+                                    ["optim.grad_accum_steps=2",
+                                     "optim.grad_accum_mode=gradients"])
+    r = aot.Report(config_name="t", topology="v5e:2x2", num_slices=1, chip="TPU v5e", chips=4,
+                   devices=4, mesh={"fsdp": 4}, batch_size=1024, hbm_bytes=2 ** 30,
+                   param_bytes=1, opt_bytes=2, n_params=1, stage="compile-oom",
+                   grad_accum_steps=2, grad_accum_mode="gradients", batch_shards=4)
+    text = "\n".join(aot._suggestions(r, config))  # pylint: disable=protected-access
+    assert "--config.optim.grad_accum_mode=embeddings" in text
+    assert "--config.optim.grad_accum_steps=4 (batch_size stays 1024" in text
+    assert "every negative kept" in text
+    assert "grad_accum_mode=gradients" not in text
+
+
+@pytest.mark.slow  # Five TPU compiles: minutes of CPU (7 min on a loaded 2-core machine).
+@needs_libtpu
+def test_micro_batch_search_picks_the_smallest_count_that_fits(repo_root, monkeypatch):
+    """`--grad_accum_steps auto` against each count compiled directly: with an HBM budget
+    between the compiled peaks of 2 and 4 micro-batches (the same TPU program, a smaller
+    chip's budget), the search must end at 4, with 4's peak; its FLOPs count every loop (two
+    scanned layers, four micro-batches) by its trip count."""
+    config = config_lib.load_config(
+        f"{repo_root / 'experiments/clip_tiny.py'}:test",
+        ["batch_size=16384", "mesh.data=1", "mesh.fsdp=4", "loss.variant=chunked",
+         "loss.chunk_size=1024", "model.scan_layers=true", "model.image.depth=2",
+         "model.text.depth=2"])
+    direct = {k: aot.plan(config, "v5e:2x2", grad_accum_steps=k) for k in (1, 2, 4)}
+    peaks = {k: r.peak_bytes for k, r in direct.items()}
+    assert peaks[4] < min(peaks[1], peaks[2]), peaks  # Activations shrink with the micro-batch.
+    budget = (max(peaks[4], 1) + min(peaks[1], peaks[2])) // 2
+    monkeypatch.setitem(aot.CHIPS, "v5e", dataclasses.replace(aot.CHIPS["v5e"],
+                                                              hbm_bytes=budget))
+    r = aot.plan(config, "v5e:2x2", grad_accum_steps="auto")
+    smallest = min(k for k, p in peaks.items() if p <= budget)
+    assert r.fits and r.grad_accum_steps == smallest == 4, (r.search, peaks, budget)
+    assert r.peak_bytes == peaks[4] and r.grad_accum_mode == "embeddings"
+    assert [e["k"] for e in r.search] == [1, 2, 4] and r.search[-1]["result"] == "fits"
+    assert "FITS: peak" in r.to_text() and "4 micro-batches of 4096" in r.to_text()
+    # The FLOPs count loops by their trip counts: 2 and 4 micro-batches do the same matrix
+    # products (the towers' forward pass twice, their backward once, the loss once), whatever
+    # XLA unrolls; counting each loop body once would halve the 4-step loop's share. Both
+    # exceed the unsplit step by gradient caching's extra forward pass.
+    flops = {k: x.compiled_matmul_flops_per_device for k, x in direct.items()}
+    assert r.compiled_matmul_flops_per_device == flops[4] and r.loops_counted_once == 0
+    assert abs(flops[4] / flops[2] - 1) < 0.02, flops
+    assert flops[2] > 1.05 * flops[1], flops
 
 
 def test_bad_topology_is_a_config_error(repo_root):

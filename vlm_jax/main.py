@@ -98,6 +98,12 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--num_slices", type=int, default=1,
                    help="multi-slice: number of such slices (config.mesh.slice spans them)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p.add_argument("--grad_accum_steps", default=None,
+                   help="micro-batches per step: 'auto' (the smallest power of two that fits, "
+                        "searched from config.optim.grad_accum_steps; contrastive families "
+                        "micro-batched at the embeddings, every negative kept) or a number. "
+                        "Default: 'auto', unless --config.optim.grad_accum_steps is given or "
+                        "the config sets a count other than 1: that count is compiled as given")
     p = sub.add_parser(
         "data", help="dataset tools: prepare | export | convert | inspect",
         description="prepare: build the config's dataset. export: write a split of it as "
@@ -323,7 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "compile":
             from vlm_jax import aot  # pylint: disable=import-outside-toplevel
 
-            return aot.run(config, args.topology, args.num_slices, args.json)
+            accum = args.grad_accum_steps
+            if accum is None:  # The count the user chose, else the planner's search.
+                chosen = int(config.optim.grad_accum_steps) != 1 or any(
+                    o.startswith("optim.grad_accum_steps") for o in overrides)
+                accum = None if chosen else "auto"
+            return aot.run(config, args.topology, args.num_slices, args.json,
+                           grad_accum_steps=accum)
         elif args.command == "data":
             return _data_command(args, config)
     except (ConfigError, DataError, CheckpointError) as e:
