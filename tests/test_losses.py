@@ -205,6 +205,23 @@ def test_chunked_matches_dense_for_any_chunk_size(mesh_name):
                           f"{mesh_name}/chunk={chunk}/scale={scale}")
 
 
+def _assert_bf16_matches_dense(got, want, *, rtol, atol_of_max):
+    """``((loss, metrics), grads)`` of a sharded loss on bf16 inputs against the dense reference's:
+    a float32 loss within 1e-5, the same metrics, and bf16 gradients within ``rtol`` and
+    ``atol_of_max`` times the largest reference entry."""
+    (loss, metrics), grads = got
+    (w_loss, w_metrics), w_grads = want
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, w_loss, rtol=1e-5)
+    for k in w_metrics:
+        np.testing.assert_allclose(metrics[k], w_metrics[k], err_msg=k)
+    for g, w in zip(grads, w_grads):
+        assert g.dtype == w.dtype
+        w = np.float32(w)
+        np.testing.assert_allclose(np.float32(g), w, rtol=rtol,
+                                   atol=atol_of_max * np.abs(w).max())
+
+
 def test_chunked_bfloat16_inputs_and_tied_scores():
     """bf16 features (upcast inside) and duplicated rows, whose equal logits must resolve the
     accuracy argmax to the smaller index as the dense argmax does."""
@@ -215,18 +232,11 @@ def test_chunked_bfloat16_inputs_and_tied_scores():
     fn = jax.jit(jax.value_and_grad(
         functools.partial(losses.contrastive_loss, mesh=mesh, variant="chunked", chunk_size=5),
         argnums=(0, 1, 2), has_aux=True))
-    (loss, metrics), grads = fn(*_put(mesh, img, txt), jnp.float32(100.0))
-    (w_loss, w_metrics), w_grads = dense_clip_vg(img, txt, jnp.float32(100.0))
-    assert loss.dtype == jnp.float32
-    np.testing.assert_allclose(loss, w_loss, rtol=1e-5)
-    for k in w_metrics:
-        np.testing.assert_allclose(metrics[k], w_metrics[k], err_msg=k)
     # Gradients come back in the inputs' bf16, and the gathered copies' cotangents are summed
     # over the 8 shards in bf16 by the reduce-scatter: a few bf16 ulps of the largest entry.
-    for g, w in zip(grads, w_grads):
-        assert g.dtype == w.dtype
-        w = np.float32(w)
-        np.testing.assert_allclose(np.float32(g), w, rtol=0, atol=2 ** -6 * np.abs(w).max())
+    _assert_bf16_matches_dense(fn(*_put(mesh, img, txt), jnp.float32(100.0)),
+                               dense_clip_vg(img, txt, jnp.float32(100.0)),
+                               rtol=0, atol_of_max=2 ** -6)
 
 
 def test_chunked_loss_memory_grows_with_chunk_not_global_batch():
@@ -282,18 +292,10 @@ def test_ring_recompute_bfloat16_inputs_and_tied_scores():
         fn = jax.jit(jax.value_and_grad(
             functools.partial(loss_fn, mesh=mesh, variant="ring_recompute"),
             argnums=tuple(range(2 + len(scalars))), has_aux=True))
-        (loss, metrics), grads = fn(*_put(mesh, img, txt), *scalars)
-        (w_loss, w_metrics), w_grads = dense_vg(img, txt, *scalars)
-        assert loss.dtype == jnp.float32
-        np.testing.assert_allclose(loss, w_loss, rtol=1e-5)
-        for k in w_metrics:
-            np.testing.assert_allclose(metrics[k], w_metrics[k], err_msg=k)
         # Both sides round float32 gradients to bf16 once: at most an ulp apart.
-        for g, w in zip(grads, w_grads):
-            assert g.dtype == w.dtype
-            w = np.float32(w)
-            np.testing.assert_allclose(np.float32(g), w, rtol=2 ** -7,
-                                       atol=2 ** -9 * np.abs(w).max())
+        _assert_bf16_matches_dense(fn(*_put(mesh, img, txt), *scalars),
+                                   dense_vg(img, txt, *scalars),
+                                   rtol=2 ** -7, atol_of_max=2 ** -9)
 
 
 def test_ring_recompute_memory_does_not_grow_with_shard_count():
