@@ -147,7 +147,8 @@ def test_microbatched_lm_weights_micro_batches_by_their_tokens(repo_root):
 def test_microbatches_must_divide_the_shard_rows(repo_root):
     mesh = parallel.create_mesh({"data": 8})
     config = _config(repo_root, "optim.grad_accum_steps=3")  # 4 rows per shard
-    with pytest.raises(ValueError, match="3 micro-batches do not divide the 4 rows"):
+    with pytest.raises(config_lib.ConfigError,
+                       match="config.optim.grad_accum_steps=3 does not divide the 4 rows"):
         _loss_and_grads(config, mesh, _batch(config))
 
 

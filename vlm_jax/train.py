@@ -195,6 +195,12 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
     """
     config, mesh, rules, family = s.config, s.mesh, s.rules, s.family
     k, mode = accumulation(config, family)
+    rows = config.batch_size // parallel.batch_shard_count(mesh)
+    if rows % k:
+        raise ConfigError(
+            f"config.optim.grad_accum_steps={k} does not divide the {rows} rows of each of the "
+            f"{parallel.batch_shard_count(mesh)} batch shards (config.batch_size="
+            f"{config.batch_size}): choose a divisor of {rows}.")
     nan_step = faults.nan_loss_step()  # Reliability battery only; None otherwise.
     trainable = config.optim.trainable
 
