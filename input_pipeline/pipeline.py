@@ -27,8 +27,8 @@ from etils import epath
 from input_pipeline import DataError
 from input_pipeline import shapes, sources
 from input_pipeline.tokenizers import SentencePieceTokenizer
-from input_pipeline.transforms import (NO_FILTERS, SampleFilters, example_transforms,
-                                      pair_transforms, to_str)
+from input_pipeline.transforms import (NO_FILTERS, SampleFilters, embedding_transforms,
+                                      example_transforms, pair_transforms, to_str)
 
 # Zero-shot prompt templates per dataset; other datasets use the generic CLIP prompt.
 _TEMPLATES: dict[str, tuple[str, ...]] = {"shapes": shapes.ZERO_SHOT_TEMPLATES}
@@ -369,6 +369,43 @@ def create_pair_iterator(source, *, tokenizer, global_batch_size: int, seed: int
     return StreamIterator(build, global_batch_size=global_batch_size,
                           process_index=process_index, process_count=process_count,
                           tracks_positions=True, positional=worker_count == 0)
+
+
+def create_embedding_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
+                              dim: int, process_index: int | None = None,
+                              process_count: int | None = None, worker_count: int = 0,
+                              num_epochs: int | None = None) -> StreamIterator:
+    """Batches of ``{'image_emb' float32 [B, dim], 'text' int32 [B, L]}`` from cached image
+    embeddings (:class:`input_pipeline.sources.ArrayRecordSource` of the shards
+    ``vlm-jax data embed`` writes, one record per training example in the source's order).
+
+    The stream is :func:`create_train_iterator`'s (one shuffled stream from ``seed``, process
+    ``i`` of ``n`` reading positions ``p % n == i``), so on a cache of the shapes train split
+    global batch ``t`` holds the embeddings of exactly the images the live pipeline ships at
+    step ``t``: a run on the cache trains on the same pairs as a run with the live tower.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise DataError(f"global_batch_size={global_batch_size} is not divisible by the "
+                        f"process count {process_count}; choose a multiple of {process_count}.")
+    if len(source) < global_batch_size:
+        raise DataError(f"{source!r} has {len(source)} records, fewer than one global batch of "
+                        f"{global_batch_size}.")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    if num_epochs is not None:
+        ds = ds[:len(ds) // global_batch_size * global_batch_size]
+    ops = embedding_transforms(tokenizer, dim)
+
+    def build(start: int) -> grain.DatasetIterator:
+        part = ds[start + process_index::process_count]
+        for op in ops:
+            part = part.map(op)
+        part = part.batch(global_batch_size // process_count, drop_remainder=True)
+        return _iterate(part.to_iter_dataset(_read_options()), worker_count)
+
+    return StreamIterator(build, global_batch_size=global_batch_size,
+                          process_index=process_index, process_count=process_count)
 
 
 class ShardStreamIterator(grain.DatasetIterator):

@@ -654,9 +654,14 @@ def write_array_record(records: Iterable[Record], path_prefix: str, num_shards: 
     return paths
 
 
+# The fields a stored record keeps: an image-text pair, or (`vlm-jax data embed`) the locked
+# image tower's embedding (float32 bytes) in place of the image.
+RECORD_FIELDS = ("key", "image", "caption", "metadata", "image_emb")
+
+
 def _pack_record(record: Record) -> bytes:
-    """The stored form of a record: msgpack of its ``key``, ``image``, ``caption``, ``metadata``."""
-    keep = {k: v for k, v in record.items() if k in ("key", "image", "caption", "metadata")}
+    """The stored form of a record: msgpack of its :data:`RECORD_FIELDS`."""
+    keep = {k: v for k, v in record.items() if k in RECORD_FIELDS}
     return msgpack.packb(keep, use_bin_type=True)
 
 

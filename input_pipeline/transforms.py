@@ -122,6 +122,38 @@ class SelectFeatures(grain.transforms.Map):
 MODEL_FEATURES: dict[str, Any] = {"image": np.uint8, "text": np.int32, "label": np.int32}
 
 
+# Cached image embeddings (`vlm-jax data embed`, LiT with a locked image tower): a record holds
+# the locked tower's embedding instead of the image; the step is then text-only.
+EMBEDDING_FEATURES: dict[str, Any] = {"image_emb": np.float32, "text": np.int32}
+
+
+class DecodeEmbedding(grain.transforms.Map):
+    """``example['image_emb']`` (the little-endian float32 bytes ``vlm-jax data embed`` stores)
+    -> float32 ``[dim]``."""
+
+    def __init__(self, dim: int, key: str = "image_emb"):
+        self.dim = dim
+        self.key = key
+
+    def map(self, example: Example) -> Example:
+        raw = example.get(self.key)
+        if raw is None:
+            raise DataError(f"Record {example.get('key')!r} has no {self.key!r}: not written by "
+                            "`vlm-jax data embed`.")
+        value = np.frombuffer(raw, dtype="<f4")
+        if value.shape != (self.dim,):
+            raise DataError(f"Record {example.get('key')!r}: {self.key} has {value.size} values, "
+                            f"the model's embed_dim is {self.dim}; recompute the embeddings "
+                            "with `vlm-jax data embed` for this model.")
+        return {**example, self.key: value.astype(np.float32)}
+
+
+def embedding_transforms(tokenizer: SentencePieceTokenizer, dim: int) -> list[grain.transforms.Map]:
+    """Transforms from a cached-embedding record to ``{'image_emb' float32 [dim], 'text' int32
+    [L]}`` (the caption tokenised here, as the image-text pipelines do)."""
+    return [DecodeEmbedding(dim), Tokenize(tokenizer), SelectFeatures(EMBEDDING_FEATURES)]
+
+
 def example_transforms(tokenizer: SentencePieceTokenizer,
                        image_size: int | None = None) -> list[grain.transforms.Map]:
     """Transforms from a raw example to ``{'image', 'text', 'label'}`` (see module doc).

@@ -383,6 +383,103 @@ def check_metadata_fields(source, filters, num_samples: int = 8) -> None:
             )
 
 
+# config.data.name of cached image embeddings (`vlm-jax data embed`; the LiT family) and the
+# description `vlm-jax data embed` writes beside their shards.
+EMBEDDINGS = "image_embeddings"
+EMBEDDINGS_META = "embeddings.json"
+
+
+@dataclasses.dataclass
+class EmbeddingData:
+    """Cached image embeddings (``config.data.name='image_embeddings'``, ``data.train_files``:
+    the directory ``vlm-jax data embed`` wrote): the same interface as :class:`Data`, its
+    tokenizer and evaluation data those of the data the embeddings were computed from.
+
+    ``meta``: the directory's ``embeddings.json`` (the locked tower, its ``init_from`` sources,
+    the source data, ``num_records``, ``shards``); ``records``: the opened shards (None for
+    ``vlm-jax eval``)."""
+
+    config: ConfigDict
+    data_dir: str
+    tokenizer: Any
+    meta: dict
+    directory: str
+    records: Any = None
+    source: Any = None  # no raw samples are decoded: nothing is skipped
+
+    def train_iterator(self):
+        """This process's share of the cached pairs (checkpointable grain iterator)."""
+        if self.records is None:
+            raise DataError("The cached embeddings were not opened (prepare_embeddings(config, "
+                            "for_eval=True)).")
+        return pipeline.create_embedding_iterator(
+            self.records, tokenizer=self.tokenizer, global_batch_size=self.config.batch_size,
+            seed=self.config.seed, dim=self.meta["dim"], process_index=jax.process_index(),
+            process_count=jax.process_count(), worker_count=self.config.data.worker_count)
+
+
+def read_embeddings_meta(directory: str) -> dict:
+    """The ``embeddings.json`` of a directory written by ``vlm-jax data embed``.
+
+    Raises:
+        ConfigError: ``directory`` is not one (naming it and the command that writes one).
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    if not directory:
+        raise ConfigError(f"config.data.name={EMBEDDINGS!r} needs config.data.train_files: the "
+                          "directory `vlm-jax data embed --config ... --output DIR` wrote.")
+    path = epath.Path(directory) / EMBEDDINGS_META
+    if not path.exists():
+        raise ConfigError(f"config.data.train_files={directory} holds no {EMBEDDINGS_META}: it is "
+                          "not a directory of cached embeddings; write one with `vlm-jax data "
+                          f"embed --config <the LiT config> --output {directory}`.")
+    return json.loads(path.read_text())
+
+
+def prepare_embeddings(config: ConfigDict, for_eval: bool = False) -> EmbeddingData:
+    """Cached image embeddings of ``config.data.train_files`` (a directory written by
+    ``vlm-jax data embed``). The tokenizer and the shapes evaluation data are those of the data
+    the embeddings were computed from (recorded in its ``embeddings.json``), prepared as
+    :func:`prepare` prepares them."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    directory = config.data.train_files
+    meta = read_embeddings_meta(directory)
+    origin = config.copy_and_resolve_references()
+    with origin.unlocked():
+        origin.data.name = meta["data"]["name"]
+        origin.data.train_files = meta["data"]["train_files"]
+    for key in ("config_name", "tokenizer", "eval_name"):
+        if origin.data[key] != meta["data"][key]:
+            raise ConfigError(f"config.data.{key}={origin.data[key]!r}, but the embeddings in "
+                              f"{directory} were computed on data.{key}="
+                              f"{meta['data'][key]!r}: set it to that.")
+    base = prepare(origin, for_eval=True)
+    records = None
+    if not for_eval:
+        records = sources.ArrayRecordSource(
+            [str(epath.Path(directory) / name) for name in meta["shards"]])
+        if len(records) != meta["num_records"]:
+            raise DataError(f"{directory}: {len(records)} records, {EMBEDDINGS_META} says "
+                            f"{meta['num_records']}; rewrite it with `vlm-jax data embed`.")
+    return EmbeddingData(config, base.data_dir, base.tokenizer, meta, str(directory), records)
+
+
+def latest_checkpoint_step(workdir: str) -> int | None:
+    """The newest step directory of ``<workdir>/checkpoints`` (orbax names them by step; temporary
+    directories of interrupted saves are not steps), None without one."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        return None
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    return max(steps) if steps else None
+
+
 def _open(kind: str, files: str, d: ConfigDict, data_dir: str):
     if kind == "tfds":  # files = '<name>@<split>' of a dataset prepared in data_dir
         return sources.open_source(kind, files, data_dir=data_dir,
@@ -435,6 +532,10 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
     :func:`input_pipeline.pipeline.create_webdataset_stream_iterator`).
     """
     d = config.data
+    if d.name == EMBEDDINGS:
+        raise ConfigError(f"config.data.name={EMBEDDINGS!r} holds a locked image tower's "
+                          "embeddings: it trains a LiT model (config.model.name='lit', "
+                          "locked='image').")
     if d.name != "shapes" and d.name not in SOURCES:
         raise ConfigError(f"config.data.name={d.name!r}: use 'shapes' (embedded) or a source of "
                           f"image-text shards {list(SOURCES)} with config.data.train_files.")

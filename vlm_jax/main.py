@@ -12,6 +12,7 @@
     vlm-jax data export  --config experiments/clip_tiny.py --split train --output shards/
     vlm-jax data convert --input 'shards/train-*.tar' --output gs://bucket/records/train --workers 8
     vlm-jax data inspect --input 'shards/train-*.tar' --output grid.png
+    vlm-jax data embed   --config experiments/lit_tiny_shapes.py --output embeddings/
 
 ``train`` on a workdir that holds checkpoints resumes from the latest one. ``eval`` without
 ``--config`` uses the ``config.json`` the run saved. Config errors are reported before any data
@@ -105,7 +106,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         "Default: 'auto', unless --config.optim.grad_accum_steps is given or "
                         "the config sets a count other than 1: that count is compiled as given")
     p = sub.add_parser(
-        "data", help="dataset tools: prepare | export | convert | inspect",
+        "data", help="dataset tools: prepare | export | convert | inspect | embed",
         description="prepare: build the config's dataset. export: write a split of it as "
                     "webdataset tar shards (--output DIR). convert: webdataset tars (--input "
                     "PATTERN) or an image folder (--input DIR --captions CSV/JSONL) to ArrayRecord "
@@ -113,8 +114,11 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                     "and --process_id/--num_processes hosts; rerunning it resumes. inspect: "
                     "counts, bad samples, caption lengths and a PNG grid (--input PATTERN --format "
                     "webdataset|array_record --output PNG); with --config, also the samples its "
-                    "data.min_side / data.filters reject.")
-    p.add_argument("action", choices=["prepare", "export", "convert", "inspect"])
+                    "data.min_side / data.filters reject. embed: a LiT config's locked image "
+                    "tower's embeddings of its training pairs, computed once, as ArrayRecord "
+                    "(--output DIR; train on them with --config.data.name=image_embeddings "
+                    "--config.data.train_files=DIR).")
+    p.add_argument("action", choices=["prepare", "export", "convert", "inspect", "embed"])
     common(p, config_required=False)
     p.add_argument("--input", default=None)
     p.add_argument("--output", default=None)
@@ -130,6 +134,9 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--keep_bad", action="store_true",
                    help="convert: also write the samples that fail the checks (still counted)")
     p.add_argument("--max_scan", type=int, default=None, help="inspect: samples to scan")
+    p.add_argument("--workdir", default=None,
+                   help="embed: take the locked tower from this run's latest checkpoint "
+                        "(default: as the config's init_from loads it)")
 
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
@@ -227,6 +234,10 @@ def _data_command(args, config) -> int:
                                         config.data.config_name, args.split,
                                         need("output", args.output), args.shard_size)
         print(f"Wrote {len(paths)} tar shard(s): {paths[0]} ... {paths[-1]}")
+    elif args.action == "embed":
+        from vlm_jax import embed  # pylint: disable=import-outside-toplevel
+
+        embed.embed_images(config, need("output", args.output), workdir=args.workdir)
     elif args.action == "convert":
         index, count = _convert_process(args)
         report = tools.convert_shards(need("input", args.input), need("output", args.output),

@@ -30,16 +30,26 @@ def decay_mask(params: Any, no_decay_pattern: str = NO_DECAY_PATTERN) -> Any:
         lambda p, x: len(x.shape) >= 2 and not rx.search(path_str(p)), params)
 
 
-def trainable_mask(params: Any, pattern: str) -> Any:
-    """True for the parameters whose path matches ``pattern`` (``re.search``); all True for an
-    empty pattern."""
+def is_locked(path: str, locked: tuple[str, ...] = ()) -> bool:
+    """Whether the parameter ``path`` ('image.encoder...') lies under one of the ``locked``
+    parameter paths ('image', 'image_projection')."""
+    return any(path == part or path.startswith(part + ".") for part in locked)
+
+
+def trainable_mask(params: Any, pattern: str, locked: tuple[str, ...] = ()) -> Any:
+    """True for the parameters whose path matches ``pattern`` (``re.search``; all match an
+    empty pattern) and does not lie under a ``locked`` part (a family's locked tower,
+    ``Family.locked``: LiT's image tower)."""
     try:
         rx = re.compile(pattern)
     except re.error as e:
         raise ConfigError(f"config.optim.trainable={pattern!r} is not a regular expression: "
                           f"{e}.") from e
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: not pattern or bool(rx.search(path_str(p))), params)
+
+    def trains(p, _):
+        name = path_str(p)
+        return (not pattern or bool(rx.search(name))) and not is_locked(name, locked)
+    return jax.tree_util.tree_map_with_path(trains, params)
 
 
 def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
@@ -63,8 +73,8 @@ def make_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
     raise ConfigError(f"config.optim.schedule={name!r}: use 'cosine', 'linear' or 'constant'.")
 
 
-def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                 optax.Schedule]:
+def make_optimizer(cfg: ConfigDict, total_steps: int, locked: tuple[str, ...] = ()
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (decoupled weight decay, masked) with global-norm clipping and optional accumulation.
 
     Config fields (``config.optim``): ``name`` ('adamw'), ``lr``, ``b1``, ``b2``, ``eps``,
@@ -72,7 +82,9 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
     (0 = off), ``trainable`` (a regular expression on parameter
     paths such as ``'^(resampler|xattn)\.'``; '' = every parameter trains). Parameters that do
     not match are frozen: ``optax.multi_transform`` gives them ``optax.set_to_zero`` (no
-    optimizer state), and the train step stops their gradients (:func:`trainable_mask`).
+    optimizer state), and the train step stops their gradients (:func:`trainable_mask`). So
+    are the parameters under ``locked`` (the paths a family locks whatever the config says,
+    ``Family.locked``: LiT's image tower).
 
     One call of the returned transformation is one update, one train step: the schedule counts
     updates (``total_steps`` and ``warmup_steps`` are updates). Micro-batching
@@ -91,12 +103,12 @@ def make_optimizer(cfg: ConfigDict, total_steps: int) -> tuple[optax.GradientTra
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
     tx = optax.chain(*parts)
-    if cfg.trainable:
-        pattern = cfg.trainable
+    if cfg.trainable or locked:
+        pattern, locked = cfg.trainable, tuple(locked)
 
         def labels(params):
             return jax.tree.map(lambda t: "train" if t else "frozen",
-                                trainable_mask(params, pattern))
+                                trainable_mask(params, pattern, locked))
 
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule

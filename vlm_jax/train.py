@@ -85,8 +85,9 @@ def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
         parallel.check_batch_divisible(config.batch_size, mesh)
     except ValueError as e:
         raise ConfigError(f"config.batch_size: {e}") from e
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     family = get_family(config)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps,
+                                        locked=family.locked_parts(config))
 
     def init_fn():
         model = family.build_model(config.model, nnx.Rngs(config.seed))
@@ -202,12 +203,12 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
             f"{parallel.batch_shard_count(mesh)} batch shards (config.batch_size="
             f"{config.batch_size}): choose a divisor of {rows}.")
     nan_step = faults.nan_loss_step()  # Reliability battery only; None otherwise.
-    trainable = config.optim.trainable
+    trainable, locked = config.optim.trainable, family.locked_parts(config)
 
     def model_of(params):
-        if trainable:  # Frozen parameters: no weight gradients are computed at all.
+        if trainable or locked:  # Frozen parameters: no weight gradients are computed at all.
             params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
-                                  optim.trainable_mask(params, trainable))
+                                  optim.trainable_mask(params, trainable, locked))
         return nnx.merge(s.graphdef, params)
 
     def objective(params, batch, scale):

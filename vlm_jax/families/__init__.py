@@ -1,6 +1,6 @@
 """One :class:`Family` per model family: everything the rest of the code asks of a model.
 
-A family (CLIP/SigLIP, CoCa, LM, Flamingo) is one object in one file of this package. The train
+A family (CLIP/SigLIP, LiT/SigLiT, CoCa, LM, Flamingo) is one object in one file of this package. The train
 loop, ``vlm-jax compile``, ``vlm-jax caption`` and the evaluators ask it, instead of branching on
 ``config.model.name``: :func:`get_family` is the only reader of that key.
 
@@ -27,6 +27,10 @@ Optional, for contrastive families:
   captioning term; 0 for CLIP) equals ``objective`` on the whole batch.
 * ``after_update(params, config) -> params``: constraints applied to the parameters after each
   optimizer update (CLIP's temperature clamped to ``[0, logit_scale_max]``, as open_clip).
+* ``locked(config) -> tuple of parameter paths``: parts the family keeps locked whatever
+  ``config.optim.trainable`` says (LiT's image tower: ``('image', 'image_projection')``): no
+  gradient is computed for them and they get no optimizer state
+  (:func:`vlm_jax.optim.trainable_mask`).
 
 Adding a family (LiT, SigLIP 2, a LLaVA-style model) is one new module here that defines a
 ``FAMILY`` and one line in :data:`FAMILIES`.
@@ -65,6 +69,11 @@ class Family:
     embed: Callable[..., tuple[dict, Any, dict]] | None = None
     batch_loss: Callable[..., tuple[Any, dict]] | None = None
     after_update: Callable[[Any, Any], Any] | None = None
+    locked: Callable[[Any], tuple[str, ...]] | None = None
+
+    def locked_parts(self, config) -> tuple[str, ...]:
+        """The parameter paths this family locks for ``config`` (none without ``locked``)."""
+        return tuple(self.locked(config)) if self.locked is not None else ()
 
     @property
     def contrastive(self) -> bool:
@@ -81,10 +90,10 @@ class Family:
 
 
 # pylint: disable=wrong-import-position  (the family modules import Family from here)
-from vlm_jax.families import clip, coca, flamingo, lm  # noqa: E402
+from vlm_jax.families import clip, coca, flamingo, lit, lm  # noqa: E402
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (clip.FAMILY, coca.FAMILY, lm.FAMILY,
-                                                   flamingo.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (clip.FAMILY, coca.FAMILY, lit.FAMILY,
+                                                   lm.FAMILY, flamingo.FAMILY)}
 
 
 def get_family(config_or_model_cfg: Any) -> Family:

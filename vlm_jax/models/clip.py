@@ -180,12 +180,10 @@ class CLIP(nnx.Module):
         return out
 
 
-def clip_flops(cfg: Any, batch_size: int | None = None) -> float:
-    """Forward matmul FLOPs (2 x MACs) per image-text pair of a CLIP config.
-
-    Image tower + text tower (one full ``context_length`` sequence) + both projections. With
-    ``batch_size`` the ``[B, B]`` similarity matmul (``2 * B * embed_dim`` per pair) is added.
-    """
+def tower_flops(cfg: Any) -> dict[str, float]:
+    """Forward matmul FLOPs (2 x MACs) per example of each tower of a CLIP config, projection
+    included: ``{'image': ViT + image_projection, 'text': text transformer (one full
+    ``context_length`` sequence) + text_projection}``."""
     cfg = to_plain_dict(cfg)
     shared = {k: cfg.get(k, d) for k, d in zip(_SHARED, ("float32", "none", False))}
     image = image_kwargs(cfg["image"], shared)
@@ -194,13 +192,24 @@ def clip_flops(cfg: Any, batch_size: int | None = None) -> float:
                                                ("width", "depth", "mlp_dim", "num_heads",
                                                 "patch_size")})["width"]
     d = cfg["embed_dim"]
-    flops = vit_flops(**{k: v for k, v in image.items()
-                         if k in ("variant", "image_size", "pool_type", "width", "depth",
-                                  "mlp_dim", "num_heads", "patch_size")})
-    flops += text_flops(**text)
-    flops += 2.0 * iw * d + 2.0 * text["width"] * d
+    image_flops = vit_flops(**{k: v for k, v in image.items()
+                               if k in ("variant", "image_size", "pool_type", "width", "depth",
+                                        "mlp_dim", "num_heads", "patch_size")})
+    return {"image": image_flops + 2.0 * iw * d,
+            "text": text_flops(**text) + 2.0 * text["width"] * d}
+
+
+def clip_flops(cfg: Any, batch_size: int | None = None) -> float:
+    """Forward matmul FLOPs (2 x MACs) per image-text pair of a CLIP config.
+
+    Image tower + text tower (one full ``context_length`` sequence) + both projections
+    (:func:`tower_flops`). With ``batch_size`` the ``[B, B]`` similarity matmul
+    (``2 * B * embed_dim`` per pair) is added.
+    """
+    towers = tower_flops(cfg)
+    flops = towers["image"] + towers["text"]
     if batch_size:
-        flops += 2.0 * batch_size * d
+        flops += 2.0 * batch_size * to_plain_dict(cfg)["embed_dim"]
     return flops
 
 
@@ -241,5 +250,5 @@ def clip_config(name: str) -> dict:
     return copy.deepcopy(CLIP_PRESETS[key])
 
 
-__all__ = ["CLIP", "CLIP_PRESETS", "clip_config", "clip_flops", "to_plain_dict", "check_keys",
+__all__ = ["CLIP", "CLIP_PRESETS", "clip_config", "clip_flops", "tower_flops", "to_plain_dict", "check_keys",
            "accepted_keys"]
