@@ -67,6 +67,9 @@ def base_config() -> ConfigDict:
         # (`vlm-jax data convert`) read from train_files; 'tfds' reads a prepared TFDS dataset
         # (train_files='<name>@<split>', e.g. 'coco_captions@train', with image_key /
         # caption_key). Raw sources are evaluated on the shapes splits (eval_name, config_name).
+        # 'image_embeddings' (LiT with a locked image tower, vlm_jax/families/lit.py): the
+        # tower's embeddings of the training pairs that `vlm-jax data embed` wrote to the
+        # directory train_files; the step is then text-only.
         name="shapes",
         # The shapes variant: '64px' or '32px' (image side); also the shapes evaluation splits of
         # a run on raw shards.
@@ -246,7 +249,10 @@ def base_config() -> ConfigDict:
     # ---- init_from: parts of the model initialised from trained runs ----------------------------
     # {target: dict(workdir=<run>, subtree=<path in that run's params, '' = all>, step=<None =
     # latest>)}, e.g. Flamingo's frozen towers: dict(vision=dict(workdir='runs/clip_tiny',
-    # subtree='image'), lm=dict(workdir='runs/lm_tiny', subtree='')). {} = none.
+    # subtree='image'), lm=dict(workdir='runs/lm_tiny', subtree='')), or LiT's locked image tower
+    # from a `vlm-jax convert`-ed OpenAI / open_clip model (its output is a workdir too:
+    # config.json + checkpoints/0): dict(image=dict(workdir='runs/openai_b16', subtree='image'),
+    # image_projection=dict(workdir='runs/openai_b16', subtree='image_projection')). {} = none.
     c.init_from = {}
 
     # ---- published: the results the experiment reproduces (a record; the code reads none) -------

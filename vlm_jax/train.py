@@ -703,8 +703,10 @@ def load_pretrained(config: ConfigDict, s: TrainSetup, params: dict) -> dict:
 
     ``config.init_from``: ``{target: {'workdir': <run>, 'subtree': <path in that run's params>,
     'step': <step or None = latest>}}``, e.g. Flamingo's ``vision`` from a CLIP run's ``image``
-    tower and ``lm`` from a language-model run (``subtree`` '' = all its parameters). The source
-    run's ``config.json`` builds its model; shapes must match the target's exactly.
+    tower and ``lm`` from a language-model run (``subtree`` '' = all its parameters), or LiT's
+    locked ``image`` from a ``vlm-jax convert`` output (a workdir with ``config.json`` and a
+    parameters-only ``checkpoints/0``). The source run's ``config.json`` builds its model;
+    shapes must match the target's exactly.
 
     Raises CheckpointError naming the run when it has no checkpoint or the shapes differ.
     """
