@@ -5,6 +5,8 @@ stays bit for bit, has no optimizer state, and training on its cached embeddings
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -15,8 +17,6 @@ from vlm_jax import config as config_lib
 from vlm_jax import convert, embed, train
 from vlm_jax.config import ConfigError
 from vlm_jax.families import get_family
-
-pytestmark = pytest.mark.e2e
 
 STEPS = 4
 
@@ -100,3 +100,16 @@ def test_locked_tower_and_cached_embeddings(repo_root, shapes_data_dir, open_cli
         "data.name=image_embeddings", f"data.train_files={tmp_path / 'emb'}", "init_from={}"])
     with pytest.raises(ConfigError, match="init_from.image"):
         family.make_data(other)
+
+
+@pytest.mark.e2e
+def test_embed_command_needs_a_locked_image_tower(repo_root, tmp_path):
+    """`vlm-jax data embed` on a config without a locked image tower stops before reading data,
+    naming what it needs, and writes nothing."""
+    out = subprocess.run(
+        [sys.executable, "-m", "vlm_jax.main", "data", "embed", "--config",
+         f"{repo_root / 'experiments' / 'clip_tiny.py'}:test", "--output",
+         str(tmp_path / "emb")], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "config.model.name='lit'" in out.stderr
+    assert not (tmp_path / "emb").exists()

@@ -32,8 +32,8 @@ Optional, for contrastive families:
   gradient is computed for them and they get no optimizer state
   (:func:`vlm_jax.optim.trainable_mask`).
 
-Adding a family (LiT, SigLIP 2, a LLaVA-style model) is one new module here that defines a
-``FAMILY`` and one line in :data:`FAMILIES`.
+Adding a family (SigLIP 2, a LLaVA-style model; ``lit.py`` is a worked example) is one new
+module here that defines a ``FAMILY`` and one line in :data:`FAMILIES`.
 """
 
 from __future__ import annotations

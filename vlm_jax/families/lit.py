@@ -33,6 +33,8 @@ images.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 
@@ -43,7 +45,7 @@ from vlm_jax.models.clip import to_plain_dict, tower_flops
 
 # model.locked -> the parameter paths it locks (a tower and its projection).
 LOCKABLE = {"image": ("image", "image_projection"), "text": ("text", "text_projection")}
-# The batch key of each tower's input and of its cached embedding.
+# The batch key of cached image embeddings (`vlm-jax data embed`, data.name="image_embeddings").
 CACHED_KEY = "image_emb"
 
 
@@ -137,7 +139,7 @@ def check_cache(config, meta: dict, directory: str) -> None:
     parts = locked(config)
     fix = (f"; compute embeddings for this run with `vlm-jax data embed --config <this config> "
            f"--output DIR`, or train with the config that wrote {directory}.")
-    want = tower_config(config.model)
+    want = json.loads(json.dumps(tower_config(config.model)))  # as embeddings.json holds it
     if meta["tower"] != want:
         raise ConfigError(f"config.data.train_files={directory}: the embeddings were computed by "
                           f"the locked tower {meta['tower']}, this run's is {want}" + fix)
@@ -150,6 +152,11 @@ def check_cache(config, meta: dict, directory: str) -> None:
                     f"config.data.train_files={directory}: the embeddings' {part!r} came from "
                     f"{have or 'a random initialisation'}, this run's config.init_from.{part} is "
                     f"{spec}" + fix)
+            if meta["config"]["seed"] != config.seed:  # a random tower: the seed draws it
+                raise ConfigError(
+                    f"config.data.train_files={directory}: the embeddings are of a random "
+                    f"{part!r} drawn with seed {meta['config']['seed']}, this run's seed is "
+                    f"{config.seed}" + fix)
             continue
         step = spec.get("step")
         if step is None:
