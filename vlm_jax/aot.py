@@ -668,7 +668,7 @@ def _plan_one(config: ConfigDict, topology: str, num_slices: int, devices, chip:
         hbm_bytes=chip.hbm_bytes // max(1, len(devices) // chips),
         param_bytes=_shard_bytes(s.abstract_state["params"]),
         opt_bytes=_shard_bytes(s.abstract_state["opt_state"]), n_params=n_params,
-        model_flops_per_step=3 * s.family.flops_per_example(config.model) * bsz,
+        model_flops_per_step=3 * s.family.train_flops_per_example(config) * bsz,
         peak_flops_per_chip=chip.peak_bf16_flops,
         loss_logits_bytes=logits, grad_accum_steps=k, grad_accum_mode=mode,
         batch_shards=shards, remat=str(config.model.remat))

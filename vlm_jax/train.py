@@ -594,7 +594,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     batch_spec = s.batch_spec()  # What the step is compiled for and the pipeline must ship.
     train_step = make_train_step(s, batch_spec)
     writer = metrics_lib.MetricWriter(workdir)
-    flops_per_example = s.family.flops_per_example(config.model)
+    flops_per_example = s.family.train_flops_per_example(config)
     total = config.total_steps
     start = int(state["step"])
     progress = _Progress(start, total, enabled=is_main)

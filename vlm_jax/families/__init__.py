@@ -27,6 +27,8 @@ Optional, for contrastive families:
   captioning term; 0 for CLIP) equals ``objective`` on the whole batch.
 * ``after_update(params, config) -> params``: constraints applied to the parameters after each
   optimizer update (CLIP's temperature clamped to ``[0, logit_scale_max]``, as open_clip).
+* ``step_flops(config) -> float``: the train step's forward-equivalent FLOPs per example when
+  they depend on more than the model (:meth:`Family.train_flops_per_example`).
 * ``locked(config) -> tuple of parameter paths``: parts the family keeps locked whatever
   ``config.optim.trainable`` says (LiT's image tower: ``('image', 'image_projection')``): no
   gradient is computed for them and they get no optimizer state
@@ -70,6 +72,16 @@ class Family:
     batch_loss: Callable[..., tuple[Any, dict]] | None = None
     after_update: Callable[[Any, Any], Any] | None = None
     locked: Callable[[Any], tuple[str, ...]] | None = None
+    step_flops: Callable[[Any], float] | None = None
+
+    def train_flops_per_example(self, config) -> float:
+        """Forward-equivalent FLOPs per example of ``config``'s train step (3 x this is the
+        step's FLOPs per example, as MFU counts them): ``step_flops(config)`` when the family
+        has it (the data can change the step: LiT on cached embeddings runs no image tower),
+        else ``flops_per_example(config.model)``."""
+        if self.step_flops is not None:
+            return float(self.step_flops(config))
+        return float(self.flops_per_example(config.model))
 
     def locked_parts(self, config) -> tuple[str, ...]:
         """The parameter paths this family locks for ``config`` (none without ``locked``)."""

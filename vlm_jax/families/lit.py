@@ -181,9 +181,8 @@ def tower_config(model_cfg) -> dict:
 def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
     """Forward-equivalent matmul FLOPs per pair: ``3 x`` this is a training step's FLOPs per
     pair, the trained tower's forward and backward (3 x its forward) plus the locked tower's
-    forward only (counted as 1/3 here). With cached image embeddings the step does not run the
-    locked tower, so a run on the cache does fewer FLOPs than counted (throughput and MFU are
-    those of the live step)."""
+    forward only (counted as 1/3 here). A step on cached image embeddings does not run the
+    locked tower: :func:`step_flops`."""
     towers = tower_flops(clip_config(model_cfg))
     lock = "image" if locked_tower(model_cfg) == "image" else "text"
     train = "text" if lock == "image" else "image"
@@ -193,8 +192,17 @@ def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
     return float(flops)
 
 
+def step_flops(config) -> float:
+    """The train step's forward-equivalent FLOPs per pair (``Family.step_flops``): on cached
+    embeddings the text tower's forward and backward only (no image tower), else
+    :func:`flops_per_example`."""
+    if not cached(config):
+        return flops_per_example(config.model)
+    return float(tower_flops(clip_config(config.model))["text"])
+
+
 FAMILY = Family(name="lit", build_model=build_model, objective=objective,
                 batch_spec=batch_spec, make_data=make_data, default_evals=clip.default_evals,
                 flops_per_example=flops_per_example, capabilities=frozenset({"embed"}),
                 image_size=clip.image_size, embed=embed, batch_loss=clip.batch_loss,
-                after_update=clip.after_update, locked=locked)
+                after_update=clip.after_update, locked=locked, step_flops=step_flops)
