@@ -72,8 +72,9 @@ def test_check_batch_names_key_shape_and_dtype(repo_root):
 
 
 def test_get_family_and_declared_capabilities(repo_root):
-    assert sorted(FAMILIES) == ["clip", "coca", "flamingo", "lm"]
+    assert sorted(FAMILIES) == ["clip", "coca", "flamingo", "lit", "lm"]
     for name, experiment in (("clip", "siglip_tiny.py"), ("coca", "coca_tiny_shapes.py"),
+                             ("lit", "lit_tiny_shapes.py"),
                              ("lm", "lm_tiny_shapes.py"), ("flamingo", "flamingo_tiny_shapes.py")):
         config = config_lib.load_config(str(repo_root / "experiments" / experiment))
         family = get_family(config)
