@@ -33,6 +33,7 @@ def embed(model, batch, config):
     return {"image_emb": out["image_emb"], "text_emb": out["text_emb"]}, 0.0, {}
 
 
+@jax.named_scope("contrastive_loss")
 def batch_loss(model, emb, config, mesh):
     """The contrastive loss over a whole batch's embeddings ``emb`` (:func:`embed`), across all
     devices (the global B x B logits are never built on one device), with the model's

@@ -86,7 +86,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     (flax/big_vision default); ``quick_gelu`` is ``x * sigmoid(1.702 x)`` used by OpenAI CLIP.
     """
     if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+        return _gelu_erf
     if name == "gelu_tanh":
         return lambda x: jax.nn.gelu(x, approximate=True)
     if name == "quick_gelu":
@@ -96,6 +96,13 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name == "silu":
         return jax.nn.silu
     raise ValueError(f"Unknown activation {name!r}; use one of {ACTIVATIONS}.")
+
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    # PyTorch's formula, 0.5 x (1 + erf(x / sqrt 2)), rather than jax.nn.gelu's
+    # x erfc(-x / sqrt 2) / 2: the same function within float32 rounding, and XLA's CPU erf is a
+    # single rational polynomial where its erfc takes an exp and selects between branches.
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 def remat_policy(name: str):
@@ -142,11 +149,13 @@ class LayerNorm(nnx.Module):
         self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",))
         self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",)) if use_bias else None
 
+    @jax.named_scope("layer_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        inv = jax.lax.rsqrt(var + self.eps)
+        y = (x - mean) * inv * self.scale[...]
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(self.dtype)
@@ -336,6 +345,7 @@ class MultiHeadAttention(nnx.Module):
         y = self.out(self._attend(q, k, v, mask))
         return y if cache is None else (y, new_cache)
 
+    @jax.named_scope("attention")
     def _attend(self, q, k, v, mask):
         """``softmax(q k^T / sqrt(d) | mask) v`` for ``q [B, T, H, D]``, ``k, v [B, S, Hkv, D]``."""
         b, t, h, d = q.shape
@@ -372,7 +382,8 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = constrain(self.fc1(x), "act_batch", "act_len", "act_mlp")
-        h = activation(self.act)(h)
+        with jax.named_scope("activation"):
+            h = activation(self.act)(h)
         return self.fc2(h)
 
 
