@@ -150,6 +150,7 @@ def test_clear_errors(tmp_path):
         convert.convert_state_dict(extra, cfg)
 
 
+@pytest.mark.torch
 def test_torch_state_dict_formats(tmp_path):
     """open_clip .pt / .bin files (also under 'state_dict' with a DDP 'module.' prefix)."""
     torch = pytest.importorskip("torch")
@@ -162,6 +163,66 @@ def test_torch_state_dict_formats(tmp_path):
         assert sorted(got) == sorted(sd)
         for k in sd:
             np.testing.assert_array_equal(got[k], sd[k])
+
+
+class _RunsCode:
+    """Unpickling this calls ``pathlib.Path(marker).write_text('ran')``: the code a malicious
+    weight file would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_write_marker, (self.marker,))
+
+
+def _write_marker(marker):
+    return pathlib.Path(marker).write_text("ran")
+
+
+@pytest.mark.torch
+def test_pickle_that_runs_code_is_refused_unrun(tmp_path):
+    """A .pt that ``weights_only`` refuses is a ConvertError, not retried with torch.jit.load
+    (nor unpickled in full): the code in it never runs. Both torch.save's zip format and the
+    legacy pickle format."""
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "marker"
+    payload = {"visual.proj": torch.zeros(2, 2), "evil": _RunsCode(marker)}
+    torch.save(payload, tmp_path / "zip.pt")
+    torch.save(payload, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert not marker.exists()
+    for name in ("zip.pt", "legacy.pt"):
+        assert not convert.is_torchscript_archive(tmp_path / name)
+        with pytest.raises(convert.ConvertError, match="weights_only=True"):
+            convert.load_state_dict(tmp_path / name)
+        assert not marker.exists(), f"{name}: the pickle's code ran"
+    # The payload does run code when unpickled in full: the test would see it.
+    torch.load(tmp_path / "zip.pt", weights_only=False)
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.torch
+def test_torchscript_archive_still_loads(tmp_path):
+    """OpenAI's releases are TorchScript archives: recognised as such, read with jit.load."""
+    torch = pytest.importorskip("torch")
+    sd = convert.load_state_dict(FIXTURE / "tiny_gelu.safetensors")
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, (k, v) in enumerate(sorted(sd.items())):
+                self.register_buffer(f"b{i}", torch.from_numpy(v))
+
+        def forward(self, x):
+            return x
+
+    torch.jit.save(torch.jit.script(Holder()), tmp_path / "openai.pt")
+    assert convert.is_torchscript_archive(tmp_path / "openai.pt")
+    got = convert.load_state_dict(tmp_path / "openai.pt")
+    want = {f"b{i}": v for i, (k, v) in enumerate(sorted(sd.items()))}
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 def _cli(repo_root, *args):

@@ -82,10 +82,19 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
             raise ConvertError(
                 f"{path} is a PyTorch file: install torch (pip install torch) to read it, or "
                 "convert it to .safetensors first.") from e
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception:  # OpenAI's releases are TorchScript archives.
+        if is_torchscript_archive(path):  # OpenAI's releases are TorchScript archives.
             obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            try:  # Tensors and plain containers only: a pickle cannot run code here.
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:  # pylint: disable=broad-except  (torch raises many kinds)
+                raise ConvertError(
+                    f"{path} is not a plain state dict: torch.load(weights_only=True) refused it "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). A "
+                    "pickle that needs more than tensors can run arbitrary code, so it is not "
+                    "loaded. If you trust the file, re-save its state dict from Python "
+                    "(torch.save(model.state_dict(), 'weights.pt'), or safetensors' save_file) "
+                    "and convert that.") from e
         if isinstance(obj, Mapping) and "state_dict" in obj:
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
@@ -93,6 +102,31 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         return _clean({k: v.float().numpy() for k, v in obj.items()
                        if isinstance(v, torch.Tensor) and v.ndim is not None}, path)
     raise ConvertError(f"{path}: unknown format {path.suffix!r}; use .safetensors, .pt or .bin.")
+
+
+def is_torchscript_archive(path: str | pathlib.Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``: OpenAI's CLIP releases).
+
+    The test is torch's own (``torch.serialization._is_torchscript_zip``: a zip archive whose
+    records include ``constants.pkl``), read with :mod:`zipfile` rather than through torch's
+    private helper; the ``code/`` folder of compiled TorchScript is required as well. Only such
+    an archive goes to ``torch.jit.load``, whose unpickler rebuilds tensors and TorchScript
+    classes, never arbitrary Python objects; everything else must pass
+    ``torch.load(weights_only=True)``.
+    """
+    import zipfile  # pylint: disable=import-outside-toplevel
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch's _is_zipfile: the magic at the start.
+                return False
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    # torch archives put every record under one top folder ('archive/' or the file's stem).
+    records = {n.split("/", 1)[1] for n in names if "/" in n}
+    return "constants.pkl" in records and any(r.startswith("code/") for r in records)
 
 
 def _clean(sd: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
