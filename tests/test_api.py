@@ -185,3 +185,54 @@ def test_clear_errors(tmp_path, converted):
         model.generate(np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         model.encode_image([np.zeros((32, 32, 3), np.float32)])
+
+
+@pytest.fixture(scope="module")
+def flamingo(tmp_path_factory):
+    """A Flamingo workdir (experiments/flamingo_tiny_shapes.py:test) with random parameters
+    (tests/model_fixtures.randomize: the cross-attention gates open, so images matter), written
+    as `vlm-jax convert` writes one; its tokenizer ships with vlm_jax (no data is built)."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from tests.model_fixtures import randomize  # pylint: disable=import-outside-toplevel
+    from vlm_jax import convert  # pylint: disable=import-outside-toplevel
+    from vlm_jax.families import get_family  # pylint: disable=import-outside-toplevel
+
+    config = config_lib.load_config(str(ROOT / "experiments/flamingo_tiny_shapes.py") + ":test")
+    model = nnx.eval_shape(lambda: get_family(config).build_model(config.model, nnx.Rngs(0)))
+    randomize(model, seed=1, scale=0.3)
+    workdir = tmp_path_factory.mktemp("api") / "flamingo"
+    convert.write_workdir(workdir, nnx.state(model).to_pure_dict(), config)
+    return workdir
+
+
+def test_fewshot_generate_matches_the_fewshot_evaluator(flamingo):
+    """Flamingo: generate(prompts=[[(image, text), ...], ...]) gives the continuations the
+    few-shot captioning evaluator generates for the same examples and queries."""
+    from input_pipeline.interleaved import PromptFormat  # pylint: disable=import-outside-toplevel
+    from vlm_jax.evaluators import fewshot  # pylint: disable=import-outside-toplevel
+
+    model = vlm_jax.load(flamingo)
+    size = model.preprocess.size
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    captions = ["a red circle", "two blue squares on the left", "a small green triangle"]
+    queries = rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+    shots, max_new = 2, 6
+    config = config_lib.load_json_config(str(flamingo / "config.json"))
+    s, params, _ = train.restore_for_inference(config, flamingo)
+    extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules, 8)
+    tokenizer = model.tokenizer
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    inner = nnx.merge(s.graphdef, params)
+    data = {"pool": {"image": pool, "caption": captions}, "image": queries,
+            "prompt_format": PromptFormat(tokenizer, inner.image_id, inner.eoc_id)}
+    want = fewshot.generate_fewshot(extractor, tokenizer, data, "caption", shots, max_new)
+    prompts = [[(pool[j], captions[j]) for j in fewshot._example_order(i, 3, shots)]  # pylint: disable=protected-access
+               + [(queries[i], "")] for i in range(len(queries))]
+    got = model.generate(prompts=prompts, max_new_tokens=max_new)
+    assert got == want
+    assert len(set(got)) > 1, got  # the images change the continuation
+    with pytest.raises(ValueError, match="same number of images"):
+        model.generate(prompts=[prompts[0], prompts[1][1:]], max_new_tokens=max_new)

@@ -19,7 +19,8 @@ the original model's (open_clip's, for a converted one) to float32 precision.
 Everything model-specific is asked of the model's family (:mod:`vlm_jax.families`): how to
 build it, the image size, the tokenizer (:meth:`~vlm_jax.families.Family.tokenizer`: the copy in
 the workdir, or the file the config names; no dataset is built or opened), and whether it can
-caption (the ``caption`` capability).
+caption (the ``caption`` capability) or continue interleaved or text prompts (``interleaved``,
+``lm``).
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def load(path: str | os.PathLike, *, step: int | None = None, dtype: str | None 
 
 
 class Model:
-    """A model restored by :func:`load`: embeddings, zero-shot classifiers and captions.
+    """A model restored by :func:`load`: embeddings, zero-shot classifiers, captions and
+    few-shot generation.
 
     Attributes: ``config`` (the run's, with the inference ``dtype``), ``family``, ``workdir``,
     ``step``, ``mesh``, ``params`` (the restored parameters, placed on ``mesh``),
@@ -263,19 +265,26 @@ class Model:
             self._fns[key] = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
         return self._fns[key]
 
-    def _run(self, fn: Callable, rows: np.ndarray, *args) -> np.ndarray:
-        """``fn`` over ``rows`` in batches of at most ``batch_size``, each padded (last row
+    def _run(self, fn: Callable, rows: np.ndarray | tuple[np.ndarray, ...], *args
+             ) -> np.ndarray:
+        """``fn(params, *rows, *args)`` over ``rows`` (an array, or a tuple of arrays with the
+        same number of rows) in batches of at most ``batch_size``, each padded (last row
         repeated) to a multiple of the batch shards and split over them; padding dropped."""
+        arrays = rows if isinstance(rows, tuple) else (rows,)
         out = []
         pc, pi = jax.process_count(), jax.process_index()
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            size = -(-len(chunk) // self._shards) * self._shards
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-            # Every process holds all rows and feeds its slice of the global batch.
-            local = padded[pi * size // pc:(pi + 1) * size // pc]
-            batch = parallel.make_global_batch({"x": local}, self.mesh)["x"]
-            out.append(np.asarray(fn(self.params, batch, *args))[:len(chunk)])
+        for start in range(0, len(arrays[0]), self.batch_size):
+            n = len(arrays[0][start:start + self.batch_size])
+            size = -(-n // self._shards) * self._shards
+            local = {}
+            for i, a in enumerate(arrays):
+                chunk = a[start:start + n]
+                padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
+                # Every process holds all rows and feeds its slice of the global batch.
+                local[str(i)] = padded[pi * size // pc:(pi + 1) * size // pc]
+            batch = parallel.make_global_batch(local, self.mesh)
+            inputs = [batch[str(i)] for i in range(len(arrays))]
+            out.append(np.asarray(fn(self.params, *inputs, *args))[:n])
         return np.concatenate(out)
 
     # -- embeddings -----------------------------------------------------------------------------
@@ -342,35 +351,120 @@ class Model:
 
     # -- generation -----------------------------------------------------------------------------
 
-    def generate(self, images: ImageLike | Sequence[ImageLike] | np.ndarray, *,
-                 method: str | None = None, seed: int = 0, return_tokens: bool = False,
+    def generate(self, images: ImageLike | Sequence[ImageLike] | np.ndarray | None = None, *,
+                 prompts: Sequence[Any] | None = None, method: str | None = None,
+                 seed: int = 0, return_tokens: bool = False,
                  **options: Any) -> list[str] | np.ndarray:
-        """Captions of images, for a model that can caption (the ``caption`` capability: CoCa).
+        """Generated text: captions of ``images`` (a captioning model, CoCa), or continuations
+        of ``prompts`` (a few-shot model, Flamingo; or a language model).
+
+        * Captioning (the ``caption`` capability): ``generate(images)``, one caption each.
+        * Interleaved (``interleaved``, Flamingo): each prompt a list of ``(image, text)``
+          chunks, written as in training and few-shot evaluation (``<image>text<|endofchunk|>``
+          each); the last text is left open and continued, e.g. ``[(im1, 'a red circle'),
+          (im2, '')]`` captions ``im2`` after one example. Every prompt has the same number of
+          images.
+        * Language model (``lm``): each prompt a string.
 
         ``method``: ``'greedy'``, ``'beam'`` or ``'sample'`` (with ``seed``); ``options``: those
         of :func:`vlm_jax.decoding.generate` (``max_new_tokens``, ``beam_size``, ``top_k``,
-        ``top_p``, ``temperature``...). Default: the run's captioning entry's options
-        (``config.evals``), else greedy. Returns the detokenised captions, or the int32 tokens
-        ``[N, max_length]`` with ``return_tokens=True``. Each set of options compiles once.
+        ``top_p``, ``temperature``...). Captioning defaults to the run's captioning entry's
+        options (``config.evals``), else greedy; prompts to greedy with ``max_new_tokens=24``.
+        Returns the detokenised texts (a prompt's continuation up to the end of its chunk), or
+        the int32 tokens with ``return_tokens=True``. Each set of options compiles once.
         """
-        self._require("caption", "generate")
         from vlm_jax import decoding, evaluation  # pylint: disable=import-outside-toplevel
 
-        if method is None and not options:
-            options = dict(evaluation.caption_options(self.config))
-            method = options.pop("method", "greedy")
+        caps = self.family.capabilities
+        if prompts is None:
+            self._require("caption", "generate(images)")
+            if images is None:
+                raise ValueError("generate: pass images (captioning) or prompts.")
+            if method is None and not options:
+                options = dict(evaluation.caption_options(self.config))
+                method = options.pop("method", "greedy")
+        elif images is not None:
+            raise ValueError("generate: images go inside the prompts of an interleaved model "
+                             "([(image, text), ...]), not beside them.")
+        elif not caps & {"interleaved", "lm"}:
+            raise ConfigError(f"generate(prompts=...) needs a few-shot or language model "
+                              f"(the 'interleaved' or 'lm' capability); {self.workdir} holds a "
+                              f"{self.family.name!r} model ({sorted(caps)}).")
+        else:
+            options.setdefault("max_new_tokens", 24)
         method = method or "greedy"
-        key = ("generate", method, repr(sorted(options.items())))
+        key = ("generate", method, prompts is None, repr(sorted(options.items())))
+        rng = jax.random.key(seed)
+        if prompts is None:
+            fn = self._jit(key, lambda m, x, r: decoding.generate(
+                m, x, method=method, rng=r, jit=False, **options))
+            tokens = self._run(fn, self.pixels(images), rng).astype(np.int32)
+            if return_tokens:
+                return tokens
+            out = self.tokenizer.decode(tokens)
+            return [out] if isinstance(out, str) else list(out)
 
-        def body(model, x, rng):
-            return decoding.generate(model, x, method=method, rng=rng, jit=False, **options)
+        model = nnx.merge(self.graphdef, self.params)
+        ids, media = self._prompt_tokens(model, prompts, int(options["max_new_tokens"]))
+        from vlm_jax.evaluators.fewshot import _decode, _left_pad  # pylint: disable=C0415
 
-        fn = self._jit(key, body)
-        tokens = self._run(fn, self.pixels(images), jax.random.key(seed)).astype(np.int32)
+        tokens, valid = _left_pad(ids, self.tokenizer.pad_id)
+        width = tokens.shape[1]
+
+        def body(m, *xs):
+            *imgs, t, v, r = xs
+            out = decoding.generate(m, imgs[0] if imgs else None, prompt=t, prompt_valid=v,
+                                    method=method, rng=r, jit=False, **options)
+            return out[:, width:]  # the continuation
+
+        fn = self._jit(key + (width,), body)
+        rows = ((media,) if media is not None else ()) + (tokens, valid)
+        out = self._run(fn, rows, rng).astype(np.int32)
         if return_tokens:
-            return tokens
-        out = self.tokenizer.decode(tokens)
-        return [out] if isinstance(out, str) else list(out)
+            return out
+        return [_decode(self.tokenizer, model, row) for row in out]
+
+    def _prompt_tokens(self, model, prompts: Sequence[Any], max_new_tokens: int
+                       ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Token rows (unpadded) of ``prompts`` and, for an interleaved model, their images
+        ``[B, T, S, S, 3]``, written as :func:`input_pipeline.interleaved.document_ids` writes
+        training documents (the few-shot evaluators' prompts)."""
+        from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+
+        max_prompt = model.context_length - max_new_tokens
+        multimodal = "interleaved" in self.family.capabilities
+        image_id = getattr(model, "image_id", None) if multimodal else None
+        eoc_id = getattr(model, "eoc_id", None) if multimodal else None
+        rows, media = [], []
+        for i, prompt in enumerate(prompts):
+            if multimodal:
+                chunks = list(prompt)
+                if not chunks or not all(isinstance(c, (tuple, list)) and len(c) == 2
+                                         for c in chunks):
+                    raise ValueError(f"prompts[{i}]: an interleaved prompt is a list of "
+                                     "(image, text) chunks.")
+                texts = [str(t) for _, t in chunks]
+                media.append(self.pixels([im for im, _ in chunks]))
+            else:
+                if not isinstance(prompt, str):
+                    raise ValueError(f"prompts[{i}]: a language model's prompt is a string.")
+                texts = [prompt]
+            ids, _, kept = interleaved.document_ids(texts, self.tokenizer, max_prompt,
+                                                    image_id=image_id, eoc_id=eoc_id,
+                                                    close=False)
+            if kept != len(texts):
+                raise ValueError(f"prompts[{i}] does not fit in the model's context of "
+                                 f"{model.context_length} tokens with max_new_tokens="
+                                 f"{max_new_tokens}; shorten it.")
+            rows.append(np.asarray(ids, np.int32))
+        if not rows:
+            raise ValueError("generate: no prompts.")
+        if not multimodal:
+            return rows, None
+        if len({len(m) for m in media}) != 1:
+            raise ValueError("generate: every interleaved prompt needs the same number of "
+                             f"images (got {[len(m) for m in media]}).")
+        return rows, np.stack(media)
 
 
 __all__ = ["Model", "Preprocess", "load", "resolve"]

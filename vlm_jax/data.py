@@ -505,6 +505,27 @@ def save_tokenizer(workdir: str | epath.Path, tokenizer: Any) -> None:
     dst.write_bytes(content)
 
 
+def _saved_tokenizers(workdir) -> list[epath.Path]:
+    saved = epath.Path(workdir) / TOKENIZER_DIR if workdir is not None else None
+    return sorted(saved.iterdir()) if saved is not None and saved.is_dir() else []
+
+
+def document_tokenizer(config: ConfigDict, lm: Any, workdir: str | epath.Path | None = None
+                       ) -> Any:
+    """The tokenizer of a language-model or Flamingo run (``lm``: its language model's config),
+    for inference, as :func:`prepare_documents` loads it but without building or opening data:
+    the copy in ``<workdir>/tokenizer/``, else ``config.data.tokenizer`` (a corpus run), else
+    the shapes LM tokenizer, which ships with vlm_jax."""
+    from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+    from input_pipeline.tokenizers import SentencePieceTokenizer  # pylint: disable=C0415
+
+    files = _saved_tokenizers(workdir)
+    d = config.data
+    path = (files[0] if files else d.tokenizer if d.name != "shapes" and d.tokenizer
+            else interleaved.LM_TOKENIZER_PATH)
+    return SentencePieceTokenizer(path, lm.max_length)
+
+
 def run_tokenizer(config: ConfigDict, workdir: str | epath.Path | None = None) -> Any:
     """The caption tokenizer of an image-text run (CLIP, SigLIP, CoCa), for inference: what
     :func:`prepare` would load, without building or opening any dataset.
@@ -521,8 +542,7 @@ def run_tokenizer(config: ConfigDict, workdir: str | epath.Path | None = None) -
 
     d = config.data
     ctx = config.model.text.context_length
-    saved = epath.Path(workdir) / TOKENIZER_DIR if workdir is not None else None
-    files = sorted(saved.iterdir()) if saved is not None and saved.is_dir() else []
+    files = _saved_tokenizers(workdir)
     if files:
         tokenizer = load_tokenizer(files[0], ctx)
     elif d.name in SOURCES and d.tokenizer:
