@@ -42,27 +42,26 @@ from vlm_jax import parallel
 from vlm_jax.config import ConfigError
 
 ImageLike = Any  # a path (str / os.PathLike, local or gs://), a PIL image or a uint8 HWC array
-RESIZE_MODES = ("shortest", "squash")
 
 
 class Preprocess:
     """The evaluation transform of a model: an image -> uint8 ``[size, size, 3]`` RGB.
 
     ``resize_mode`` ``'shortest'`` (default; OpenAI's and open_clip's): bicubic resize of the
-    short side to ``size``, then a centre crop, torchvision's arithmetic
-    (:class:`input_pipeline.transforms.ResizeCenterCrop`, the transform of ``vlm-jax eval``);
-    ``'squash'``: bicubic resize of both sides. Normalisation (mean / std) happens on the
-    device, in the model.
+    short side to ``size``, then a centre crop, torchvision's arithmetic; ``'squash'``: bicubic
+    resize of both sides. The transform of ``vlm-jax eval``
+    (:func:`input_pipeline.transforms.eval_resize`, ``config.eval.resize_mode``).
+    Normalisation (mean / std) happens on the device, in the model.
     """
 
     def __init__(self, size: int, resize_mode: str = "shortest"):
-        if resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"config.eval.resize_mode={resize_mode!r}: use one of "
-                              f"{RESIZE_MODES}.")
-        from input_pipeline.transforms import ResizeCenterCrop  # pylint: disable=C0415
+        from input_pipeline.transforms import eval_resize  # pylint: disable=C0415
 
         self.size, self.resize_mode = int(size), resize_mode
-        self._crop = ResizeCenterCrop(self.size)
+        try:
+            self._resize = eval_resize(self.size, resize_mode)
+        except ValueError as e:  # DataError: the config's value
+            raise ConfigError(str(e)) from e
 
     def __repr__(self) -> str:
         return f"Preprocess(size={self.size}, resize_mode={self.resize_mode!r})"
@@ -93,11 +92,7 @@ class Preprocess:
         return array
 
     def __call__(self, image: ImageLike) -> np.ndarray:
-        pixels = self.to_rgb(image)
-        if self.resize_mode == "squash" and pixels.shape[:2] != (self.size, self.size):
-            return np.asarray(Image.fromarray(pixels).resize((self.size, self.size),
-                                                             Image.Resampling.BICUBIC))
-        return self._crop.map({"image": pixels})["image"]
+        return self._resize.map({"image": self.to_rgb(image)})["image"]
 
 
 def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int | None]:

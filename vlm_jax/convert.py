@@ -659,7 +659,7 @@ def convert_hf_lm(source: str | pathlib.Path | Mapping[str, Any],
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-RESIZE_MODES = ("shortest", "squash")  # open_clip's 'longest' (letterbox padding) is not done.
+RESIZE_MODES = ("shortest", "squash")  # input_pipeline.transforms.RESIZE_MODES; no letterboxing.
 # Settings of open_clip_config.json that change the arithmetic without showing in the weights,
 # and the values the converted model reproduces: (section, key) -> allowed values (a missing
 # key is open_clip's default, which is the first of them).
