@@ -236,3 +236,20 @@ def test_fewshot_generate_matches_the_fewshot_evaluator(flamingo):
     assert len(set(got)) > 1, got  # the images change the continuation
     with pytest.raises(ValueError, match="same number of images"):
         model.generate(prompts=[prompts[0], prompts[1][1:]], max_new_tokens=max_new)
+
+
+def test_load_from_gcs(gcs_emulator, hub_io):
+    """A workdir in a bucket (here converted straight into it) loads like a local one."""
+    import uuid  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import convert  # pylint: disable=import-outside-toplevel
+
+    workdir = f"{gcs_emulator.create_bucket(f'vlm-api-{uuid.uuid4().hex[:10]}')}/converted"
+    convert.convert(str(FIXTURE / "hub_tiny"), workdir)
+    model = vlm_jax.load(f"{workdir}/checkpoints/0")
+    arrays = [hub_io[f"image_{i}"] for i in range(4)]
+    np.testing.assert_allclose(model.encode_image(arrays), hub_io["image_embeddings"],
+                               atol=1e-5, rtol=0)
+    strings = [str(s) for s in hub_io["strings"]]
+    np.testing.assert_allclose(model.encode_text(strings), hub_io["text_embeddings"],
+                               atol=1e-5, rtol=0)
