@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from input_pipeline import DataError, pipeline, shapes, sources
-from input_pipeline.transforms import DecodeImage, ResizeCenterCrop, to_str
+from input_pipeline.transforms import DecodeImage, eval_resize, to_str
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +193,10 @@ class _ImagePreprocess:
     """Raw image feature (encoded bytes or uint8 array) -> uint8 [S, S, 3] RGB, resized and
     centre-cropped (normalised later, on the device)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, resize_mode: str = "shortest"):
         if image_size < 1:
             raise DataError(f"image_size={image_size} must be a positive number of pixels.")
-        self.ops = [DecodeImage("image"), ResizeCenterCrop(image_size, "image")]
+        self.ops = [DecodeImage("image"), eval_resize(image_size, resize_mode, "image")]
 
     def __call__(self, value: Any) -> np.ndarray:
         example = {"image": value}
@@ -273,6 +273,7 @@ def retrieval_keys(builder: tfds.core.DatasetBuilder,
 
 def load_tfds_classification(name: str, *, split: str, data_dir: str | os.PathLike | None,
                              image_size: int, max_examples: int | None = None,
+                             resize_mode: str = "shortest",
                              image_key: str = "image", label_key: str = "label",
                              num_threads: int | None = None) -> dict[str, Any]:
     """Loads (the first ``max_examples`` records of) a split of a TFDS image classification
@@ -285,6 +286,8 @@ def load_tfds_classification(name: str, *, split: str, data_dir: str | os.PathLi
             slices such as ``'validation[:10%]'`` work too.
         data_dir: TFDS data directory; None: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
         image_size: side S of the centre-cropped images.
+        resize_mode: ``'shortest'`` (short side to S, centre crop) or ``'squash'``
+            (``config.eval.resize_mode``).
         max_examples: load only the first this many records.
         image_key: the image feature (encoded image or uint8 array).
         label_key: the integer label feature.
@@ -310,7 +313,7 @@ def load_tfds_classification(name: str, *, split: str, data_dir: str | os.PathLi
                         f"{sorted(builder.info.features)}. Pass label_key=<the label feature>.")
     class_names, templates = _metadata_names_and_templates(name, builder, label_key)
     n = _num_examples(source, max_examples, f"split {split!r} of {name!r}")
-    preprocess = _ImagePreprocess(image_size)
+    preprocess = _ImagePreprocess(image_size, resize_mode)
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     labels = np.empty((n,), np.int32)
 
@@ -334,7 +337,8 @@ def load_tfds_retrieval(name: str = "coco_captions", *, split: str,
                         data_dir: str | os.PathLike | None, image_size: int,
                         max_examples: int | None = None, tokenizer: Tokenizer | None = None,
                         image_key: str = "image", caption_key: str = "captions/text",
-                        num_threads: int | None = None) -> dict[str, Any]:
+                        num_threads: int | None = None,
+                        resize_mode: str = "shortest") -> dict[str, Any]:
     """Loads (the first ``max_examples`` images of) a split of an image-text dataset with one or
     more captions per image, for retrieval evaluation (:mod:`vlm_jax.evaluators.retrieval`).
 
@@ -343,6 +347,8 @@ def load_tfds_retrieval(name: str = "coco_captions", *, split: str,
         split: split to read.
         data_dir: TFDS data directory; None: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
         image_size: side S of the centre-cropped images.
+        resize_mode: ``'shortest'`` (short side to S, centre crop) or ``'squash'``
+            (``config.eval.resize_mode``).
         max_examples: load only the first this many images (with all their captions).
         tokenizer: optional, with ``encode(list[str]) -> int32 [N, L]``; if given, the captions
             are also returned tokenised as ``'text'``.
@@ -363,7 +369,7 @@ def load_tfds_retrieval(name: str = "coco_captions", *, split: str,
     """
     source, _ = _open(name, split, data_dir, image_key)
     n = _num_examples(source, max_examples, f"split {split!r} of {name!r}")
-    preprocess = _ImagePreprocess(image_size)
+    preprocess = _ImagePreprocess(image_size, resize_mode)
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     captions: list[list[str]] = [[] for _ in range(n)]
 

@@ -60,6 +60,11 @@ class SentencePieceTokenizer:
         self._context_length = context_length
         self._load(path.read_bytes())
 
+    @property
+    def path(self) -> str:
+        """The ``.model`` file this tokenizer was read from."""
+        return self._model_path
+
     def _load(self, model_proto: bytes) -> None:
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor()
@@ -217,6 +222,11 @@ class ClipBpeTokenizer:
             raise DataError(f"{path}: every line after the header must be one merge 'a b'.")
         self._path, self._state = str(path), (lines, context_length, max_merges)
         self._build(merges, context_length)
+
+    @property
+    def path(self) -> str:
+        """The merges file this tokenizer was read from."""
+        return self._path
 
     def _build(self, merges, context_length):
         import regex  # pylint: disable=import-outside-toplevel

@@ -375,7 +375,8 @@ class Evaluation:
         tokenizer, name = self.data.tokenizer, entry.tfds_name
         if name is not None:
             kw = dict(split=split, data_dir=self.config.eval.data_dir or None,
-                      image_size=self.image_size, max_examples=max_examples)
+                      image_size=self.image_size, max_examples=max_examples,
+                      resize_mode=self.config.eval.get("resize_mode", "shortest"))
             if _is_captions(name):
                 out = eval_data.load_tfds_retrieval(name, **kw)
                 out["text"] = tokenizer.encode(out["caption"])

@@ -75,8 +75,12 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         "(config.json + model.safetensors) of a LLaMA or GPT-2 causal LM")
     p.add_argument("--workdir", required=True)
     p.add_argument("--act", default=None, choices=["quick_gelu", "gelu"],
-                   help="CLIP state dicts (required there): quick_gelu for OpenAI's models and "
-                        "open_clip's *-quickgelu, gelu for the other open_clip models")
+                   help="CLIP state dicts without open_clip_config.json (required there): "
+                        "quick_gelu for OpenAI's models and open_clip's *-quickgelu, gelu for "
+                        "the other open_clip models")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the converted model (model.dtype; default float32, "
+                        "whose embeddings match the original's)")
     p = sub.add_parser("caption", help="caption a folder of images with a CoCa checkpoint")
     common(p, config_required=False)
     p.add_argument("--workdir", required=True)
@@ -307,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vlm_jax import convert  # pylint: disable=import-outside-toplevel
 
             try:
-                convert.convert(args.input, args.workdir, act=args.act, base_config=config)
+                convert.convert(args.input, args.workdir, act=args.act, base_config=config,
+                                dtype=args.dtype)
             except convert.ConvertError as e:
                 print(f"vlm-jax convert: ConvertError: {e}", file=sys.stderr)
                 return 2

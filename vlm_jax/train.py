@@ -590,6 +590,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             state["params"] = load_pretrained(config, s, state["params"])
     if is_main:
         (workdir / "config.json").write_text(config_lib.to_json(config))
+        data_lib.save_tokenizer(workdir, data.tokenizer)  # The workdir serves inference alone.
         n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state["params"]))
         print(f"Model {s.family.name}: {n_params / 1e6:.2f}M parameters; mesh "
               f"{dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "

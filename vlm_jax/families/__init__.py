@@ -28,6 +28,11 @@ Optional, for contrastive families:
 * ``after_update(params, config) -> params``: constraints applied to the parameters after each
   optimizer update (CLIP's temperature clamped to ``[0, logit_scale_max]``, as open_clip).
 
+Optional, for inference (``vlm_jax.load``, ``vlm-jax caption``):
+
+* ``run_tokenizer(config, workdir) -> tokenizer``: the run's tokenizer without preparing data
+  (:func:`vlm_jax.data.run_tokenizer`); :meth:`Family.tokenizer` falls back to ``make_data``.
+
 Adding a family (LiT, SigLIP 2, a LLaVA-style model) is one new module here that defines a
 ``FAMILY`` and one line in :data:`FAMILIES`.
 """
@@ -65,6 +70,14 @@ class Family:
     embed: Callable[..., tuple[dict, Any, dict]] | None = None
     batch_loss: Callable[..., tuple[Any, dict]] | None = None
     after_update: Callable[[Any, Any], Any] | None = None
+    run_tokenizer: Callable[[Any, Any], Any] | None = None
+
+    def tokenizer(self, config: Any, workdir: Any = None) -> Any:
+        """The tokenizer of a run (``workdir``: where it was trained or converted), without
+        building or opening data when the family knows how (``run_tokenizer``)."""
+        if self.run_tokenizer is not None:
+            return self.run_tokenizer(config, workdir)
+        return self.make_data(config, for_eval=True).tokenizer
 
     @property
     def contrastive(self) -> bool:
