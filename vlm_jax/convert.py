@@ -677,6 +677,14 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
             str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip_openai.py"))
     config = base_config
     base_model = config.get("model", {})
+    from vlm_jax import interop_hf  # pylint: disable=import-outside-toplevel
+
+    if interop_hf.hf_model_type(input_path):  # config.json model_type clip / siglip / siglip2
+        if act is not None:
+            raise ConvertError(f"--act {act!r} is for CLIP state dicts; {input_path} is a "
+                               "Hugging Face model directory, whose activation is in its "
+                               "config.json: leave --act out.")
+        return interop_hf.convert_to_workdir(input_path, workdir, config, name=name)
     if is_hf_lm(input_path):
         if act is not None:
             raise ConvertError(f"--act {act!r} is for CLIP state dicts; {input_path} is a "

@@ -559,14 +559,17 @@ PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalize_pixels(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def normalize_pixels(images: jax.Array, dtype: Any = jnp.float32,
+                     mean: Sequence[float] = PIXEL_MEAN,
+                     std: Sequence[float] = PIXEL_STD) -> jax.Array:
     """uint8 pixels ``[..., 3]`` -> ``(x / 255 - mean) / std`` in ``dtype`` (float input is
     returned cast, assumed already normalised). Input pipelines ship uint8 batches (4x fewer
-    bytes to copy and transfer than float32) and the device normalises them here."""
+    bytes to copy and transfer than float32) and the device normalises them here. ``mean`` /
+    ``std``: RGB statistics on [0, 1] values (default OpenAI CLIP's; SigLIP's are 0.5)."""
     if not jnp.issubdtype(images.dtype, jnp.integer):
         return images.astype(dtype)
-    mean = jnp.asarray(PIXEL_MEAN, jnp.float32) * 255
-    inv_std = 1 / (jnp.asarray(PIXEL_STD, jnp.float32) * 255)
+    mean = jnp.asarray(mean, jnp.float32) * 255
+    inv_std = 1 / (jnp.asarray(std, jnp.float32) * 255)
     return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
 
 
