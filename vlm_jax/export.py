@@ -253,11 +253,13 @@ def _hf_tower_cfg(tower: Mapping, fmt: str) -> dict:
                 hidden_act=_HF_ACTS[act], layer_norm_eps=float(tower.get("ln_eps", 1e-6)))
 
 
-def to_hf(params: Mapping, model_cfg: Mapping, hf_model_type: str | None = None
+def to_hf(params: Mapping, model_cfg: Mapping, hf_model_type: str | None = None,
+          token_ids: Mapping[str, int | None] | None = None
           ) -> tuple[dict[str, np.ndarray], dict, dict]:
     """``(state dict, config.json contents, preprocessor_config.json contents)`` of a
     transformers ``CLIPModel`` (CLIP-style model), ``SiglipModel`` (SigLIP-style) or, with
-    ``hf_model_type='siglip2'``, ``Siglip2Model``."""
+    ``hf_model_type='siglip2'``, ``Siglip2Model``. ``token_ids``: the tokenizer's ``bos_id`` /
+    ``eos_id`` / ``pad_id``, recorded in ``text_config`` (CLIP's eos is the model's own)."""
     fmt = "hf"
     style = _style(model_cfg)
     model_type = hf_model_type or style
@@ -358,6 +360,12 @@ def to_hf(params: Mapping, model_cfg: Mapping, hf_model_type: str | None = None
                         image_std=std, size={"height": img["image_size"],
                                              "width": img["image_size"]},
                         do_resize=True, do_normalize=True, do_rescale=True, resample=2)
+    recorded = (token_ids or {}).get("text_config_token_ids", {})  # kept by an import
+    for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
+                         ("pad_id", "pad_token_id")):
+        value = recorded.get(theirs, (token_ids or {}).get(ours))
+        if value is not None and not (style == "clip" and ours == "eos_id"):
+            text_cfg[theirs] = int(value)
     p.check_all_used(fmt)
     return sd, config, prep
 
@@ -426,12 +434,14 @@ def export(workdir: str | pathlib.Path, fmt: str, output: str | pathlib.Path, *,
         _save(sd, out / "open_clip_model.safetensors")
         (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     else:
-        sd, cfg, prep = to_hf(params, model_cfg, hf_model_type)
+        tok = pathlib.Path(workdir) / "tokenizer"
+        spec = tok / "tokenizer_spec.json"
+        token_ids = json.loads(spec.read_text()) if spec.exists() else None
+        sd, cfg, prep = to_hf(params, model_cfg, hf_model_type, token_ids)
         out.mkdir(parents=True, exist_ok=True)
         _save(sd, out / "model.safetensors")
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         (out / "preprocessor_config.json").write_text(json.dumps(prep, indent=2))
-        tok = pathlib.Path(workdir) / "tokenizer"
         if tok.is_dir():  # The tokenizer an import kept: transformers' files as they were.
             for f in tok.iterdir():
                 if f.name != "tokenizer_spec.json":

@@ -376,6 +376,11 @@ def convert_to_workdir(input_dir: str | pathlib.Path, workdir: str, config, *,
     spec, vocab_file = hf_tokenizer_spec(input_dir, model_type,
                                          model_cfg["text"]["context_length"])
     spec["vocab_size"] = model_cfg["text"]["vocab_size"]
+    text_config = json.loads((pathlib.Path(input_dir) / "config.json").read_text()).get(
+        "text_config") or {}
+    # config.json's own special ids (transformers' generation settings), for the export back.
+    spec["text_config_token_ids"] = {k: text_config[k] for k in (
+        "bos_token_id", "eos_token_id", "pad_token_id") if text_config.get(k) is not None}
     tok_dir = epath.Path(workdir) / "tokenizer"
     if (epath.Path(workdir) / "checkpoints").exists() and any(
             (epath.Path(workdir) / "checkpoints").iterdir()):
