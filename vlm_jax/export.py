@@ -30,9 +30,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import shutil
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
@@ -408,23 +406,27 @@ def load_workdir(workdir: str | pathlib.Path, step: int | None = None
     return jax.tree.map(np.asarray, params), model_cfg, step
 
 
-def _save(sd: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+def _save(sd: Mapping[str, np.ndarray], path) -> None:
+    from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
 
-    # np.array, not np.ascontiguousarray: that makes 0-d arrays (logit_scale) 1-d.
-    save_file({k: np.array(v, np.float32, order="C") for k, v in sd.items()}, str(path),
-              metadata={"format": "pt"})
+    # np.array, not np.ascontiguousarray: that makes 0-d arrays (logit_scale) 1-d. Bytes, then
+    # one write: the path may be gs://.
+    path.write_bytes(save({k: np.array(v, np.float32, order="C") for k, v in sd.items()},
+                          metadata={"format": "pt"}))
 
 
 def export(workdir: str | pathlib.Path, fmt: str, output: str | pathlib.Path, *,
-           step: int | None = None, hf_model_type: str | None = None) -> pathlib.Path:
-    """Writes the workdir's model to ``output`` (a new or empty directory) in ``fmt``
-    (``'open_clip'`` or ``'hf'``; see the module docstring). Returns ``output``."""
+           step: int | None = None, hf_model_type: str | None = None):
+    """Writes the workdir's model to ``output`` (a new or empty directory, local or gs://) in
+    ``fmt`` (``'open_clip'`` or ``'hf'``; see the module docstring). Returns ``output`` (an
+    ``epath.Path``)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: use one of {FORMATS}.")
     if hf_model_type is not None and fmt != "hf":
         raise ExportError("--hf_model_type is for --format hf.")
-    out = pathlib.Path(output)
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    out = epath.Path(output)  # gs:// too
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"--output {out} is not empty; export into a new directory.")
     params, model_cfg, step = load_workdir(workdir, step)
@@ -434,7 +436,7 @@ def export(workdir: str | pathlib.Path, fmt: str, output: str | pathlib.Path, *,
         _save(sd, out / "open_clip_model.safetensors")
         (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     else:
-        tok = pathlib.Path(workdir) / "tokenizer"
+        tok = epath.Path(workdir) / "tokenizer"
         spec = tok / "tokenizer_spec.json"
         token_ids = json.loads(spec.read_text()) if spec.exists() else None
         sd, cfg, prep = to_hf(params, model_cfg, hf_model_type, token_ids)
@@ -445,7 +447,7 @@ def export(workdir: str | pathlib.Path, fmt: str, output: str | pathlib.Path, *,
         if tok.is_dir():  # The tokenizer an import kept: transformers' files as they were.
             for f in tok.iterdir():
                 if f.name != "tokenizer_spec.json":
-                    shutil.copyfile(f, out / f.name)
+                    (out / f.name).write_bytes(f.read_bytes())
     n = sum(v.size for v in sd.values())
     print(f"Exported step {step} of {workdir} ({n / 1e6:.1f}M parameters) as {fmt} into {out}.")
     return out

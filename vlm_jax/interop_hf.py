@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -389,7 +388,7 @@ def convert_to_workdir(input_dir: str | pathlib.Path, workdir: str, config, *,
     for f in ("vocab.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json"):  # Kept for the export back to transformers.
         if (pathlib.Path(input_dir) / f).exists():
-            shutil.copyfile(pathlib.Path(input_dir) / f, tok_dir / f)
+            (tok_dir / f).write_bytes((pathlib.Path(input_dir) / f).read_bytes())
     (tok_dir / vocab_file.name).write_bytes(vocab_file.read_bytes())
     (tok_dir / "tokenizer_spec.json").write_text(json.dumps(spec, indent=1))
     with config.unlocked():
