@@ -7,10 +7,11 @@ compare with the files they came from (exact: the export is the import's inverse
 * open_clip: the open_clip fixture (tests/fixtures/open_clip/tiny_quickgelu.safetensors)
   -> convert -> ``export --format open_clip`` -> every tensor equal.
 
-``test_exports_load_in_open_clip_and_transformers`` (marker ``interop``; needs torch,
-open_clip and transformers: ``pip install -e '.[interop]'``) loads the exports with
-``open_clip.create_model('local-dir:...')`` and ``transformers.AutoModel.from_pretrained`` and
-compares their embeddings with the references the libraries computed for the fixtures.
+The ``interop`` tests (need torch, open_clip and transformers: ``pip install -e
+'.[interop]'``) load the exports with ``open_clip.create_model('local-dir:...')`` and
+``transformers.AutoModel.from_pretrained`` and compare their embeddings with the references
+the libraries computed for the fixtures, and with vlm_jax's own embeddings for models in the
+layout training writes (``clip_tiny``, ``siglip_tiny``).
 """
 import json
 import pathlib
@@ -112,6 +113,66 @@ def test_export_refuses_what_the_target_cannot_hold(exported, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert main.main(["export", "--workdir", str(tmp_path / "none"), "--format", "hf",
                       "--output", str(tmp_path / "c")]) == 2
+
+
+def _native(tmp_path, experiment):
+    """A workdir holding a randomly initialised model of ``experiment`` (as training writes
+    one), its model and fixed inputs."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    from vlm_jax.families import get_family  # pylint: disable=import-outside-toplevel
+
+    config = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "experiments" /
+                                        f"{experiment}.py"))
+    model = get_family(config.model).build_model(config.model, nnx.Rngs(3))
+    work = convert.write_workdir(tmp_path / experiment, nnx.state(model).to_pure_dict(), config)
+    rng = np.random.default_rng(0)
+    size, text = config.model.image.image_size, config.model.text
+    images = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    tokens = rng.integers(4, text.vocab_size, (2, text.context_length)).astype(np.int32)
+    tokens[0, 0], tokens[0, 5], tokens[0, 6:] = 2, text.eos_id, 0  # bos, words, eos, padding
+    tokens[1, 0], tokens[1, -1] = 2, text.eos_id
+    return work, model, images, tokens
+
+
+@pytest.mark.interop
+def test_trained_layout_exports_load_in_open_clip_and_transformers(tmp_path):
+    """vlm_jax's own CLIP (``clip_tiny``: eos id 3, exact GELU) and SigLIP-loss model
+    (``siglip_tiny``: a logit_bias) exported and loaded by the libraries give the embeddings the
+    vlm_jax model computes."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    transformers = pytest.importorskip("transformers")
+    lines = []
+    with torch.no_grad():
+        for experiment, formats in (("clip_tiny", ("open_clip", "hf")),
+                                    ("siglip_tiny", ("open_clip",))):
+            work, model, images, tokens = _native(tmp_path, experiment)
+            want = model(images, tokens)
+            for fmt in formats:
+                dst = export.export(work, fmt, tmp_path / f"{experiment}_{fmt}")
+                pixels, ids = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(
+                    tokens).long()
+                if fmt == "open_clip":
+                    m = open_clip.create_model(f"local-dir:{dst}").eval()
+                    got = (m.encode_image(pixels, normalize=True),
+                           m.encode_text(ids, normalize=True), m.logit_scale.exp())
+                    bias = m.logit_bias
+                else:
+                    m = transformers.AutoModel.from_pretrained(dst, dtype=torch.float32).eval()
+                    res = m(input_ids=ids, pixel_values=pixels)
+                    got, bias = (res.image_embeds, res.text_embeds, m.logit_scale.exp()), None
+                e = [float(np.abs(np.asarray(a, np.float32) - np.asarray(b)).max())
+                     for a, b in zip(got, (want["image_emb"], want["text_emb"],
+                                           want["logit_scale"]))]
+                if "logit_bias" in want:
+                    e.append(abs(float(bias) - float(want["logit_bias"])))
+                lines.append(f"{experiment} -> {fmt} ({type(m).__name__}): max |diff| image "
+                             f"{e[0]:.2e} text {e[1]:.2e} logit scale {e[2]:.2e}"
+                             + (f" logit bias {e[3]:.2e}" if len(e) > 3 else ""))
+                assert max(e) < 1e-4, lines[-1]
+    print("\n" + "\n".join(lines))
 
 
 @pytest.mark.interop

@@ -12,8 +12,9 @@ writes float32 safetensors with the config each library loads:
   ``preprocess_cfg``: what ``open_clip.create_model('local-dir:DIR')`` reads), in OpenAI's key
   layout (``visual.conv1.weight``, ``transformer.resblocks.N.attn.in_proj_weight``...). For
   CLIP-style models only (class-token pooling, ``ln_pre``, no patch bias, causal text pooled at
-  its end-of-text token, exact or quick GELU, LayerNorm eps 1e-5): open_clip's own towers
-  have no MAP head (its SigLIP models use timm towers).
+  its end-of-text token, exact or quick GELU, LayerNorm eps 1e-5; a ``logit_bias``, as
+  ``siglip_tiny``'s, is kept): open_clip's own towers have no MAP head (its SigLIP models use
+  timm towers).
 * ``hf``: ``model.safetensors`` + ``config.json`` of a ``CLIPModel`` (CLIP-style models) or a
   ``SiglipModel`` (SigLIP-style: MAP pooling, no image projection, biased text head,
   ``logit_bias``); ``hf_model_type='siglip2'`` writes a ``Siglip2Model`` (NaFlex, at the
@@ -128,7 +129,8 @@ def _pixel_stats(img: Mapping) -> tuple[list, list]:
             list(img.get("pixel_std") or layers.PIXEL_STD))
 
 
-def _common_clip_checks(model_cfg: Mapping, fmt: str) -> tuple[dict, dict]:
+def _common_clip_checks(model_cfg: Mapping, fmt: str, logit_bias: bool = False
+                        ) -> tuple[dict, dict]:
     img, txt = _tower(model_cfg, "image"), _tower(model_cfg, "text")
     _check(img.get("pool_type", "tok") == "tok", "the image tower must pool at its class token",
            fmt)
@@ -139,8 +141,8 @@ def _common_clip_checks(model_cfg: Mapping, fmt: str) -> tuple[dict, dict]:
     _check(txt.get("pool_type", "eos") == "eos", "the text tower must pool at eos_id", fmt)
     _check(model_cfg.get("project_image", True) and not model_cfg.get("text_projection_bias"),
            "bias-free image and text projections", fmt)
-    _check(model_cfg.get("logit_bias_init") is None, "no logit_bias (a SigLIP with class-token "
-           "pooling has no open_clip / transformers counterpart)", fmt)
+    _check(logit_bias or model_cfg.get("logit_bias_init") is None,
+           "no logit_bias (transformers' CLIPModel has none; --format open_clip keeps it)", fmt)
     _check(img.get("act", "gelu") == txt.get("act", "gelu") and
            img.get("act", "gelu") in ("gelu", "quick_gelu"),
            "both towers must use the same activation, gelu or quick_gelu", fmt)
@@ -174,7 +176,7 @@ def to_open_clip(params: Mapping, model_cfg: Mapping) -> tuple[dict[str, np.ndar
     if _style(model_cfg) != "clip":
         raise ExportError("--format open_clip: the image tower pools with a MAP head (SigLIP), "
                           "which open_clip's VisionTransformer does not have; use --format hf.")
-    img, txt = _common_clip_checks(model_cfg, fmt)
+    img, txt = _common_clip_checks(model_cfg, fmt, logit_bias=True)
     for tower in (img, txt):
         _check(float(tower.get("ln_eps", 1e-5)) == 1e-5, "LayerNorm eps 1e-5 (open_clip's)", fmt)
     _check(img["width"] % img["num_heads"] == 0, "image width divisible by its heads", fmt)
@@ -192,6 +194,8 @@ def to_open_clip(params: Mapping, model_cfg: Mapping) -> tuple[dict[str, np.ndar
     for ours, theirs in (("image.pre_norm", "visual.ln_pre"), ("image.final_norm", "visual.ln_post"),
                          ("text.final_norm", "ln_final")):
         sd[theirs + ".weight"], sd[theirs + ".bias"] = p[ours + ".scale"], p[ours + ".bias"]
+    if model_cfg.get("logit_bias_init") is not None:  # open_clip's CLIP(init_logit_bias=...)
+        sd["logit_bias"] = p["logit_bias"].reshape(())
     for i in range(img["depth"]):
         _oc_block(sd, p, f"image.encoder.blocks.{i}.", f"visual.transformer.resblocks.{i}.")
     for i in range(txt["depth"]):
@@ -211,6 +215,8 @@ def to_open_clip(params: Mapping, model_cfg: Mapping) -> tuple[dict[str, np.ndar
                         head_width=img["width"] // img["num_heads"],
                         mlp_ratio=img["mlp_dim"] / img["width"]),
         text_cfg=text_cfg), preprocess_cfg=dict(mean=mean, std=std))
+    if "logit_bias" in sd:
+        cfg["model_cfg"]["init_logit_bias"] = float(sd["logit_bias"])
     for tower, key in ((img, "vision_cfg"), (txt, "text_cfg")):
         ratio = cfg["model_cfg"][key]["mlp_ratio"]
         _check(int(tower["width"] * ratio) == tower["mlp_dim"],
@@ -248,7 +254,8 @@ def _hf_tower_cfg(tower: Mapping, fmt: str) -> dict:
     _check(act in _HF_ACTS, f"activation {act!r} (transformers: {sorted(_HF_ACTS)})", fmt)
     return dict(hidden_size=tower["width"], intermediate_size=tower["mlp_dim"],
                 num_hidden_layers=tower["depth"], num_attention_heads=tower["num_heads"],
-                hidden_act=_HF_ACTS[act], layer_norm_eps=float(tower.get("ln_eps", 1e-6)))
+                # 1e-5: the CLIP model's default in both towers (models/clip.py, text.py).
+                hidden_act=_HF_ACTS[act], layer_norm_eps=float(tower.get("ln_eps", 1e-5)))
 
 
 def to_hf(params: Mapping, model_cfg: Mapping, hf_model_type: str | None = None,
