@@ -311,7 +311,9 @@ def hf_tokenizer_spec(directory: str | pathlib.Path, model_type: str,
         default_side = ("left" if tconf.get("tokenizer_class") in
                         ("Siglip2Tokenizer", "GemmaTokenizer", None) else "right")
         spec.update(kind="sentencepiece", model=name,
-                    lower=any(s.get("type") == "Lowercase" for s in steps),
+                    # Siglip2Tokenizer adds Lowercase when it loads, whatever the file says.
+                    lower=any(s.get("type") == "Lowercase" for s in steps)
+                    or tconf.get("tokenizer_class") == "Siglip2Tokenizer",
                     strip_punctuation=False,
                     bos_id=_special_id(vocab, before[0]) if before else None,
                     eos_id=_special_id(vocab, after[0]) if after else None,
