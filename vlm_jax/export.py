@@ -191,8 +191,8 @@ def to_open_clip(params: Mapping, model_cfg: Mapping) -> tuple[dict[str, np.ndar
         "text_projection": p["text_projection.kernel"],
         "logit_scale": p["logit_scale"].reshape(()),
     }
-    for ours, theirs in (("image.pre_norm", "visual.ln_pre"), ("image.final_norm", "visual.ln_post"),
-                         ("text.final_norm", "ln_final")):
+    for ours, theirs in (("image.pre_norm", "visual.ln_pre"),
+                         ("image.final_norm", "visual.ln_post"), ("text.final_norm", "ln_final")):
         sd[theirs + ".weight"], sd[theirs + ".bias"] = p[ours + ".scale"], p[ours + ".bias"]
     if model_cfg.get("logit_bias_init") is not None:  # open_clip's CLIP(init_logit_bias=...)
         sd["logit_bias"] = p["logit_bias"].reshape(())
@@ -304,7 +304,8 @@ def to_hf(params: Mapping, model_cfg: Mapping, hf_model_type: str | None = None,
         sd["text_projection.weight"] = p["text_projection.kernel"].T
         sd["logit_scale"] = p["logit_scale"].reshape(())
         vision_cfg.update(image_size=img["image_size"], projection_dim=model_cfg["embed_dim"])
-        text_cfg.update(eos_token_id=int(eos), projection_dim=model_cfg["embed_dim"], bos_token_id=txt.get("bos_id", int(eos) - 1),
+        text_cfg.update(eos_token_id=int(eos), projection_dim=model_cfg["embed_dim"],
+                        bos_token_id=txt.get("bos_id", int(eos) - 1),
                         pad_token_id=txt.get("pad_id", 0))
         config = dict(model_type="clip", architectures=["CLIPModel"],
                       projection_dim=model_cfg["embed_dim"], text_config=text_cfg,

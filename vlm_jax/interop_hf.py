@@ -292,7 +292,7 @@ def hf_tokenizer_spec(directory: str | pathlib.Path, model_type: str,
                     pad_id=_special_id(vocab, tconf.get("pad_token", "</s>")),
                     padding_side=tconf.get("padding_side", "right"))
     else:
-        # Gemma-style tokenizers.json: framing from the post-processor's template, lower-casing
+        # Gemma-style tokenizer.json: framing from the post-processor's template, lower-casing
         # from the normaliser (Siglip2Tokenizer adds Lowercase).
         normalizers = (tjson.get("normalizer") or {})
         steps = normalizers.get("normalizers", [normalizers])
