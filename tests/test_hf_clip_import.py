@@ -9,6 +9,7 @@ strings (unicode, extra spaces, punctuation, empty, overlong).
 """
 import json
 import pathlib
+import pickle
 import shutil
 
 import jax.numpy as jnp
@@ -92,6 +93,7 @@ def test_convert_command_writes_workdir_with_tokenizer(tmp_path):
     assert config["model"]["image"]["pixel_mean"] == [0.5, 0.5, 0.5]
     assert config["model"]["project_image"] is False
     tok = load_tokenizer(config["data"]["tokenizer"], config["model"]["text"]["context_length"])
+    tok = pickle.loads(pickle.dumps(tok))  # As grain's worker processes receive it.
     io = _io("siglip2")
     np.testing.assert_array_equal(tok.encode([str(t) for t in io["tricky_texts"]]),
                                   io["tricky_ids"])
