@@ -17,7 +17,8 @@ checks the embeddings against them within 1e-4):
   (``vision_model.head``: a probe attending to the tokens, then ``x + mlp(norm(x))``), no image
   projection (``project_image=False``); text without causal mask, pooled at the last position,
   then a biased ``head`` (``text_projection_bias=True``); learned ``logit_scale`` and
-  ``logit_bias``.
+  ``logit_bias``. Texts are padded to the full length and attend to the padding, as SigLIP was
+  trained (transformers' ``padding='max_length'`` without an attention mask).
 * ``Siglip2Model`` (NaFlex): imported at its native grid (``num_patches`` = g * g patches, a
   fixed ``g * patch_size`` px image); its linear patch embedding on ``(row, column, channel)``
   patches is the convolution kernel reshaped. Variable resolutions and aspect ratios (resized
