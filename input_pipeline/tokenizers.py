@@ -324,6 +324,13 @@ class ClipBpeTokenizer:
 HF_SPEC_NAME = "tokenizer_spec.json"
 
 
+def _lower_chars(text: str) -> str:
+    """Lower-cases character by character, as the ``tokenizers`` library's ``Lowercase``
+    normaliser does: no context, so a word-final capital sigma becomes ``σ``, where
+    ``str.lower`` gives ``ς``."""
+    return "".join(c.lower() for c in text)
+
+
 class HfTextTokenizer:
     """The tokenizer of an imported Hugging Face ``CLIPModel`` / ``SiglipModel`` /
     ``Siglip2Model``: the ids that ``tokenizer(texts, padding='max_length', truncation=True,
@@ -406,9 +413,9 @@ class HfTextTokenizer:
 
         if self.spec["kind"] == "clip_bpe":
             return self._bpe.tokens_of_clean(
-                " ".join(unicodedata.normalize("NFC", text).split()).lower())
+                _lower_chars(" ".join(unicodedata.normalize("NFC", text).split())))
         if not self.spec.get("strip_punctuation"):
-            return self._sp.encode(text.lower() if self.spec.get("lower") else text)
+            return self._sp.encode(_lower_chars(text) if self.spec.get("lower") else text)
         # SiglipTokenizer: "▁" + text, canonicalize_text (lower-case, punctuation removed,
         # whitespace collapsed and stripped), then the pieces of unk + text without unk's
         # (so that sentencepiece adds no dummy prefix).
