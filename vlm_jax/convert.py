@@ -822,6 +822,15 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
     base_model = dict(config.get("model", {}))
     if dtype is not None:  # How to run it: the argument's choice, else the base config's.
         base_model["dtype"] = dtype
+    from vlm_jax import interop_hf  # pylint: disable=import-outside-toplevel
+
+    if interop_hf.hf_model_type(input_path):  # config.json model_type clip / siglip / siglip2
+        if act is not None:
+            raise ConvertError(f"--act {act!r} is for CLIP state dicts; {input_path} is a "
+                               "Hugging Face model directory, whose activation is in its "
+                               "config.json: leave --act out.")
+        return interop_hf.convert_to_workdir(input_path, workdir, config, name=name,
+                                             dtype=dtype)
     settings, oc = None, open_clip_folder(input_path)
     if oc is not None:  # open_clip_config.json: what the weights do not say.
         input_path, oc_path = oc

@@ -1,4 +1,4 @@
-"""Command line: ``vlm-jax train | eval | convert | caption | compile | data``.
+"""Command line: ``vlm-jax train | eval | convert | export | caption | compile | data``.
 
     vlm-jax train --config experiments/clip_tiny.py --workdir runs/tiny [--config.key=value ...]
     vlm-jax eval  --workdir runs/tiny [--config experiments/clip_tiny.py] [--step N]
@@ -6,6 +6,8 @@
     vlm-jax eval  --checkpoint runs/tiny/checkpoints/1200
     vlm-jax convert --input ViT-B-32.safetensors --act quick_gelu --workdir runs/openai_b32
     vlm-jax convert --input TinyLlama-1.1B/ --workdir runs/tinyllama  # a Hugging Face LM directory
+    vlm-jax convert --input siglip-base-patch16-224/ --workdir runs/siglip  # HF CLIP / SigLIP(2)
+    vlm-jax export --workdir runs/siglip --format hf --output out/siglip  # or --format open_clip
     vlm-jax caption --workdir runs/coca_tiny --images photos/ [--method beam --beam_size 3]
     vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
     vlm-jax data prepare --config experiments/clip_tiny.py
@@ -72,7 +74,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     common(p, config_required=False)
     p.add_argument("--input", required=True,
                    help="the CLIP state dict file, or a Hugging Face model directory "
-                        "(config.json + model.safetensors) of a LLaMA or GPT-2 causal LM")
+                        "(config.json + model.safetensors) of a LLaMA or GPT-2 causal LM or of "
+                        "a CLIPModel / SiglipModel / Siglip2Model (with its tokenizer files)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--act", default=None, choices=["quick_gelu", "gelu"],
                    help="CLIP state dicts without open_clip_config.json (required there): "
@@ -81,6 +84,17 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the converted model (model.dtype; default float32, "
                         "whose embeddings match the original's)")
+    p = sub.add_parser("export", help="write a CLIP / SigLIP workdir's model as open_clip "
+                                      "(open_clip_config.json) or transformers (config.json) "
+                                      "safetensors")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--output", required=True, help="a new (or empty) directory")
+    p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    p.add_argument("--hf_model_type", default=None, choices=["clip", "siglip", "siglip2"],
+                   help="--format hf: the transformers class (default CLIPModel for CLIP-style "
+                        "models, SiglipModel for SigLIP-style ones; siglip2: Siglip2Model)")
+    p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("caption", help="caption a folder of images with a CoCa checkpoint")
     common(p, config_required=False)
     p.add_argument("--workdir", required=True)
@@ -276,6 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = None  # vlm-jax eval: the entries of config.evals to run (None: the default ones)
     if getattr(args, "evaluators", None):
         names = [n.strip() for n in args.evaluators.split(",") if n.strip()]
+    if args.command == "export":  # Files in, files out: no config, no distributed runtime.
+        from vlm_jax import export  # pylint: disable=import-outside-toplevel
+
+        try:
+            export.export(args.workdir, args.format, args.output, step=args.step,
+                          hf_model_type=args.hf_model_type)
+        except (export.ExportError, CheckpointError) as e:
+            print(f"vlm-jax export: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         if args.command == "data" and args.action in ("convert", "inspect"):
             config = None  # These work on files, not on a config; inspect applies the sample

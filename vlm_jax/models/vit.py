@@ -118,10 +118,12 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """``images [B, H, W, C]`` (normalised floats, or uint8 pixels normalised here with
-        CLIP's statistics) -> ``[B, (H/p) * (W/p), width]``."""
+        CLIP's statistics or the tower's ``pixel_mean`` / ``pixel_std``) ->
+        ``[B, (H/p) * (W/p), width]``."""
         b, h, w, c = images.shape
         p = self.patch_size
-        x = layers.normalize_pixels(images, self.dtype, self.pixel_mean, self.pixel_std).reshape(b, h // p, p, w // p, p, c)
+        x = layers.normalize_pixels(images, self.dtype, self.pixel_mean, self.pixel_std)
+        x = x.reshape(b, h // p, p, w // p, p, c)
         x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             x = x + self.bias[...].astype(self.dtype)
@@ -140,6 +142,8 @@ class ViT(nnx.Module):
       pre_norm: LayerNorm after adding position embeddings (OpenAI CLIP ``ln_pre``).
       patch_bias: bias in the patch embedding (False for OpenAI CLIP).
       act: MLP activation (``'gelu'`` exact, ``'gelu_tanh'``, ``'quick_gelu'``).
+      pixel_mean / pixel_std: RGB statistics (on [0, 1] values) that uint8 images are
+        normalised with; default CLIP's (SigLIP: 0.5, 0.5).
       ln_eps: LayerNorm epsilon (1e-6 big_vision, 1e-5 CLIP/timm).
       num_classes: size of a linear classification head on the pooled feature; 0 = no head.
       pos_embed_std / cls_std: init std of position embeddings / class token (0.02 / 0 as
