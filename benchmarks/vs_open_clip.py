@@ -53,7 +53,39 @@ OPEN_CLIP_CFG = {
 DEFAULT_BATCH = {"tiny": 128, "ViT-B/32": 16}
 
 
-def torch_worker(model: str, batch: int, steps: int, threads: int) -> dict:
+# torch.profiler's operator names, grouped as benchmarks/step_profile.py groups XLA's ops.
+TORCH_GROUPS = (
+    ("matmuls (dot / library fusions)", ("addmm", "aten::mm", "bmm", "linear", "matmul",
+                                         "convolution", "conv2d", "baddbmm")),
+    ("layer norms", ("layer_norm",)),
+    ("MLP activation (GELU)", ("gelu",)),
+    ("attention softmax and mask", ("softmax", "scaled_dot_product", "masked_fill")),
+    ("optimizer update (AdamW, clip)", ("adamw", "_foreach", "optimizer", "lerp", "addcdiv",
+                                        "clip_grad", "norm")),
+    ("loss", ("cross_entropy", "nll_loss", "log_softmax")),
+    ("copies / transposes (layouts)", ("copy_", "contiguous", "clone", "transpose", "permute",
+                                       "reshape", "view")),
+)
+
+
+def torch_profile(step, steps: int) -> dict[str, float]:
+    """Self CPU seconds per step of open_clip's step by group (torch.profiler)."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    groups: dict[str, float] = {}
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        group = next((g for g, keys in TORCH_GROUPS if any(k in name for k in keys)),
+                     "other elementwise (residual adds, biases, embeddings, casts)")
+        groups[group] = groups.get(group, 0.0) + ev.self_cpu_time_total / 1e6 / steps
+    return groups
+
+
+def torch_worker(model: str, batch: int, steps: int, threads: int,
+                 profile: bool = False) -> dict:
     """open_clip's train step (as its ``train_one_epoch``, float32, no autocast)."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     import open_clip  # pylint: disable=import-outside-toplevel
@@ -91,6 +123,8 @@ def torch_worker(model: str, batch: int, steps: int, threads: int) -> dict:
         return float(loss)  # the per-step host read open_clip's logging does
 
     step()
+    if profile:
+        return dict(side="open_clip", groups=torch_profile(step, steps))
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -141,19 +175,37 @@ def main(argv=None) -> None:
                    help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--torch_python", default=os.environ.get("VLM_JAX_TORCH_PYTHON",
                                                             sys.executable))
+    p.add_argument("--profile", action="store_true",
+                   help="print open_clip's time by operator group (torch.profiler) instead")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         model = args.models[0]
         if args.worker == "torch":
-            r = torch_worker(model, args.batch, args.steps, args.threads)
+            r = torch_worker(model, args.batch, args.steps, args.threads, args.profile)
         else:
             r = jax_worker(model, args.batch, args.steps)
         print(json.dumps(r))
         return
 
     torch_ok = has_open_clip(args.torch_python)
+    if args.profile:  # open_clip's side of benchmarks/step_profile.py's table.
+        for model in args.models:
+            batch = args.batch or DEFAULT_BATCH[model]
+            cmd = [args.torch_python, os.path.abspath(__file__), "--worker", "torch",
+                   "--models", model, "--batch", str(batch), "--steps",
+                   str(args.steps or 5), "--threads", str(args.threads), "--profile"]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
+            groups = json.loads(out.stdout.splitlines()[-1])["groups"]
+            total = sum(groups.values())
+            print(f"\nopen_clip {model}, batch {batch}: {total * 1e3:.0f} ms of operator "
+                  "self time per step")
+            print("| group | ms per step | share |")
+            print("|---|---|---|")
+            for g, t in sorted(groups.items(), key=lambda kv: -kv[1]):
+                print(f"| {g} | {t * 1e3:.1f} | {100 * t / total:.1f}% |")
+        return
     if not torch_ok:
         print(f"# open_clip is not importable by {args.torch_python}: only this package's "
               "side runs. Install open_clip_torch and torch in a venv and pass its python "
