@@ -8,6 +8,7 @@ own aggregation, ``clip_benchmark build``, run over our files; DataComp's ``task
 """
 
 import csv
+import inspect
 import json
 import math
 import pathlib
@@ -44,7 +45,8 @@ def _run_files(repo_root, tmp_path):
     """What a clip_tiny run whose evaluation read shapes (two splits) and COCO captions writes,
     with metrics from the evaluators' own functions (random embeddings)."""
     entries = dict(zeroshot=_entry("zeroshot"), heldout=_entry("zeroshot", split="test_heldout"),
-                   coco=_entry("retrieval", dataset="tfds:coco_captions/2014"))
+                   coco=_entry("retrieval", dataset="tfds:coco_captions/2014"),
+                   probe=_entry("linear_probe"))
     config = config_lib.load_config(f"{repo_root / 'experiments/clip_tiny.py'}:test",
                                     [f"evals={entries!r}"])
     rng = np.random.default_rng(0)
@@ -56,7 +58,8 @@ def _run_files(repo_root, tmp_path):
                                np.repeat(np.arange(10), 2))
     results = {**{f"zeroshot/{k}": v for k, v in zs.items()},
                **{f"heldout/{k}": v / 2 for k, v in zs.items()},
-               **{f"coco/{k}": v for k, v in rt.items()}}
+               **{f"coco/{k}": v for k, v in rt.items()},
+               **{f"probe/{k}": v / 3 for k, v in zs.items()}, "probe/fewshot_1shot_acc1": 0.25}
     workdir = epath.Path(tmp_path) / "tiny"
     workdir.mkdir()
     evaluation_lib.write_results(workdir, config, evaluation_lib.parse_entries(config), 6,
@@ -73,6 +76,7 @@ def test_files_have_clip_benchmarks_layout(repo_root, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["mscoco_captions_tiny_step6_clip_tiny_en_zeroshot_retrieval.json",
                      "shapes_test_heldout_tiny_step6_clip_tiny_en_zeroshot_classification.json",
+                     "shapes_test_tiny_step6_clip_tiny_en_linear_probe.json",
                      "shapes_test_tiny_step6_clip_tiny_en_zeroshot_classification.json"]
     for task, cb_name in CB_FILES.items():  # the fixture follows the template ...
         cb = _cb(task)
@@ -82,11 +86,17 @@ def test_files_have_clip_benchmarks_layout(repo_root, tmp_path):
     for name in names:  # ... and so do ours
         record = json.loads((out / name).read_text())
         assert isinstance(record, dict)  # one object per file, not a list
-        cb = _cb(record["task"])
+        # clip_benchmark's linear probe needs CUDA (no fixture file): the same fields, its
+        # metric names (checked against its source in the clip_benchmark-marked test).
+        cb = _cb(record["task"] if record["task"] in CB_FILES else "zeroshot_classification")
         assert list(record) == list(cb) + EXTRA_FIELDS
         for k in cb:
             assert type(record[k]) is type(cb[k]), k
-        assert set(record["metrics"]) == set(cb["metrics"])
+        if record["task"] in CB_FILES:
+            assert set(record["metrics"]) == set(cb["metrics"])
+        else:
+            assert set(record["metrics"]) == {f"lp_{k}" for k in cb["metrics"]} | {
+                "fewshot_1shot_acc1"}
         assert all(isinstance(v, float) for v in record["metrics"].values())
         assert name == CB_TEMPLATE.format(
             dataset=record["dataset"].replace("/", "_"), pretrained="tiny_step6",
@@ -95,8 +105,9 @@ def test_files_have_clip_benchmarks_layout(repo_root, tmp_path):
         assert record["pretrained"] == str(workdir / "checkpoints" / "6")
         assert record["step"] == 6
         for k, v in record["metrics"].items():
-            assert v == results[f"{record['entry']}/{k}"]
+            assert v == results[f"{record['entry']}/{k.removeprefix('lp_')}"]
     coco = json.loads((out / names[0]).read_text())
+    assert coco["metrics"].keys() == _cb("zeroshot_retrieval")["metrics"].keys()
     assert coco["dataset"] == _cb("zeroshot_retrieval")["dataset"] == "mscoco_captions"
     assert coco["split"] == "test" and coco["entry"] == "coco"
 
@@ -109,6 +120,11 @@ def test_clip_benchmark_build_reads_our_files(repo_root, tmp_path):
     import argparse  # pylint: disable=import-outside-toplevel
 
     workdir, config, results = _run_files(repo_root, tmp_path)
+    renamed = evaluation_lib.CLIP_BENCHMARK_METRICS
+    from clip_benchmark.metrics import linear_probe  # pylint: disable=C0415
+
+    source = inspect.getsource(linear_probe.evaluate)
+    assert all(f'"{name}"' in source for name in renamed["linear_probe"].values())
     table = tmp_path / "benchmark.csv"
     cli.main_build(argparse.Namespace(
         files=[str(workdir / "clip_benchmark"), *(str(FIXTURES / f) for f in CB_FILES.values())],
@@ -116,17 +132,28 @@ def test_clip_benchmark_build_reads_our_files(repo_root, tmp_path):
     with open(table, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     print(table.read_text())
-    assert len(rows) == 5
+    assert len(rows) == 6
     ours = [r for r in rows if r["model"] == config.name]
-    assert sorted(r["dataset"] for r in ours) == ["mscoco_captions", "shapes/test",
+    assert sorted(r["dataset"] for r in ours) == ["mscoco_captions", "shapes/test", "shapes/test",
                                                   "shapes/test_heldout"]
     for r in ours:
         assert r["model_fullname"] == f"{config.name} {workdir / 'checkpoints' / '6'}"
         for k, v in results.items():
             if k.startswith(r["entry"] + "/"):
-                assert math.isclose(float(r[k.split("/", 1)[1]]), v, rel_tol=1e-12), k
+                metric = k.split("/", 1)[1]
+                column = renamed.get(r["task"], {}).get(metric, metric)
+                assert math.isclose(float(r[column]), v, rel_tol=1e-12), k
     theirs = next(r for r in rows if r["dataset"] == "mscoco_captions" and r not in ours)
     assert theirs.keys() == ours[0].keys()  # one table: the same columns
+
+
+def test_captioning_metrics_get_pycocoevalcaps_names():
+    """clip_benchmark's captioning task reports pycocoevalcap's COCOEvalCap scores by their
+    names there: our files rename ours to those."""
+    coco_eval = pytest.importorskip("pycocoevalcap.eval")
+    source = inspect.getsource(coco_eval.COCOEvalCap.evaluate)
+    for theirs in evaluation_lib.CLIP_BENCHMARK_METRICS["captioning"].values():
+        assert f'"{theirs}"' in source, theirs
 
 
 @pytest.fixture(scope="module")

@@ -562,6 +562,13 @@ CLIP_BENCHMARK_DIR = "clip_benchmark"  # <workdir>/clip_benchmark/: CLIP_benchma
 # CLIP_benchmark's default --output template (clip_benchmark/cli.py).
 CLIP_BENCHMARK_OUTPUT = "{dataset}_{pretrained}_{model}_{language}_{task}.json"
 LANGUAGE = "en"  # The language of the class names, templates and captions evaluated here.
+# Metrics that CLIP_benchmark names otherwise, per task: its linear probe's (metrics/
+# linear_probe.py) and pycocoevalcap's captioning scores (metrics/captioning.py).
+CLIP_BENCHMARK_METRICS = {
+    "linear_probe": {"acc1": "lp_acc1", "acc5": "lp_acc5",
+                     "mean_per_class_recall": "lp_mean_per_class_recall"},
+    "captioning": {"bleu1": "Bleu_1", "bleu4": "Bleu_4", "rouge_l": "ROUGE_L", "cider": "CIDEr"},
+}
 
 
 def clip_benchmark_records(config: ConfigDict, entries: Iterable[Entry],
@@ -573,8 +580,9 @@ def clip_benchmark_records(config: ConfigDict, entries: Iterable[Entry],
     ``model`` (``config.name``), ``pretrained`` (the checkpoint directory, as CLIP_benchmark
     records a checkpoint file's path), ``task``, ``metrics`` and ``language``, plus ``entry``,
     ``split`` and ``step`` (CLIP_benchmark's ``build`` carries extra fields into its table as
-    columns). Files are named by CLIP_benchmark's default template
-    ``{dataset}_{pretrained}_{model}_{language}_{task}.json`` with ``/`` (and ``:``) as ``_``
+    columns). Metric names are CLIP_benchmark's (:data:`CLIP_BENCHMARK_METRICS`: the linear
+    probe's ``lp_acc1``..., captioning's ``CIDEr``...; the others are already). Files are named
+    by CLIP_benchmark's default template ``{dataset}_{pretrained}_{model}_{language}_{task}.json`` with ``/`` (and ``:``) as ``_``
     and ``pretrained`` as ``<run>_step<N>`` (CLIP_benchmark uses a checkpoint file's base name,
     here always the step). Two entries of one call on the same dataset and task (two splits, two
     option sets) get ``/<entry>`` appended to the dataset name, so neither overwrites the other.
@@ -599,8 +607,10 @@ def clip_benchmark_records(config: ConfigDict, entries: Iterable[Entry],
         name = CLIP_BENCHMARK_OUTPUT.format(dataset=dataset, pretrained=f"{run}_step{int(step)}",
                                             model=config.name, language=LANGUAGE, task=task)
         name = name.replace("/", "_").replace(":", "_")
+        renamed = CLIP_BENCHMARK_METRICS.get(task, {})
         out[name] = {"dataset": dataset, "model": str(config.name), "pretrained": checkpoint,
-                     "task": task, "metrics": {k: float(v) for k, v in metrics.items()},
+                     "task": task, "metrics": {renamed.get(k, k): float(v)
+                                               for k, v in metrics.items()},
                      "language": LANGUAGE, "entry": entry.name, "split": entry.split,
                      "step": int(step)}
     return out
