@@ -153,9 +153,10 @@ DATACOMP: tuple[Task, ...] = (
     _t("renderedsst2", "Rendered SST2", "renderedsst2", note="not in TFDS"),
     _t("vtab/resisc45", "RESISC45", "vtab/resisc45", "resisc45", "train[25200:]"),
     _t("cars", "Stanford Cars", "cars", "cars196"),
-    _t("stl10", "STL-10", "stl10", "stl10"),
-    _t("sun397", "SUN397", "sun397", "sun397/tfds",
-       note="TFDS sun397/tfds test is 21,750 of the 108,754 images DataComp scores (all of them)"),
+    _t("stl10", "STL-10", "stl10", note="TFDS stl10 prepares it, but its labels are unnamed "
+       "('0'...'9') and the class names are not shipped here yet"),
+    _t("sun397", "SUN397", "sun397", note="TFDS sun397 labels are paths ('/a/abbey'), and its "
+       "test split holds 21,750 of the 108,754 images DataComp scores"),
     _t("vtab/svhn", "SVHN", "vtab/svhn", "svhn_cropped"),
     _t("retrieval/flickr_1k_test_image_text_retrieval", "Flickr", "flickr30k",
        task="zeroshot_retrieval", metric="mean_recall@1", note="not in TFDS"),
