@@ -359,6 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise ConfigError("vlm-jax eval: --suite runs each task on its own dataset; "
                                       "leave out --dataset / --split.")
                 config = _eval_elsewhere(config, names, args.dataset, args.split)
+            if args.command == "eval" and args.max_examples and not args.suite:
+                raise ConfigError("vlm-jax eval: --max_examples goes with --suite; for the "
+                                  "entries of config.evals set "
+                                  "--config.evals.<name>.max_examples=N.")
             if args.command == "eval" and args.suite:
                 config, names, suite_skipped = _add_suite(config, args.suite, names,
                                                           args.max_examples)
