@@ -582,9 +582,9 @@ def clip_benchmark_records(config: ConfigDict, entries: Iterable[Entry],
     ``split`` and ``step`` (CLIP_benchmark's ``build`` carries extra fields into its table as
     columns). Metric names are CLIP_benchmark's (:data:`CLIP_BENCHMARK_METRICS`: the linear
     probe's ``lp_acc1``..., captioning's ``CIDEr``...; the others are already). Files are named
-    by CLIP_benchmark's default template ``{dataset}_{pretrained}_{model}_{language}_{task}.json`` with ``/`` (and ``:``) as ``_``
-    and ``pretrained`` as ``<run>_step<N>`` (CLIP_benchmark uses a checkpoint file's base name,
-    here always the step). Two entries of one call on the same dataset and task (two splits, two
+    by CLIP_benchmark's default template ``{dataset}_{pretrained}_{model}_{language}_{task}.json``
+    with ``/`` (and ``:``) as ``_`` and ``pretrained`` as ``<run>_step<N>`` (CLIP_benchmark uses
+    a checkpoint file's base name, here always the step). Two entries of one call on the same dataset and task (two splits, two
     option sets) get ``/<entry>`` appended to the dataset name, so neither overwrites the other.
     """
     from vlm_jax import suites  # pylint: disable=import-outside-toplevel

@@ -214,7 +214,8 @@ def suite_evals(suite: str, data_dir: str | None, max_examples: int = 0, every_s
             end of training).
 
     Returns:
-        ``(entries, skipped)``: ``entries`` maps :func:`entry_name` to an entry for each task TFDS prepares that is prepared in ``data_dir``;
+        ``(entries, skipped)``: ``entries`` maps :func:`entry_name` to an entry for each task
+        TFDS prepares that is prepared in ``data_dir`` (checked from its metadata files);
         ``skipped`` lists ``(task, reason)`` for the others: the ``tfds build`` command of a
         TFDS task not prepared yet, else how to prepare the task's data.
     """
@@ -243,7 +244,8 @@ def summary(suite: str, results: Mapping[str, float], skipped: list[tuple[Task, 
     ``mean_recall@1`` is the mean of image and text recall@1) from ``results``
     (``<entry>/<metric>``), or why it did not run; and the mean over the tasks that ran."""
     why = {t.key: reason for t, reason in skipped}
-    lines = [f"| {suite} task | CLIP_benchmark dataset | main metric | value |", "|---|---|---|---|"]
+    lines = [f"| {suite} task | CLIP_benchmark dataset | main metric | value |",
+             "|---|---|---|---|"]
     values = []
     for task in suite_tasks(suite):
         name = entry_name(task)
