@@ -98,14 +98,19 @@ class Task:
 
 
 _WDS = ("DataComp's webdataset copy: `python download_evalsets.py $DIR` in mlfoundations/datacomp "
-        "(or Hugging Face djghosh/wds_{wds}_test), evaluated with CLIP_benchmark "
-        "(`--dataset wds/{cb} --dataset_root $DIR/wds_{wds}_test`)")
+        "(or Hugging Face djghosh/wds_{wds}_test), {how}")
 
 
 def _t(key, title, cb, tfds=None, split="test", *, task="zeroshot_classification",
        metric="acc1", prepare="", note=""):
     if not prepare:
-        prepare = _WDS.format(wds=key.replace("/", "-"), cb=cb or key)
+        wds = key.replace("/", "-")
+        # DataComp reads its classification copies with CLIP_benchmark (eval_utils/wds_eval.py:
+        # dataset wds/<key>); the others with its own code.
+        how = (f"evaluated with CLIP_benchmark (`clip_benchmark eval --dataset wds/{key} "
+               f"--dataset_root $DIR/wds_{wds}_test`)" if task == "zeroshot_classification"
+               else "scored by DataComp's evaluate.py")
+        prepare = _WDS.format(wds=wds, how=how)
     return Task(key, title, cb, task, metric, tfds, split if tfds else None, prepare, note)
 
 
