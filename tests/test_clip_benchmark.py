@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import pathlib
+import uuid
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def _entry(type_, dataset="shapes", split="test", max_examples=0):
                 max_examples=max_examples, options={})
 
 
-def _run_files(repo_root, tmp_path):
+def _run_files(repo_root, workdir: epath.Path):
     """What a clip_tiny run whose evaluation read shapes (two splits) and COCO captions writes,
     with metrics from the evaluators' own functions (random embeddings)."""
     entries = dict(zeroshot=_entry("zeroshot"), heldout=_entry("zeroshot", split="test_heldout"),
@@ -60,8 +61,6 @@ def _run_files(repo_root, tmp_path):
                **{f"heldout/{k}": v / 2 for k, v in zs.items()},
                **{f"coco/{k}": v for k, v in rt.items()},
                **{f"probe/{k}": v / 3 for k, v in zs.items()}, "probe/fewshot_1shot_acc1": 0.25}
-    workdir = epath.Path(tmp_path) / "tiny"
-    workdir.mkdir()
     evaluation_lib.write_results(workdir, config, evaluation_lib.parse_entries(config), 6,
                                  results)
     return workdir, config, results
@@ -71,7 +70,7 @@ def test_files_have_clip_benchmarks_layout(repo_root, tmp_path):
     """Our files against files clip_benchmark itself wrote: one JSON object per dataset and
     task, its fields in its order (then ours), its types, its metric names per task, its
     dataset name for COCO, and its file name template."""
-    workdir, config, results = _run_files(repo_root, tmp_path)
+    workdir, config, results = _run_files(repo_root, epath.Path(tmp_path) / "tiny")
     out = workdir / "clip_benchmark"
     names = sorted(p.name for p in out.iterdir())
     assert names == ["mscoco_captions_tiny_step6_clip_tiny_en_zeroshot_retrieval.json",
@@ -119,7 +118,7 @@ def test_clip_benchmark_build_reads_our_files(repo_root, tmp_path):
     cli = pytest.importorskip("clip_benchmark.cli")
     import argparse  # pylint: disable=import-outside-toplevel
 
-    workdir, config, results = _run_files(repo_root, tmp_path)
+    workdir, config, results = _run_files(repo_root, epath.Path(tmp_path) / "tiny")
     renamed = evaluation_lib.CLIP_BENCHMARK_METRICS
     from clip_benchmark.metrics import linear_probe  # pylint: disable=C0415
 
@@ -145,6 +144,21 @@ def test_clip_benchmark_build_reads_our_files(repo_root, tmp_path):
                 assert math.isclose(float(r[column]), v, rel_tol=1e-12), k
     theirs = next(r for r in rows if r["dataset"] == "mscoco_captions" and r not in ours)
     assert theirs.keys() == ours[0].keys()  # one table: the same columns
+
+
+def test_files_on_gcs(gcs_emulator, repo_root):
+    """A gs:// workdir (the GCS API emulator): the same files, in the bucket."""
+    import gcsfs  # pylint: disable=import-outside-toplevel
+
+    bucket = gcs_emulator.create_bucket(f"vlm-cb-{uuid.uuid4().hex[:10]}")  # gs://<name>
+    workdir, _, results = _run_files(repo_root, epath.Path(f"{bucket}/tiny"))
+    fs = gcsfs.GCSFileSystem()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/tiny/clip_benchmark"))
+    assert len(names) == 4 and all(n.endswith(".json") for n in names)
+    coco = json.loads(fs.cat(f"{bucket}/tiny/clip_benchmark/{names[0]}"))
+    assert coco["dataset"] == "mscoco_captions"
+    assert coco["pretrained"] == f"{bucket}/tiny/checkpoints/6" == str(workdir / "checkpoints/6")
+    assert coco["metrics"]["text_retrieval_recall@1"] == results["coco/text_retrieval_recall@1"]
 
 
 def test_captioning_metrics_get_pycocoevalcaps_names():
