@@ -43,6 +43,9 @@ EXTRAS = {
     # Downloading image-text datasets as webdataset shards (docs/data.md), and the end-to-end
     # test that runs it (tests/test_img2dataset.py; pyarrow writes its url list).
     "img2dataset": ["img2dataset>=1.47", "pyarrow"],
+    # The test that runs CLIP_benchmark's own aggregation (`clip_benchmark build`) over the
+    # result files (tests/test_clip_benchmark.py; it brings torch and open_clip).
+    "clip_benchmark": ["clip-benchmark>=1.6"],
 }
 
 setuptools.setup(

@@ -51,6 +51,22 @@ TFDS_TO_METADATA: dict[str, str] = {
     "imagenet_sketch": "imagenet1k",
     "cifar10": "cifar10",
     "cifar100": "cifar100",
+    # CLIP_benchmark's names for the VTAB copies it reads from TFDS (so in TFDS label order).
+    "caltech101": "caltech101_vtab",
+    "eurosat": "eurosat",
+    "oxford_iiit_pet": "pets",
+    "patch_camelyon": "pcam",
+    "svhn_cropped": "svhn",
+    "mnist": "mnist",
+}
+# TFDS dataset -> dataset of vlm_jax.evaluators.metadata whose templates it uses with its own
+# TFDS label names, as CLIP_benchmark does for these.
+TFDS_TO_TEMPLATES: dict[str, str] = {
+    "dtd": "dtd",
+    "food101": "food101",
+    "oxford_flowers102": "flowers",
+    "resisc45": "resisc45",
+    "cars196": "cars",
 }
 
 
@@ -209,7 +225,8 @@ def _metadata_names_and_templates(name: str, builder: tfds.core.DatasetBuilder,
                                   label_key: str) -> tuple[list[str], tuple[str, ...]]:
     """Class names and templates: :mod:`vlm_jax.evaluators.metadata` for the datasets of
     :data:`TFDS_TO_METADATA`, else the label feature's names (``_`` -> space) with the
-    templates of :mod:`input_pipeline.pipeline` (``'a photo of a {}.'``)."""
+    templates of :data:`TFDS_TO_TEMPLATES`' dataset or of :mod:`input_pipeline.pipeline`
+    (``'a photo of a {}.'``)."""
     feature = builder.info.features[label_key]
     num_classes = getattr(feature, "num_classes", None)
     meta_name = TFDS_TO_METADATA.get(builder.name)
@@ -229,6 +246,10 @@ def _metadata_names_and_templates(name: str, builder: tfds.core.DatasetBuilder,
                         "label_key of a ClassLabel feature, or add the dataset to "
                         "TFDS_TO_METADATA and vlm_jax/evaluators/zeroshot_metadata/.")
     names = [n.replace("_", " ") for n in feature.names]
+    if builder.name in TFDS_TO_TEMPLATES:
+        from vlm_jax.evaluators import metadata  # pylint: disable=import-outside-toplevel
+
+        return names, metadata.templates(TFDS_TO_TEMPLATES[builder.name])
     # The project's own datasets ("shapes") have their templates in pipeline.py.
     templates = pipeline._TEMPLATES.get(  # pylint: disable=protected-access
         builder.name, pipeline._DEFAULT_TEMPLATES)  # pylint: disable=protected-access

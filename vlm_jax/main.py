@@ -3,6 +3,7 @@
     vlm-jax train --config experiments/clip_tiny.py --workdir runs/tiny [--config.key=value ...]
     vlm-jax eval  --workdir runs/tiny [--config experiments/clip_tiny.py] [--step N]
                   [--evaluators zeroshot,retrieval,linear_probe]
+    vlm-jax eval  --workdir runs/tiny --suite datacomp [--max_examples N]
     vlm-jax eval  --checkpoint runs/tiny/checkpoints/1200
     vlm-jax convert --input ViT-B-32.safetensors --act quick_gelu --workdir runs/openai_b32
     vlm-jax convert --input TinyLlama-1.1B/ --workdir runs/tinyllama  # a Hugging Face LM directory
@@ -68,6 +69,12 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         "tfds:<name> (in config.eval.data_dir)")
     p.add_argument("--split", default=None,
                    help="run the selected entries on this split instead of theirs")
+    p.add_argument("--suite", default=None,
+                   help="run a benchmark suite instead of config.evals: 'datacomp' (DataComp's "
+                        "38 tasks; those TFDS prepares run from config.eval.data_dir, the others "
+                        "are listed with how to prepare them)")
+    p.add_argument("--max_examples", type=int, default=0,
+                   help="with --suite: examples per task (default 0: the whole split)")
     p = sub.add_parser("convert", help="import OpenAI CLIP / open_clip weights (.safetensors, "
                                        ".pt/.bin with torch) or a Hugging Face LLaMA / GPT-2 "
                                        "model directory into a workdir that eval and train use")
@@ -195,6 +202,41 @@ def _eval_elsewhere(config, names, dataset, split):
     return config
 
 
+def _add_suite(config, suite, names, max_examples):
+    """``vlm-jax eval --suite S``: the config with the entries of the suite's tasks that run
+    here (:func:`vlm_jax.suites.suite_evals`) added to ``config.evals``, the names to run (those,
+    or the ones of ``--evaluators`` among them) and the tasks left out, with why."""
+    from vlm_jax import suites  # pylint: disable=import-outside-toplevel
+    from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+
+    entries, skipped = suites.suite_evals(suite, config.eval.data_dir or None, max_examples)
+    if names is not None:
+        every = [suites.entry_name(t) for t in suites.suite_tasks(suite)]
+        unknown = [n for n in names if n not in every]
+        if unknown:
+            raise ConfigError(f"--evaluators {unknown}: not tasks of suite {suite!r}; its tasks "
+                              f"are {every}.")
+        entries = {k: v for k, v in entries.items() if k in names}
+    with config.unlocked():
+        evals = dict(config.evals) if "evals" in config else {}
+        evals.update(entries)
+        config.evals = evals
+    return config, list(entries), skipped
+
+
+def _eval_suite(config, args, names, skipped) -> int:
+    """Runs the suite's entries that can run (none: only the report) and prints the suite's
+    table, with the preparation of the tasks that did not run."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import suites, train  # pylint: disable=import-outside-toplevel
+
+    results = train.evaluate_checkpoint(config, args.workdir, args.step, names) if names else {}
+    if jax.process_index() == 0:
+        print("\n" + suites.summary(args.suite, results, skipped))
+    return 0
+
+
 def _init_distributed(args) -> None:
     """Starts jax.distributed from explicit flags or a cluster jax detects (vlm_jax.runtime)."""
     from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
@@ -313,7 +355,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"vlm-jax data {args.action} needs --config.")
             config = _load(args, overrides)  # Fails on a bad key before anything happens.
             if args.command == "eval" and (args.dataset or args.split):
+                if args.suite:
+                    raise ConfigError("vlm-jax eval: --suite runs each task on its own dataset; "
+                                      "leave out --dataset / --split.")
                 config = _eval_elsewhere(config, names, args.dataset, args.split)
+            if args.command == "eval" and args.max_examples and not args.suite:
+                raise ConfigError("vlm-jax eval: --max_examples goes with --suite; for the "
+                                  "entries of config.evals set "
+                                  "--config.evals.<name>.max_examples=N.")
+            if args.command == "eval" and args.suite:
+                config, names, suite_skipped = _add_suite(config, args.suite, names,
+                                                          args.max_examples)
         # Compiling for a TPU topology and converting data need no distributed runtime.
         if args.command != "compile" and not (args.command == "data" and args.action == "convert"):
             _init_distributed(args)
@@ -330,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "eval":
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 
+            if args.suite:
+                return _eval_suite(config, args, names, suite_skipped)
             train.evaluate_checkpoint(config, args.workdir, args.step, names)
         elif args.command == "convert":
             from vlm_jax import convert  # pylint: disable=import-outside-toplevel
