@@ -40,7 +40,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 import train_throughput  # noqa: E402
-from vlm_jax import parallel, train  # noqa: E402
 
 SCOPES = ("contrastive_loss", "optimizer", "guard", "layer_norm", "attention", "activation")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w-]*)\((.*)$")
@@ -92,17 +91,7 @@ def category(name: str, info: dict | None) -> str:
 
 def profile(model: str, batch: int, steps: int) -> tuple[float, dict[str, float]]:
     """Median wall seconds per step and ``{group: op seconds per step}``."""
-    config = train_throughput._config(model, batch)  # pylint: disable=protected-access
-    mesh = parallel.create_mesh({}, devices=jax.devices()[:1])
-    s = train.setup(config, mesh)
-    size, ctx = config.model.image.image_size, config.model.text.context_length
-    rng = np.random.default_rng(0)
-    text = rng.integers(4, 200, size=(batch, ctx)).astype(np.int32)
-    text[:, -1] = config.model.text.eos_id
-    images = rng.integers(0, 256, size=(batch, size, size, 3)).astype(np.uint8)
-    step = train.make_train_step(s)
-    state = s.init_fn()
-    b = parallel.make_global_batch({"image": images, "text": text}, mesh)
+    _, step, state, b = train_throughput.make_step(model, batch)
     ops = hlo_ops(step.lower(state, b).compile().as_text())
     for _ in range(2):
         state, m = step(state, b)

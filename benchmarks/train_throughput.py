@@ -63,7 +63,9 @@ def _config(name: str, batch: int):
     return tiny
 
 
-def bench(name: str, batch: int, steps: int) -> dict:
+def make_step(name: str, batch: int):
+    """``(setup, jitted train step, initial state, synthetic global batch)`` of a model on one
+    CPU device (also benchmarks/step_profile.py's)."""
     config = _config(name, batch)
     mesh = parallel.create_mesh({}, devices=jax.devices()[:1])
     s = train.setup(config, mesh)
@@ -73,10 +75,14 @@ def bench(name: str, batch: int, steps: int) -> dict:
     text[:, -1] = config.model.text.eos_id
     # uint8 pixels, as every pipeline ships them (the model normalises them on the device).
     images = rng.integers(0, 256, size=(batch, size, size, 3)).astype(np.uint8)
-    batch_np = {"image": images, "text": text}
     step = train.make_train_step(s)  # The family's batch spec, as `vlm-jax train`.
-    state = s.init_fn()
-    b = parallel.make_global_batch(batch_np, mesh)
+    return s, step, s.init_fn(), parallel.make_global_batch({"image": images, "text": text},
+                                                             mesh)
+
+
+def bench(name: str, batch: int, steps: int) -> dict:
+    s, step, state, b = make_step(name, batch)
+    config = s.config
     t = time.perf_counter()
     state, m = step(state, b)
     jax.block_until_ready(m)

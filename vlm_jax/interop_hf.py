@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_jax.convert import (ConvertError, _Tracked, _hf, _ln, load_hf_lm, to_model_params,
+from vlm_jax.weights import (ConvertError, _Tracked, _hf, _ln, load_hf_lm, to_model_params,
                              write_workdir)
 
 HF_CLIP_TYPES = ("clip", "siglip", "siglip2")
