@@ -510,7 +510,8 @@ def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shape
 
     Returns:
         ``{'image': uint8 [N, S, S, 3] (normalised by the model), 'text': int32 [N, L],
-        'label': int32 [N], 'caption' / 'question' / 'answer': list[str] (those present),
+        'label': int32 [N], 'caption' / 'question' / 'answer' / 'refexp': list[str] (those
+        present), 'refexp_bbox': float32 [N, 4] (with 'refexp'),
         'class_names': list[str], 'templates': tuple[str, ...]}``; zero-shot classification
         prompts are ``template.format(class_name)``. :func:`eval_split_keys` gives these keys
         without reading the split.
@@ -528,11 +529,14 @@ def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shape
         for key in EVAL_TEXT_KEYS:
             if key in raw:
                 texts.setdefault(key, []).append(to_str(raw[key]))
+        for key in EVAL_ARRAY_KEYS:
+            if key in raw:
+                arrays.setdefault(key, []).append(np.asarray(raw[key], np.float32))
         example = raw
         for op in ops:
             example = op.map(example)
-        for key, values in arrays.items():
-            values.append(example[key])
+        for key in MODEL_KEYS:
+            arrays[key].append(example[key])
     out: dict[str, Any] = {k: np.stack(v) for k, v in arrays.items()}
     out.update(texts)
     out["class_names"] = list(builder.info.features["label"].names)
@@ -540,7 +544,10 @@ def load_eval_split(*, data_dir: str | os.PathLike | None, dataset: str = "shape
     return out
 
 
-EVAL_TEXT_KEYS = ("caption", "question", "answer")  # returned by load_eval_split when present
+MODEL_KEYS = ("image", "text", "label")
+# Returned by load_eval_split when present: texts as lists, arrays stacked.
+EVAL_TEXT_KEYS = ("caption", "question", "answer", "refexp")
+EVAL_ARRAY_KEYS = ("refexp_bbox",)
 
 
 def eval_split_keys(builder: tfds.core.DatasetBuilder) -> set[str]:
@@ -548,4 +555,4 @@ def eval_split_keys(builder: tfds.core.DatasetBuilder) -> set[str]:
     features alone."""
     features = builder.info.features
     return ({"image", "text", "label", "class_names", "templates"}
-            | {k for k in EVAL_TEXT_KEYS if k in features})
+            | {k for k in EVAL_TEXT_KEYS + EVAL_ARRAY_KEYS if k in features})
