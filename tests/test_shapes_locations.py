@@ -320,3 +320,27 @@ def test_refexp_refuses_predictions_of_the_wrong_shape(refexp_data):
         EVALUATORS["refexp"](Wrong(), None, data)
     with pytest.raises(ValueError, match="locate"):
         EVALUATORS["refexp"](object(), None, data)
+
+
+def test_refexp_entry_loads_what_its_metadata_promises_and_needs_a_locate_model(
+        repo_root, shapes_data_dir):
+    from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    from vlm_jax import train  # pylint: disable=import-outside-toplevel
+    from vlm_jax.families import get_family  # pylint: disable=import-outside-toplevel
+
+    entry = dict(type="refexp", dataset="shapes", split="test", every_steps=0, max_examples=8,
+                 options=dict(iou_threshold=0.5))
+    config = config_lib.load_config(f"{repo_root / 'experiments' / 'clip_tiny.py'}:test",
+                                    [f"data.data_dir={shapes_data_dir}",
+                                     f"evals={ {'loc': entry}!r}"])
+    data = get_family(config).make_data(config, for_eval=True)
+    evaluation = train.make_evaluation(config, data)
+    (e,) = evaluation.entries
+    loaded = evaluation.load(e)
+    assert evaluation.keys(e) == set(loaded)
+    assert loaded["refexp_bbox"].shape == (8, 4) and len(loaded["refexp"]) == 8
+    with pytest.raises(config_lib.ConfigError) as info:  # CLIP predicts no boxes
+        train.check_eval_data(config, data)
+    message = str(info.value)
+    assert "config.evals.loc (type 'refexp') on shapes/test" in message
+    assert "without 'locate'" in message, message
