@@ -2,9 +2,9 @@
 
 ``NEEDS[type]``: the keys of the evaluation data an evaluator reads; ``WHAT[type]``: what kind of
 data that is and where to find it, for the error message; ``CAPABILITY[type]``: what it asks of
-the model (``Family.capabilities``: embed, caption, interleaved, lm, locate). :mod:`vlm_jax.evaluation`
-compares them with what each entry's dataset provides (from its metadata, before any example is
-read) and with the model's capabilities, at the start of a run.
+the model (``Family.capabilities``: embed, caption, interleaved, lm, locate).
+:mod:`vlm_jax.evaluation` compares them with what each entry's dataset provides (from its
+metadata, before any example is read) and with the model's capabilities, at the start of a run.
 """
 
 from vlm_jax.evaluators import (captioning, fewshot, linear_probe, localisation, retrieval,
