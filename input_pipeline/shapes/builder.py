@@ -125,9 +125,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
         seed = generator.SPLIT_SEEDS[split]
         for index in range(self._split_sizes[split]):
-            example = generator.render_example(seed, index, self.builder_config.image_size)
-            example.update(generator.scene_locations(generator.sample_scene(seed, index), seed,
-                                                     index))
+            scene = generator.sample_scene(seed, index)
+            example = generator.scene_example(scene, self.builder_config.image_size)
+            example.update(generator.scene_locations(scene, seed, index))
             png = io.BytesIO()
             Image.fromarray(example["image"]).save(png, format="PNG")
             example["image"] = png.getvalue()

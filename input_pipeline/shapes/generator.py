@@ -111,12 +111,12 @@ class ShapeObject:
         :func:`draw_scene` fills."""
         r = self.extent / 2
         if self.shape == "circle":
-            xs, ys = np.array([-r, r]), np.array([-r, r])
+            lo, hi = (-r, -r), (r, r)
         else:
             pts = _rotated_polygon(self.shape, self.angle) * r
-            xs, ys = pts[:, 0], pts[:, 1]
-        box = (self.cy + ys.min(), self.cx + xs.min(), self.cy + ys.max(), self.cx + xs.max())
-        return tuple(float(np.clip(v, 0.0, 1.0)) for v in box)
+            lo, hi = pts.min(axis=0).tolist(), pts.max(axis=0).tolist()
+        box = (self.cy + lo[1], self.cx + lo[0], self.cy + hi[1], self.cx + hi[0])
+        return tuple(min(max(v, 0.0), 1.0) for v in box)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +314,11 @@ def render_example(split_seed: int, index: int, image_size: int = 64) -> dict:
         ``{'image': uint8 [S, S, 3], 'caption': str, 'label': int, 'question': str,
         'answer': str}``, fully determined by ``(split_seed, index, image_size)``.
     """
-    scene = sample_scene(split_seed, index)
+    return scene_example(sample_scene(split_seed, index), image_size)
+
+
+def scene_example(scene: Scene, image_size: int = 64) -> dict:
+    """:func:`render_example`'s dict of an already sampled ``scene``."""
     return {
         "image": draw_scene(scene, image_size),
         "caption": scene.caption,
