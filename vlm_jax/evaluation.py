@@ -68,16 +68,17 @@ EVALUATOR_OPTIONS = {
                      "seed"),
     "fewshot_vqa": ("shots", "max_new_tokens"),
     "fewshot_captioning": ("shots", "max_new_tokens"),
+    "refexp": ("iou_threshold",),
 }
 # How an evaluator type's data is loaded: image-text pairs (classification / captions), images
 # with an in-context pool (Flamingo), or text documents (language model).
 LOADER = {"zeroshot": "pairs", "retrieval": "pairs", "linear_probe": "pairs",
           "captioning": "pairs", "fewshot_vqa": "fewshot", "fewshot_captioning": "fewshot",
-          "lm_loss": "documents"}
+          "lm_loss": "documents", "refexp": "pairs"}
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
          "linear_probe": "linear_probe", "captioning": "captioning",  # CLIP_benchmark's names
          "fewshot_vqa": "fewshot_vqa", "fewshot_captioning": "fewshot_captioning",
-         "lm_loss": "language_modeling"}
+         "lm_loss": "language_modeling", "refexp": "referring_expression_localisation"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ CAPABILITIES = {
     "caption": "an image-conditioned text decoder",
     "interleaved": "generation from images interleaved with text",
     "lm": "next-token logits over text",
+    "locate": "locate(images, expressions) -> [N, 4] boxes of the referred objects",
 }
 
 
