@@ -37,9 +37,15 @@ EXTRAS = {
     "tpu": ["jax[tpu]", "gcsfs", "google-auth"],
     # vlm-jax convert of PyTorch .pt / .bin / .pth files (.safetensors needs no torch).
     "torch": ["torch>=2.0"],
+    # The test that loads vlm-jax export's output in open_clip and transformers
+    # (tests/test_export.py, marker interop); the HF CLIP fixtures' make_fixture.py.
+    "interop": ["torch>=2.0", "open_clip_torch>=3.0", "transformers>=5.0"],
     # Downloading image-text datasets as webdataset shards (docs/data.md), and the end-to-end
     # test that runs it (tests/test_img2dataset.py; pyarrow writes its url list).
     "img2dataset": ["img2dataset>=1.47", "pyarrow"],
+    # The test that runs CLIP_benchmark's own aggregation (`clip_benchmark build`) over the
+    # result files (tests/test_clip_benchmark.py; it brings torch and open_clip).
+    "clip_benchmark": ["clip-benchmark>=1.6"],
 }
 
 setuptools.setup(

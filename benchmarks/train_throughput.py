@@ -32,8 +32,8 @@ from vlm_jax.models.clip import clip_config  # noqa: E402
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best float32 FLOP/s of an ``n x n @ n x n`` matmul on the default device."""
+def matmul_seconds(n: int = 2048, repeats: int = 10) -> float:
+    """Best time of a float32 ``n x n @ n x n`` matmul on the default device."""
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -42,7 +42,12 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return best
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Best float32 FLOP/s of an ``n x n @ n x n`` matmul on the default device."""
+    return 2 * n ** 3 / matmul_seconds(n, repeats)
 
 
 def _config(name: str, batch: int):
@@ -58,7 +63,9 @@ def _config(name: str, batch: int):
     return tiny
 
 
-def bench(name: str, batch: int, steps: int) -> dict:
+def make_step(name: str, batch: int):
+    """``(setup, jitted train step, initial state, synthetic global batch)`` of a model on one
+    CPU device (also benchmarks/step_profile.py's)."""
     config = _config(name, batch)
     mesh = parallel.create_mesh({}, devices=jax.devices()[:1])
     s = train.setup(config, mesh)
@@ -68,10 +75,14 @@ def bench(name: str, batch: int, steps: int) -> dict:
     text[:, -1] = config.model.text.eos_id
     # uint8 pixels, as every pipeline ships them (the model normalises them on the device).
     images = rng.integers(0, 256, size=(batch, size, size, 3)).astype(np.uint8)
-    batch_np = {"image": images, "text": text}
     step = train.make_train_step(s)  # The family's batch spec, as `vlm-jax train`.
-    state = s.init_fn()
-    b = parallel.make_global_batch(batch_np, mesh)
+    return s, step, s.init_fn(), parallel.make_global_batch({"image": images, "text": text},
+                                                             mesh)
+
+
+def bench(name: str, batch: int, steps: int) -> dict:
+    s, step, state, b = make_step(name, batch)
+    config = s.config
     t = time.perf_counter()
     state, m = step(state, b)
     jax.block_until_ready(m)
@@ -85,7 +96,7 @@ def bench(name: str, batch: int, steps: int) -> dict:
     dt = float(np.median(times))
     flops = 3 * s.family.flops_per_example(config.model) * batch
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    return dict(model=name, batch=batch, params_m=n_params / 1e6, step_s=dt,
+    return dict(model=name, batch=batch, params_m=n_params / 1e6, step_s=dt, times=times,
                 images_per_s=batch / dt, tflops=flops / dt / 1e12, compile_s=compile_s)
 
 

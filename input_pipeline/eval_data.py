@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from input_pipeline import DataError, pipeline, shapes, sources
-from input_pipeline.transforms import DecodeImage, ResizeCenterCrop, to_str
+from input_pipeline.transforms import DecodeImage, eval_resize, to_str
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,22 @@ TFDS_TO_METADATA: dict[str, str] = {
     "imagenet_sketch": "imagenet1k",
     "cifar10": "cifar10",
     "cifar100": "cifar100",
+    # CLIP_benchmark's names for the VTAB copies it reads from TFDS (so in TFDS label order).
+    "caltech101": "caltech101_vtab",
+    "eurosat": "eurosat",
+    "oxford_iiit_pet": "pets",
+    "patch_camelyon": "pcam",
+    "svhn_cropped": "svhn",
+    "mnist": "mnist",
+}
+# TFDS dataset -> dataset of vlm_jax.evaluators.metadata whose templates it uses with its own
+# TFDS label names, as CLIP_benchmark does for these.
+TFDS_TO_TEMPLATES: dict[str, str] = {
+    "dtd": "dtd",
+    "food101": "food101",
+    "oxford_flowers102": "flowers",
+    "resisc45": "resisc45",
+    "cars196": "cars",
 }
 
 
@@ -193,10 +209,10 @@ class _ImagePreprocess:
     """Raw image feature (encoded bytes or uint8 array) -> uint8 [S, S, 3] RGB, resized and
     centre-cropped (normalised later, on the device)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, resize_mode: str = "shortest"):
         if image_size < 1:
             raise DataError(f"image_size={image_size} must be a positive number of pixels.")
-        self.ops = [DecodeImage("image"), ResizeCenterCrop(image_size, "image")]
+        self.ops = [DecodeImage("image"), eval_resize(image_size, resize_mode, "image")]
 
     def __call__(self, value: Any) -> np.ndarray:
         example = {"image": value}
@@ -209,7 +225,8 @@ def _metadata_names_and_templates(name: str, builder: tfds.core.DatasetBuilder,
                                   label_key: str) -> tuple[list[str], tuple[str, ...]]:
     """Class names and templates: :mod:`vlm_jax.evaluators.metadata` for the datasets of
     :data:`TFDS_TO_METADATA`, else the label feature's names (``_`` -> space) with the
-    templates of :mod:`input_pipeline.pipeline` (``'a photo of a {}.'``)."""
+    templates of :data:`TFDS_TO_TEMPLATES`' dataset or of :mod:`input_pipeline.pipeline`
+    (``'a photo of a {}.'``)."""
     feature = builder.info.features[label_key]
     num_classes = getattr(feature, "num_classes", None)
     meta_name = TFDS_TO_METADATA.get(builder.name)
@@ -229,6 +246,10 @@ def _metadata_names_and_templates(name: str, builder: tfds.core.DatasetBuilder,
                         "label_key of a ClassLabel feature, or add the dataset to "
                         "TFDS_TO_METADATA and vlm_jax/evaluators/zeroshot_metadata/.")
     names = [n.replace("_", " ") for n in feature.names]
+    if builder.name in TFDS_TO_TEMPLATES:
+        from vlm_jax.evaluators import metadata  # pylint: disable=import-outside-toplevel
+
+        return names, metadata.templates(TFDS_TO_TEMPLATES[builder.name])
     # The project's own datasets ("shapes") have their templates in pipeline.py.
     templates = pipeline._TEMPLATES.get(  # pylint: disable=protected-access
         builder.name, pipeline._DEFAULT_TEMPLATES)  # pylint: disable=protected-access
@@ -273,6 +294,7 @@ def retrieval_keys(builder: tfds.core.DatasetBuilder,
 
 def load_tfds_classification(name: str, *, split: str, data_dir: str | os.PathLike | None,
                              image_size: int, max_examples: int | None = None,
+                             resize_mode: str = "shortest",
                              image_key: str = "image", label_key: str = "label",
                              num_threads: int | None = None) -> dict[str, Any]:
     """Loads (the first ``max_examples`` records of) a split of a TFDS image classification
@@ -285,6 +307,8 @@ def load_tfds_classification(name: str, *, split: str, data_dir: str | os.PathLi
             slices such as ``'validation[:10%]'`` work too.
         data_dir: TFDS data directory; None: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
         image_size: side S of the centre-cropped images.
+        resize_mode: ``'shortest'`` (short side to S, centre crop) or ``'squash'``
+            (``config.eval.resize_mode``).
         max_examples: load only the first this many records.
         image_key: the image feature (encoded image or uint8 array).
         label_key: the integer label feature.
@@ -310,7 +334,7 @@ def load_tfds_classification(name: str, *, split: str, data_dir: str | os.PathLi
                         f"{sorted(builder.info.features)}. Pass label_key=<the label feature>.")
     class_names, templates = _metadata_names_and_templates(name, builder, label_key)
     n = _num_examples(source, max_examples, f"split {split!r} of {name!r}")
-    preprocess = _ImagePreprocess(image_size)
+    preprocess = _ImagePreprocess(image_size, resize_mode)
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     labels = np.empty((n,), np.int32)
 
@@ -334,7 +358,8 @@ def load_tfds_retrieval(name: str = "coco_captions", *, split: str,
                         data_dir: str | os.PathLike | None, image_size: int,
                         max_examples: int | None = None, tokenizer: Tokenizer | None = None,
                         image_key: str = "image", caption_key: str = "captions/text",
-                        num_threads: int | None = None) -> dict[str, Any]:
+                        num_threads: int | None = None,
+                        resize_mode: str = "shortest") -> dict[str, Any]:
     """Loads (the first ``max_examples`` images of) a split of an image-text dataset with one or
     more captions per image, for retrieval evaluation (:mod:`vlm_jax.evaluators.retrieval`).
 
@@ -343,6 +368,8 @@ def load_tfds_retrieval(name: str = "coco_captions", *, split: str,
         split: split to read.
         data_dir: TFDS data directory; None: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
         image_size: side S of the centre-cropped images.
+        resize_mode: ``'shortest'`` (short side to S, centre crop) or ``'squash'``
+            (``config.eval.resize_mode``).
         max_examples: load only the first this many images (with all their captions).
         tokenizer: optional, with ``encode(list[str]) -> int32 [N, L]``; if given, the captions
             are also returned tokenised as ``'text'``.
@@ -363,7 +390,7 @@ def load_tfds_retrieval(name: str = "coco_captions", *, split: str,
     """
     source, _ = _open(name, split, data_dir, image_key)
     n = _num_examples(source, max_examples, f"split {split!r} of {name!r}")
-    preprocess = _ImagePreprocess(image_size)
+    preprocess = _ImagePreprocess(image_size, resize_mode)
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     captions: list[list[str]] = [[] for _ in range(n)]
 

@@ -195,6 +195,17 @@ class PromptFormat:
         return np.asarray(ids, np.int32), kept
 
 
+class _DocumentFields(grain.transforms.Map):
+    """The record features documents read: grain batches records feature by feature, and the
+    per-object features of shapes 1.2.0 (boxes, expressions) differ in length between
+    records."""
+
+    KEYS = ("image", "caption", "question", "answer")
+
+    def map(self, record: dict) -> dict:
+        return {k: record[k] for k in self.KEYS}
+
+
 class MakeDocument(grain.transforms.RandomMap):
     """A group of records -> ``{'tokens', 'weights'[, 'images']}`` (see the module doc)."""
 
@@ -278,7 +289,7 @@ def create_document_iterator(*, data_dir: str | os.PathLike | None, config_name:
     if len(source) < max_images:
         raise DataError(f"Split {split!r} has {len(source)} records, fewer than max_images="
                         f"{max_images}.")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(_DocumentFields())
     ds = ds.batch(max_images * docs_per_row, drop_remainder=True)
     ds = ds.random_map(MakeDocument(tokenizer, max_length, max_images, image_id=image_id,
                                     eoc_id=eoc_id, image_size=image_size,

@@ -60,6 +60,11 @@ class SentencePieceTokenizer:
         self._context_length = context_length
         self._load(path.read_bytes())
 
+    @property
+    def path(self) -> str:
+        """The ``.model`` file this tokenizer was read from."""
+        return self._model_path
+
     def _load(self, model_proto: bytes) -> None:
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor()
@@ -218,6 +223,11 @@ class ClipBpeTokenizer:
         self._path, self._state = str(path), (lines, context_length, max_merges)
         self._build(merges, context_length)
 
+    @property
+    def path(self) -> str:
+        """The merges file this tokenizer was read from."""
+        return self._path
+
     def _build(self, merges, context_length):
         import regex  # pylint: disable=import-outside-toplevel
 
@@ -285,8 +295,12 @@ class ClipBpeTokenizer:
 
     def tokens(self, text: str) -> list[int]:
         """BPE ids of one text, without sot/eot."""
+        return self.tokens_of_clean(_clean(text))
+
+    def tokens_of_clean(self, text: str) -> list[int]:
+        """BPE ids of an already cleaned (lower-cased) text, without sot/eot."""
         out: list[int] = []
-        for token in self._pattern.findall(_clean(text)):
+        for token in self._pattern.findall(text):
             out += self._bpe("".join(self.byte_encoder[b] for b in token.encode("utf-8")))
         return out
 
@@ -313,10 +327,155 @@ class ClipBpeTokenizer:
         return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
 
+# -------------------------------------------------------------------------------------------
+# Tokenizers of imported Hugging Face CLIP / SigLIP / SigLIP 2 models.
+# -------------------------------------------------------------------------------------------
+
+HF_SPEC_NAME = "tokenizer_spec.json"
+
+
+def _lower_chars(text: str) -> str:
+    """Lower-cases character by character, as the ``tokenizers`` library's ``Lowercase``
+    normaliser does: no context, so a word-final capital sigma becomes ``σ``, where
+    ``str.lower`` gives ``ς``."""
+    return "".join(c.lower() for c in text)
+
+
+class HfTextTokenizer:
+    """The tokenizer of an imported Hugging Face ``CLIPModel`` / ``SiglipModel`` /
+    ``Siglip2Model``: the ids that ``tokenizer(texts, padding='max_length', truncation=True,
+    max_length=context_length)`` of its transformers tokenizer gives, from a small JSON spec
+    (written by :mod:`vlm_jax.interop_hf`, next to the vocabulary file it names):
+
+    * ``kind``: ``'clip_bpe'`` (``model``: the ``merges.txt``; text NFC-normalised, whitespace
+      collapsed, lower-cased, as ``CLIPTokenizer``: no ftfy / HTML unescaping, unlike
+      OpenAI's tokenizer) or ``'sentencepiece'`` (``model``: ``spiece.model`` /
+      ``tokenizer.model``, read with the sentencepiece library itself).
+    * ``lower``: lower-case first; ``strip_punctuation``: SigLIP's ``canonicalize_text``
+      (ASCII punctuation removed, whitespace collapsed and stripped).
+    * ``bos_id`` / ``eos_id`` (null: not added), ``pad_id``, ``padding_side`` (``'right'`` /
+      ``'left'``). Text longer than ``context_length`` is cut so that bos / eos stay, as
+      transformers truncates.
+
+    The framing is done here rather than with the ``tokenizers`` library because vlm_jax does
+    not otherwise depend on it; ``tests/test_hf_clip_import.py`` checks the ids against
+    transformers' on tricky strings.
+    """
+
+    def __init__(self, spec_path: str | os.PathLike, context_length: int | None = None):
+        import json  # pylint: disable=import-outside-toplevel
+
+        path = epath.Path(spec_path)
+        if not path.exists():
+            raise DataError(f"Tokenizer spec {path} does not exist (vlm-jax convert writes it "
+                            "into <workdir>/tokenizer/ when importing a Hugging Face model).")
+        spec = json.loads(path.read_text())
+        missing = {"kind", "model", "pad_id"} - set(spec)
+        if missing or spec["kind"] not in ("clip_bpe", "sentencepiece"):
+            raise DataError(f"{path} is not a tokenizer spec: needs kind 'clip_bpe' or "
+                            f"'sentencepiece', model and pad_id (missing {sorted(missing)}).")
+        self.spec = spec
+        self._path = str(path)
+        self._context_length = int(context_length or spec.get("context_length") or 64)
+        model = path.parent / spec["model"]
+        if spec["kind"] == "clip_bpe":
+            self._bpe = ClipBpeTokenizer(model, self._context_length, max_merges=10**9)
+            self._vocab_size = self._bpe.vocab_size
+        else:
+            if not model.exists():
+                raise DataError(f"{path} names the sentencepiece model {model}, which does not "
+                                "exist.")
+            self._sp = spm.SentencePieceProcessor(model_proto=model.read_bytes())
+            self._vocab_size = self._sp.get_piece_size()
+        self._vocab_size = max(self._vocab_size, int(spec.get("vocab_size", 0)))
+
+    def __getstate__(self):
+        return {"path": self._path, "context_length": self._context_length}
+
+    def __setstate__(self, d):
+        self.__init__(d["path"], d["context_length"])
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.spec.get("bos_id")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.spec.get("eos_id")
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.spec["pad_id"])
+
+    def pieces(self, text: str) -> list[int]:
+        """The ids of one text, without bos / eos."""
+        import re  # pylint: disable=import-outside-toplevel
+        import string  # pylint: disable=import-outside-toplevel
+        import unicodedata  # pylint: disable=import-outside-toplevel
+
+        if self.spec["kind"] == "clip_bpe":
+            return self._bpe.tokens_of_clean(
+                _lower_chars(" ".join(unicodedata.normalize("NFC", text).split())))
+        if not self.spec.get("strip_punctuation"):
+            return self._sp.encode(_lower_chars(text) if self.spec.get("lower") else text)
+        # SiglipTokenizer: "▁" + text, canonicalize_text (lower-case, punctuation removed,
+        # whitespace collapsed and stripped), then the pieces of unk + text without unk's
+        # (so that sentencepiece adds no dummy prefix).
+        text = "\u2581" + text.replace("\u2581", " ")
+        if self.spec.get("lower"):
+            text = text.lower()
+        text = text.translate(str.maketrans("", "", string.punctuation))
+        text = re.sub(r"\s+", " ", text).strip()
+        unk = self._sp.id_to_piece(self._sp.unk_id())
+        ids = self._sp.encode(unk + text)
+        n = len(self._sp.encode(unk))
+        return ids[n:] if len(ids) >= n else ids
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 ``[len(texts), context_length]``."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a sequence of strings; wrap a single text in a list.")
+        length = self._context_length
+        head = [] if self.bos_id is None else [self.bos_id]
+        tail = [] if self.eos_id is None else [self.eos_id]
+        room = length - len(head) - len(tail)
+        out = np.full((len(texts), length), self.pad_id, np.int32)
+        for row, text in zip(out, texts):
+            ids = head + self.pieces(text)[:max(room, 0)] + tail
+            ids = ids[:length]
+            if self.spec.get("padding_side", "right") == "left":
+                row[length - len(ids):] = ids
+            else:
+                row[:len(ids)] = ids
+        return out
+
+    def decode(self, tokens) -> str | list[str]:
+        """Text of one row (special ids dropped) or of a batch of rows."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 2:
+            return [self.decode(r) for r in tokens]
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        ids = [int(i) for i in tokens if int(i) not in special and 0 <= i < self.vocab_size]
+        if self.spec["kind"] == "clip_bpe":
+            return self._bpe.decode(np.asarray([*ids, self._bpe.eos_id]))
+        return self._sp.decode(ids)
+
+
 def load_tokenizer(path: str | os.PathLike, context_length: int = 77):
     """A CLIP BPE (``*.txt.gz`` / ``*.txt`` merges file; ``'clip_bpe'`` for OpenAI's, which
-    ships with vlm_jax) or sentencepiece (``*.model``) tokenizer, chosen by the file name."""
+    ships with vlm_jax), sentencepiece (``*.model``) or imported Hugging Face
+    (``tokenizer_spec.json``, :class:`HfTextTokenizer`) tokenizer, chosen by the file name."""
     name = os.fspath(path)
+    if name.endswith(".json"):
+        return HfTextTokenizer(name, context_length)
     if name == "clip_bpe":
         name = CLIP_BPE_PATH
     if name.endswith((".txt.gz", ".txt")):

@@ -91,6 +91,34 @@ class ResizeCenterCrop(grain.transforms.Map):
                 self.key: resized[top:top + self.size, left:left + self.size]}
 
 
+class ResizeSquash(grain.transforms.Map):
+    """Resizes a uint8 image to ``size x size`` (bicubic), aspect ratio not kept: open_clip's
+    ``resize_mode='squash'`` evaluation transform (torchvision ``Resize((size, size))``)."""
+
+    def __init__(self, size: int, key: str = "image"):
+        self.size = size
+        self.key = key
+
+    def map(self, example: Example) -> Example:
+        image = example[self.key]
+        if image.shape[:2] == (self.size, self.size):
+            return example
+        resized = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return {**example, self.key: np.asarray(resized)}
+
+
+RESIZE_MODES = {"shortest": ResizeCenterCrop, "squash": ResizeSquash}
+
+
+def eval_resize(size: int, mode: str = "shortest", key: str = "image") -> grain.transforms.Map:
+    """The evaluation resize of ``config.eval.resize_mode``: ``'shortest'`` (short side, centre
+    crop: OpenAI's and open_clip's default) or ``'squash'``."""
+    if mode not in RESIZE_MODES:
+        raise DataError(f"resize_mode={mode!r}: use one of {sorted(RESIZE_MODES)} "
+                        "(config.eval.resize_mode).")
+    return RESIZE_MODES[mode](size, key)
+
+
 class Tokenize(grain.transforms.Map):
     """``example[key]`` (one caption) -> ``example[out_key]`` int32 [context_length]."""
 

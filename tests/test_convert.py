@@ -150,6 +150,7 @@ def test_clear_errors(tmp_path):
         convert.convert_state_dict(extra, cfg)
 
 
+@pytest.mark.torch
 def test_torch_state_dict_formats(tmp_path):
     """open_clip .pt / .bin files (also under 'state_dict' with a DDP 'module.' prefix)."""
     torch = pytest.importorskip("torch")
@@ -162,6 +163,122 @@ def test_torch_state_dict_formats(tmp_path):
         assert sorted(got) == sorted(sd)
         for k in sd:
             np.testing.assert_array_equal(got[k], sd[k])
+
+
+def _hub_copy(folder, **changes):
+    """A copy of the open_clip hub fixture folder at ``folder`` with ``changes`` to its config:
+    ``{"model_cfg.vision_cfg.pool_type": "avg", ...}``."""
+    folder.mkdir()
+    src = FIXTURE / "hub_tiny"
+    (folder / "open_clip_model.safetensors").write_bytes(
+        (src / "open_clip_model.safetensors").read_bytes())
+    oc = json.loads((src / "open_clip_config.json").read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = oc
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[key] = value
+    (folder / "open_clip_config.json").write_text(json.dumps(oc))
+    return folder
+
+
+def test_open_clip_config(tmp_path):
+    """open_clip_config.json replaces --act and brings the preprocessing; beside a weights file
+    too; what vlm_jax would not reproduce, or what contradicts the weights or --act, is refused
+    naming the setting."""
+    oc = json.loads((FIXTURE / "hub_tiny" / "open_clip_config.json").read_text())
+    assert convert.open_clip_settings(oc) == dict(
+        act="quick_gelu", resize_mode="shortest", image_size=32, pixel_mean=[0.5] * 3,
+        pixel_std=[0.5] * 3)
+    for dotted, value, match in (("model_cfg.vision_cfg.pool_type", "avg", "pool_type"),
+                                 ("model_cfg.text_cfg.hf_tokenizer_name", "bert", "tokenizer"),
+                                 ("model_cfg.text_cfg.no_causal_mask", True, "no_causal_mask"),
+                                 ("preprocess_cfg.resize_mode", "longest", "resize_mode"),
+                                 ("preprocess_cfg.interpolation", "bilinear", "interpolation")):
+        bad = json.loads(json.dumps(oc))
+        section, *keys = dotted.split(".")
+        node = bad[section]
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+        with pytest.raises(convert.ConvertError, match=match):
+            convert.open_clip_settings(bad)
+    base = load_config(str(FIXTURE.parents[2] / "experiments" / "clip_openai.py"))
+    with pytest.raises(convert.ConvertError, match="image_size=64"):
+        convert.convert(str(_hub_copy(tmp_path / "h1", **{"model_cfg.vision_cfg.image_size": 64})),
+                        str(tmp_path / "w1"), base_config=base)
+    with pytest.raises(convert.ConvertError, match="contradicts"):
+        convert.convert(str(FIXTURE / "hub_tiny"), str(tmp_path / "w2"), act="gelu",
+                        base_config=base)
+    # The weights file with the config beside it (squash resizing), and --dtype.
+    folder = _hub_copy(tmp_path / "h2", **{"preprocess_cfg.resize_mode": "squash",
+                                    "model_cfg.quick_gelu": False})
+    convert.convert(str(folder / "open_clip_model.safetensors"), str(tmp_path / "w3"),
+                    base_config=base, dtype="bfloat16")
+    config = load_json_config(str(tmp_path / "w3" / "config.json"))
+    assert config.model.image.act == config.model.text.act == "gelu"
+    assert config.eval.resize_mode == "squash" and config.model.dtype == "bfloat16"
+
+
+class _RunsCode:
+    """Unpickling this calls ``pathlib.Path(marker).write_text('ran')``: the code a malicious
+    weight file would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_write_marker, (self.marker,))
+
+
+def _write_marker(marker):
+    return pathlib.Path(marker).write_text("ran")
+
+
+@pytest.mark.torch
+def test_pickle_that_runs_code_is_refused_unrun(tmp_path):
+    """A .pt that ``weights_only`` refuses is a ConvertError, not retried with torch.jit.load
+    (nor unpickled in full): the code in it never runs. Both torch.save's zip format and the
+    legacy pickle format."""
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "marker"
+    payload = {"visual.proj": torch.zeros(2, 2), "evil": _RunsCode(marker)}
+    torch.save(payload, tmp_path / "zip.pt")
+    torch.save(payload, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert not marker.exists()
+    for name in ("zip.pt", "legacy.pt"):
+        assert not convert.is_torchscript_archive(tmp_path / name)
+        with pytest.raises(convert.ConvertError, match="weights_only=True"):
+            convert.load_state_dict(tmp_path / name)
+        assert not marker.exists(), f"{name}: the pickle's code ran"
+    # The payload does run code when unpickled in full: the test would see it.
+    torch.load(tmp_path / "zip.pt", weights_only=False)
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.torch
+def test_torchscript_archive_still_loads(tmp_path):
+    """OpenAI's releases are TorchScript archives: recognised as such, read with jit.load."""
+    torch = pytest.importorskip("torch")
+    sd = convert.load_state_dict(FIXTURE / "tiny_gelu.safetensors")
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, (k, v) in enumerate(sorted(sd.items())):
+                self.register_buffer(f"b{i}", torch.from_numpy(v))
+
+        def forward(self, x):
+            return x
+
+    torch.jit.save(torch.jit.script(Holder()), tmp_path / "openai.pt")
+    assert convert.is_torchscript_archive(tmp_path / "openai.pt")
+    got = convert.load_state_dict(tmp_path / "openai.pt")
+    want = {f"b{i}": v for i, (k, v) in enumerate(sorted(sd.items()))}
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 def _cli(repo_root, *args):

@@ -31,7 +31,10 @@ def _sha256(items) -> str:
 
 
 def test_available_and_counts():
-    assert metadata.available() == ["cifar10", "cifar100", "imagenet1k"]
+    assert metadata.available() == ["caltech101_vtab", "cifar10", "cifar100", "eurosat",
+                                    "imagenet1k", "mnist", "pcam", "pets", "svhn"]
+    assert metadata.with_templates() == sorted(
+        [*metadata.available(), "cars", "dtd", "flowers", "food101", "resisc45"])
     for dataset, (num_names, num_templates) in COUNTS.items():
         assert len(metadata.class_names(dataset)) == num_names
         assert len(metadata.templates(dataset)) == num_templates
@@ -112,8 +115,8 @@ def test_every_template_formats():
 
 
 def test_unknown_dataset_and_kind():
-    with pytest.raises(ValueError, match=r"'imagenet21k'.*\['cifar10', 'cifar100', "
-                                         r"'imagenet1k'\]"):
+    with pytest.raises(ValueError, match=r"'imagenet21k'.*\['caltech101_vtab', 'cifar10', "
+                                         r"'cifar100', 'eurosat', 'imagenet1k'"):
         metadata.class_names("imagenet21k")
     with pytest.raises(ValueError, match="available"):
         metadata.templates("nope")
@@ -134,3 +137,80 @@ def test_data_files_are_package_data(repo_root):
     readme = (data_dir / "README.md").read_text()
     for name in files - {"README.md"}:
         assert f"`{name}`" in readme, f"{name} has no source in zeroshot_metadata/README.md"
+
+
+# sha256('\n'.join(...)) of clip_benchmark 1.6.2's en_classnames.json / en_zeroshot_classification_
+# templates.json entries (keys as there), the sources of the DataComp tasks' files.
+CLIP_BENCHMARK_SHA256 = {
+    ("classnames", "caltech101_vtab", "caltech101_vtab"):
+        "8cd73f5d8e14e75f9759d603fbb33fb86a417990630ab869f24ed0e2a452fe47",
+    ("classnames", "eurosat", "eurosat"):
+        "ee2e41b9973e7206862cbcded186c61be7b413418248f678e1bf80179da28d9c",
+    ("classnames", "pets", "pets"):
+        "50be1443390f8a02e835fed1dbc90ef03af4f27253569f3f55aede2cb62915be",
+    ("classnames", "pcam", "pcam"):
+        "27352df7ede1fd87a26ed6ec3eb45afcf7d9d043f60737c04a34121a22f75fd6",
+    ("classnames", "svhn", "svhn"):
+        "dfab20279a0857952f4261ebbc7fd6e27996c6eb067c1fc8fc3ae4bd82eee209",
+    ("classnames", "mnist", "mnist"):
+        "29dd21f55e4611d4c787c2148e39b4e341d4c10701dd03eed360aa55035bdb34",
+    ("templates", "caltech101_vtab", "caltech101"):
+        "d0359fcd9eb14baec1b61be02b63fcd7151738460ee8bb05a1f02994936cad9a",
+    ("templates", "eurosat", "eurosat"):
+        "84e63e79ba0bb990609f05e8224b508994d80d7114943f1b5bb44f10d0526bdc",
+    ("templates", "pets", "pets"):
+        "ee5e9e3f42e3ca57fd438cafdb60ca35552872ddc8a5d72a7cf492969acc3bec",
+    ("templates", "pcam", "pcam"):
+        "6bc4924b0f83d17262d69b4233331f3b6567ca76e861a6b78fdef3a9218766d5",
+    ("templates", "svhn", "svhn"):
+        "93b522c05d45cc213752c8cab8c7c8737be763ce3b144c684b4568e0c24f5a5c",
+    ("templates", "mnist", "mnist"):
+        "1b9b98b6c7bf8e9d6eb31efb6bb95ccceee14b124b1e20477c5cb571902b0d86",
+    ("templates", "dtd", "dtd"):
+        "38047254790e4cff8efdacedd13197b94083096083e51453a709f3a3b6337a9c",
+    ("templates", "food101", "food101"):
+        "ed37b8edb44968e5156d637323e1d078c161703ac9ea3d1a10c4abb5d7a0d25e",
+    ("templates", "flowers", "flowers"):
+        "15a4cd24ceee766aabe06a42fa7cfe88c87514349a4d4641303100c4f87fb868",
+    ("templates", "resisc45", "resisc45"):
+        "4a25337a6d387c18abf5e0a84c530078f537ee2bd114ea3b15f187c9bf00ce87",
+    ("templates", "cars", "cars"):
+        "a9a744a57eb69793667826b28ac4e5ad0605753d5d3d4f054bf2f4e5135c9e06",
+}
+
+
+def _ours(kind, dataset):
+    if kind == "classnames":
+        return metadata.class_names(dataset)
+    return [t.replace("{}", "{c}") for t in metadata.templates(dataset)]  # as written there
+
+
+@pytest.mark.parametrize("kind, dataset, key", sorted(CLIP_BENCHMARK_SHA256))
+def test_datacomp_files_equal_clip_benchmarks(kind, dataset, key):
+    assert _sha256(_ours(kind, dataset)) == CLIP_BENCHMARK_SHA256[kind, dataset, key]
+
+
+def test_vtab_class_names_follow_tfds_label_order(tmp_path):
+    """The class names read with a TFDS dataset (eval_data.TFDS_TO_METADATA) are in its label
+    order: as many as its ClassLabel, and each textual name closest to the TFDS label name at
+    its own index (TFDS' builder code, no data needed)."""
+    import difflib  # pylint: disable=import-outside-toplevel
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from input_pipeline import eval_data  # pylint: disable=import-outside-toplevel
+
+    def norm(name):
+        return "".join(ch for ch in name.lower() if ch.isalnum())
+
+    for tfds_name, meta in [("caltech101", "caltech101_vtab"), ("eurosat/rgb", "eurosat"),
+                            ("oxford_iiit_pet", "pets"), ("patch_camelyon", "pcam"),
+                            ("svhn_cropped", "svhn"), ("mnist", "mnist")]:
+        assert eval_data.TFDS_TO_METADATA[tfds_name.split("/")[0]] == meta
+        labels = tfds.builder(tfds_name, data_dir=str(tmp_path)).info.features["label"].names
+        ours = metadata.class_names(meta)
+        assert len(ours) == len(labels), tfds_name
+        if labels[0].isdigit():
+            continue  # '0', '1', ...: nothing to match by text
+        same = sum(max(range(len(labels)), key=lambda j, n=norm(name): difflib.SequenceMatcher(
+            None, n, norm(labels[j])).ratio()) == i for i, name in enumerate(ours))
+        assert same >= 0.7 * len(ours), (tfds_name, same, len(ours))

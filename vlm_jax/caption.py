@@ -69,7 +69,7 @@ def caption_folder(config, workdir: str, images: str, *, step: int | None = None
     for name, reason in bad:
         print(f"Skipped {name}: {reason}")
     s, params, step = train.restore_for_inference(config, workdir, step)
-    tokenizer = family.make_data(config, for_eval=True).tokenizer
+    tokenizer = family.tokenizer(config, workdir)  # No dataset is built or opened.
     opts = dict(evaluation.caption_options(config) if options is None else options)
     extractor = FeatureExtractor(s.graphdef, params, s.param_shardings, s.mesh, s.rules,
                                  config.eval.batch_size, tokenizer=tokenizer,

@@ -234,6 +234,10 @@ def base_config() -> ConfigDict:
         # Where 'tfds:<name>' evaluation datasets live ('' = $TFDS_DATA_DIR or
         # ~/tensorflow_datasets); local or gs://.
         data_dir="",
+        # How vlm_jax.load(...).preprocess fits an image to the model's size: 'shortest' (resize
+        # the short side, centre crop: OpenAI's and open_clip's default) or 'squash' (resize
+        # both sides); `vlm-jax convert` takes it from open_clip_config.json.
+        resize_mode="shortest",
     )
 
     # ---- guard: a NaN/Inf loss or gradient ------------------------------------------------------

@@ -2,6 +2,7 @@
 ``vlm-jax convert``.
 
     vlm-jax convert --input ViT-B-32.safetensors --workdir runs/openai_b32 --act quick_gelu
+    vlm-jax convert --input CLIP-ViT-B-32-laion2B-s34B-b79K/ --workdir runs/laion_b32  # hub folder
     vlm-jax eval --workdir runs/openai_b32 --evaluators imagenet --config.eval.data_dir=DIR
     vlm-jax convert --input TinyLlama-1.1B/ --workdir runs/tinyllama   # config.json + safetensors
 
@@ -18,7 +19,13 @@ Formats: ``.safetensors`` (numpy only; float16 / bfloat16 / float32), and with t
 
 The activation is not in the weights: OpenAI's models and open_clip's ``*-quickgelu`` models
 use QuickGELU (``--act quick_gelu``), open_clip's other LAION models exact GELU (``--act gelu``).
-A wrong choice still loads and silently costs accuracy, so the command asks for it.
+A wrong choice still loads and silently costs accuracy, so the command asks for it, unless an
+``open_clip_config.json`` comes with the weights (open_clip's model folders on the Hugging Face
+hub): the activation, image size, pixel mean / std and resize mode are then read from it.
+
+The workdir's model computes in float32 (``--dtype``; bfloat16 moves embeddings by ~1e-3).
+PyTorch files are read with ``torch.load(weights_only=True)``, or as TorchScript archives
+(OpenAI's releases); any other pickle is refused unread, since unpickling can run code.
 
 Covered: the ViT-B/32, B/16, L/14 (and other ViT) families of OpenAI and open_clip, and open_clip's
 CoCa (``coca_ViT-B-32``, ``coca_ViT-L-14``: recognised by its ``text_decoder``). Not covered,
@@ -47,63 +54,17 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from vlm_jax.weights import (  # noqa: F401  (re-exported: convert.X is public)
+    ConvertError, _Tracked, _hf, _ln, is_torchscript_archive, load_hf_lm,
+    load_state_dict, to_model_params, write_workdir)
+
 ACTIVATIONS = ("quick_gelu", "gelu")
 HEAD_WIDTH = 64  # OpenAI / open_clip ViT CLIPs: heads = width // 64.
-
-
-class ConvertError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file, the key and the fix."""
 
 
 # -------------------------------------------------------------------------------------------
 # Reading state dicts.
 # -------------------------------------------------------------------------------------------
-
-
-def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Reads a CLIP state dict as ``{key: float32 numpy array}`` (non-tensor entries dropped)."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise ConvertError(f"{path} does not exist; pass the .safetensors / .pt / .bin file of "
-                           "an OpenAI CLIP or open_clip model with --input.")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-
-        out = {}
-        # The flax framework reads bfloat16 too (numpy has no bfloat16).
-        with safe_open(str(path), framework="flax") as f:
-            for key in f.keys():
-                out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
-        return _clean(out, path)
-    if path.suffix in (".pt", ".bin", ".pth"):
-        try:
-            import torch  # pylint: disable=import-outside-toplevel
-        except ImportError as e:
-            raise ConvertError(
-                f"{path} is a PyTorch file: install torch (pip install torch) to read it, or "
-                "convert it to .safetensors first.") from e
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception:  # OpenAI's releases are TorchScript archives.
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        if isinstance(obj, Mapping) and "state_dict" in obj:
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ConvertError(f"{path} holds a {type(obj).__name__}, not a state dict.")
-        return _clean({k: v.float().numpy() for k, v in obj.items()
-                       if isinstance(v, torch.Tensor) and v.ndim is not None}, path)
-    raise ConvertError(f"{path}: unknown format {path.suffix!r}; use .safetensors, .pt or .bin.")
-
-
-def _clean(sd: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
-    if sd and all(k.startswith("module.") for k in sd):  # Saved from DistributedDataParallel.
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    # OpenAI's archives carry these as 0-d tensors; they are read from the shapes instead.
-    for k in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
-        sd.pop(k, None)
-    if not sd:
-        raise ConvertError(f"{path} holds no tensors.")
-    return sd
 
 
 # -------------------------------------------------------------------------------------------
@@ -165,21 +126,6 @@ def infer_model_config(shapes: Mapping[str, Any], *, act: str) -> dict:
 # -------------------------------------------------------------------------------------------
 
 
-class _Tracked(dict):
-    """A state dict that records which keys were read (every key must be used)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.used: set[str] = set()
-
-    def __getitem__(self, key):
-        if key not in self:
-            raise ConvertError(f"The state dict has no {key!r}, a weight the converted model "
-                               "needs (a truncated file, or another architecture).")
-        self.used.add(key)
-        return super().__getitem__(key)
-
-
 def _attn(out, dst, sd, src, heads):
     """torch ``nn.MultiheadAttention`` (fused ``in_proj_weight``, or ``q|k|v_proj_weight`` when
     the key width differs, as in CoCa's pooler) -> query / key / value / out kernels."""
@@ -196,10 +142,6 @@ def _attn(out, dst, sd, src, heads):
         out[f"{dst}{name}.bias"] = b[i * d:(i + 1) * d].reshape(heads, hd)
     out[f"{dst}out.kernel"] = sd[src + "out_proj.weight"].T.reshape(heads, hd, d)
     out[f"{dst}out.bias"] = sd[src + "out_proj.bias"]
-
-
-def _ln(out, dst, sd, src):
-    out[dst + ".scale"], out[dst + ".bias"] = sd[src + ".weight"], sd[src + ".bias"]
 
 
 def _resblock(out, dst, sd, src, heads, norms=(("norm1", "ln_1"), ("norm2", "ln_2"))):
@@ -333,37 +275,6 @@ def convert_coca_state_dict(sd: Mapping[str, Any], model_config: Mapping) -> dic
     return out
 
 
-def to_model_params(flat: Mapping[str, Any], abstract_params) -> Any:
-    """Arranges ``flat`` (from :func:`convert_state_dict`) as the model's parameter state.
-
-    ``abstract_params``: ``nnx.state(model, nnx.Param)`` of an (abstract) model built from the
-    inferred config; layer-stacked parameters (``scan_layers=True``) are stacked here. Raises
-    ConvertError naming the first parameter whose shape differs.
-    """
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-    def fill(path, leaf):
-        name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        name = name.removesuffix(".value")
-        if name in flat:
-            value = flat[name]
-        else:  # scanned: 'image.encoder.blocks.attn.query.kernel' stacks blocks.0, blocks.1...
-            head, _, tail = name.partition("blocks.")
-            n = leaf.shape[0]
-            missing = [f"{head}blocks.{i}.{tail}" for i in range(n)
-                       if f"{head}blocks.{i}.{tail}" not in flat]
-            if not tail or missing:
-                raise ConvertError(f"No weight converted for parameter {name}.")
-            value = jnp.stack([jnp.asarray(flat[f"{head}blocks.{i}.{tail}"]) for i in range(n)])
-        if tuple(value.shape) != tuple(leaf.shape):
-            raise ConvertError(f"Parameter {name}: converted shape {tuple(value.shape)}, the "
-                               f"model has {tuple(leaf.shape)}.")
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_params)
-
-
 # -------------------------------------------------------------------------------------------
 # Hugging Face causal language models (LlamaForCausalLM, GPT2LMHeadModel) -> models.lm.
 # -------------------------------------------------------------------------------------------
@@ -379,40 +290,6 @@ def is_hf_lm(path: str | pathlib.Path) -> bool:
     """Whether ``path`` is a directory, read as a Hugging Face model (``config.json`` +
     ``model.safetensors``): every directory goes this way, state dict files the CLIP way."""
     return pathlib.Path(path).is_dir()
-
-
-def load_hf_lm(directory: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
-    """``(state dict, config.json)`` of a Hugging Face model directory, as ``save_pretrained``
-    writes it: ``model.safetensors``, shards listed in ``model.safetensors.index.json``, or
-    ``pytorch_model.bin`` (with torch)."""
-    d = pathlib.Path(directory)
-    if not (d / "config.json").exists():
-        raise ConvertError(f"{d} has no config.json: a Hugging Face model directory holds "
-                           "config.json and model.safetensors (as save_pretrained writes them).")
-    hf_config = json.loads((d / "config.json").read_text())
-    if (d / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    elif (d / "model.safetensors.index.json").exists():
-        index = json.loads((d / "model.safetensors.index.json").read_text())
-        files = sorted(set(index["weight_map"].values()))
-    elif (d / "pytorch_model.bin").exists():
-        files = ["pytorch_model.bin"]
-    else:
-        raise ConvertError(f"{d} has no model.safetensors (nor model.safetensors.index.json or "
-                           "pytorch_model.bin).")
-    sd: dict[str, np.ndarray] = {}
-    for f in files:
-        sd.update(load_state_dict(d / f))
-    return sd, hf_config
-
-
-def _hf(hf_config: Mapping, key: str, default: Any = ...) -> Any:
-    if key in hf_config and hf_config[key] is not None:
-        return hf_config[key]
-    if default is ...:
-        raise ConvertError(f"config.json has no {key!r} (model_type "
-                           f"{hf_config.get('model_type')!r}).")
-    return default
 
 
 def _hf_require(hf_config: Mapping, key: str, default: Any, allowed: tuple, why: str) -> None:
@@ -613,42 +490,122 @@ def convert_hf_lm(source: str | pathlib.Path | Mapping[str, Any],
 
 
 # -------------------------------------------------------------------------------------------
+# open_clip model folders (open_clip_config.json, as open_clip.push_to_hf_hub writes them).
+# -------------------------------------------------------------------------------------------
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+RESIZE_MODES = ("shortest", "squash")  # input_pipeline.transforms.RESIZE_MODES; no letterboxing.
+# Settings of open_clip_config.json that change the arithmetic without showing in the weights,
+# and the values the converted model reproduces: (section, key) -> allowed values (a missing
+# key is open_clip's default, which is the first of them).
+_OPEN_CLIP_FIXED = {
+    ("vision_cfg", "pool_type"): ("tok",),
+    ("vision_cfg", "final_ln_after_pool"): (False,),
+    ("vision_cfg", "act_kwargs"): ({},),
+    ("vision_cfg", "norm_kwargs"): ({}, {"eps": 1e-5}),
+    ("text_cfg", "pool_type"): ("argmax",),
+    ("text_cfg", "no_causal_mask"): (False,),
+    ("text_cfg", "act_kwargs"): ({},),
+    ("text_cfg", "norm_kwargs"): ({}, {"eps": 1e-5}),
+    ("text_cfg", "hf_tokenizer_name"): ("",),
+    ("text_cfg", "tokenizer_kwargs"): ({},),
+}
+
+
+def open_clip_folder(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path] | None:
+    """``(weights file, open_clip_config.json)`` of an open_clip model folder (as on the Hugging
+    Face hub: ``open_clip_config.json`` + ``open_clip_model.safetensors`` or
+    ``open_clip_pytorch_model.bin``), or of a weights file with that config beside it; None
+    when there is no ``open_clip_config.json``."""
+    path = pathlib.Path(path)
+    folder = path if path.is_dir() else path.parent
+    config = folder / OPEN_CLIP_CONFIG
+    if not config.exists():
+        return None
+    if not path.is_dir():
+        return path, config
+    for name in OPEN_CLIP_WEIGHTS:
+        if (folder / name).exists():
+            return folder / name, config
+    raise ConvertError(f"{folder} has {OPEN_CLIP_CONFIG} but none of {OPEN_CLIP_WEIGHTS}; "
+                       "download the weights into the folder or pass the weights file.")
+
+
+def open_clip_settings(oc_config: Mapping, where: str = OPEN_CLIP_CONFIG) -> dict:
+    """What ``open_clip_config.json`` says that the weights do not: ``act``, ``image_size``,
+    ``pixel_mean`` / ``pixel_std`` and ``resize_mode`` of the evaluation transform.
+
+    Raises ConvertError naming a setting the converted model would not reproduce (average
+    pooling, another tokenizer, letterbox resizing...), rather than converting it wrong.
+    """
+    model_cfg = oc_config.get("model_cfg", oc_config)
+    pre = dict(oc_config.get("preprocess_cfg") or {})
+    for (section, key), allowed in _OPEN_CLIP_FIXED.items():
+        value = (model_cfg.get(section) or {}).get(key)
+        if value is not None and value not in allowed:
+            raise ConvertError(f"{where}: model_cfg.{section}.{key}={value!r} is not supported "
+                               f"(vlm_jax's CLIP reproduces {allowed[0]!r}).")
+    if (model_cfg.get("vision_cfg") or {}).get("timm_model_name") or \
+            (model_cfg.get("text_cfg") or {}).get("hf_model_name"):
+        raise ConvertError(f"{where}: timm or Hugging Face towers are not supported.")
+    mode = pre.get("resize_mode", "shortest")
+    if mode not in RESIZE_MODES:
+        raise ConvertError(f"{where}: preprocess_cfg.resize_mode={mode!r} is not supported; "
+                           f"use one of {RESIZE_MODES}.")
+    interpolation = pre.get("interpolation", "bicubic")
+    if interpolation != "bicubic":
+        raise ConvertError(f"{where}: preprocess_cfg.interpolation={interpolation!r} is not "
+                           "supported (the evaluation transform resizes bicubic).")
+    out = dict(act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", resize_mode=mode)
+    size = (model_cfg.get("vision_cfg") or {}).get("image_size")
+    if size is not None:
+        out["image_size"] = size
+    for key, ours in (("mean", "pixel_mean"), ("std", "pixel_std")):
+        if pre.get(key) is not None:
+            value = [float(v) for v in pre[key]]
+            if len(value) != 3:
+                raise ConvertError(f"{where}: preprocess_cfg.{key}={pre[key]!r}: expected 3 "
+                                   "per-channel values.")
+            out[ours] = value
+    return out
+
+
+def _apply_open_clip_settings(model_cfg: dict, settings: Mapping, where: str) -> None:
+    """Checks the image size against the weights'; writes the pixel statistics into the image
+    tower's config."""
+    size = settings.get("image_size")
+    if size is not None:
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        got = model_cfg["image"]["image_size"]
+        if size != (got, got):
+            raise ConvertError(f"{where}: vision_cfg.image_size={settings['image_size']} but the "
+                               f"weights' position embeddings are of {got} px images.")
+    for key in ("pixel_mean", "pixel_std"):
+        if key in settings:
+            model_cfg["image"][key] = list(settings[key])
+
+
+# -------------------------------------------------------------------------------------------
 # The command.
 # -------------------------------------------------------------------------------------------
 
 
-def write_workdir(workdir: str | pathlib.Path, params: Any, config) -> Any:
-    """Writes converted ``params`` (a pure dict, as ``nnx.state(model).to_pure_dict()``) as
-    checkpoint 0 of ``workdir``, with the run ``config`` saved beside it and as
-    ``config.json``: what ``vlm-jax eval`` / ``train`` restore. Refuses a workdir that already
-    holds checkpoints. Returns the workdir (an ``epath.Path``)."""
-    from etils import epath  # pylint: disable=import-outside-toplevel
-
-    from vlm_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-    from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-
-    workdir = epath.Path(workdir)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every_steps=1, keep=1,
-                                 async_save=False)
-    if ckpt.latest_step() is not None:
-        raise ckpt_lib.CheckpointError(
-            f"{workdir} already holds checkpoints; convert into a new --workdir.")
-    ckpt.save(0, {"params": params}, config=json.loads(config_lib.to_json(config)), force=True)
-    ckpt.close()
-    (workdir / "config.json").write_text(config_lib.to_json(config))
-    return workdir
-
-
 def convert(input_path: str, workdir: str, *, act: str | None = None,
-            base_config=None) -> pathlib.Path:
+            base_config=None, dtype: str | None = "float32") -> pathlib.Path:
     """Converts ``input_path`` into ``workdir`` (``checkpoints/0`` + ``config.json``).
 
-    ``input_path``: a CLIP / CoCa state dict file (``act`` required), or a Hugging Face LLaMA /
-    GPT-2 model directory (``config.json`` + ``model.safetensors``; no ``act``: the
-    activation is in its config). ``base_config``: the run config whose data/eval/optimizer
-    settings the workdir gets (default ``experiments/clip_openai.py``); its ``model`` is replaced
-    by the inferred one, keeping its ``dtype``, ``scan_layers`` and ``remat`` (``dtype`` and
-    ``remat`` for a language model). Refuses a workdir that already holds checkpoints.
+    ``input_path``: an open_clip model folder (``open_clip_config.json`` + weights, as on the
+    Hugging Face hub: activation, image size and preprocessing are read from the config), a
+    CLIP / CoCa state dict file (``act`` required unless ``open_clip_config.json`` is beside
+    it), or a Hugging Face LLaMA / GPT-2 model directory (``config.json`` +
+    ``model.safetensors``; no ``act``: the activation is in its config). ``base_config``: the
+    run config whose data/eval/optimizer settings the workdir gets (default
+    ``experiments/clip_openai.py``); its ``model`` is replaced by the inferred one, keeping its
+    ``scan_layers`` and ``remat`` (``remat`` for a language model). ``dtype``: the compute dtype
+    the workdir's model runs in (``model.dtype``): float32 by default, so that embeddings match
+    the original's; ``'bfloat16'`` to fine-tune or evaluate at scale; None keeps the base
+    config's. Refuses a workdir that already holds checkpoints.
     """
     from vlm_jax import paths  # pylint: disable=import-outside-toplevel
 
@@ -660,12 +617,12 @@ def convert(input_path: str, workdir: str, *, act: str | None = None,
             raise ConvertError(f"--input {input_path} does not exist.")
         with paths.local_copy(input_path) as local:
             return _convert(local, workdir, act=act, base_config=base_config,
-                            name=epath.Path(input_path).name)
-    return _convert(input_path, workdir, act=act, base_config=base_config)
+                            name=epath.Path(input_path).name, dtype=dtype)
+    return _convert(input_path, workdir, act=act, base_config=base_config, dtype=dtype)
 
 
 def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
-             name: str | None = None) -> pathlib.Path:
+             name: str | None = None, dtype: str | None = "float32") -> pathlib.Path:
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -676,7 +633,26 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
         base_config = config_lib.load_config(
             str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip_openai.py"))
     config = base_config
-    base_model = config.get("model", {})
+    base_model = dict(config.get("model", {}))
+    if dtype is not None:  # How to run it: the argument's choice, else the base config's.
+        base_model["dtype"] = dtype
+    from vlm_jax import interop_hf  # pylint: disable=import-outside-toplevel
+
+    if interop_hf.hf_model_type(input_path):  # config.json model_type clip / siglip / siglip2
+        if act is not None:
+            raise ConvertError(f"--act {act!r} is for CLIP state dicts; {input_path} is a "
+                               "Hugging Face model directory, whose activation is in its "
+                               "config.json: leave --act out.")
+        return interop_hf.convert_to_workdir(input_path, workdir, config, name=name,
+                                             dtype=dtype)
+    settings, oc = None, open_clip_folder(input_path)
+    if oc is not None:  # open_clip_config.json: what the weights do not say.
+        input_path, oc_path = oc
+        settings = open_clip_settings(json.loads(oc_path.read_text()), str(oc_path))
+        if act is not None and act != settings["act"]:
+            raise ConvertError(f"--act {act} contradicts {oc_path} (quick_gelu="
+                               f"{settings['act'] == 'quick_gelu'}): leave --act out.")
+        act = settings["act"]
     if is_hf_lm(input_path):
         if act is not None:
             raise ConvertError(f"--act {act!r} is for CLIP state dicts; {input_path} is a "
@@ -684,7 +660,7 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
                                "config.json: leave --act out.")
         params, model_cfg = convert_hf_lm(
             input_path, scan_layers=bool(base_model.get("scan_layers", False)))
-        for key in ("dtype", "remat"):  # How to run it: the base config's choice.
+        for key in ("dtype", "remat"):  # How to run it: --dtype, else the base config's choice.
             if key in base_model:
                 model_cfg[key] = base_model[key]
         what = (f"{model_cfg['style']} {model_cfg['width']}x{model_cfg['depth']}, "
@@ -692,13 +668,16 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
                 f"vocab {model_cfg['vocab_size']}")
     else:
         if act is None:
-            raise ConvertError(f"{input_path} is a CLIP state dict: pass --act ({ACTIVATIONS}: "
+            raise ConvertError(f"{input_path} is a CLIP state dict without "
+                               f"{OPEN_CLIP_CONFIG} beside it: pass --act ({ACTIVATIONS}: "
                                "quick_gelu for OpenAI's models and open_clip's *-quickgelu ones, "
                                "gelu for the others).")
         sd = load_state_dict(input_path)
         coca = is_coca(sd)
         model_cfg = infer_coca_config(sd, act=act) if coca else infer_model_config(sd, act=act)
-        for key in ("dtype", "scan_layers", "remat"):  # How to run it: the base config's choice.
+        if settings is not None:
+            _apply_open_clip_settings(model_cfg, settings, str(oc_path))
+        for key in ("dtype", "scan_layers", "remat"):  # --dtype, else the base config's choice.
             if key in base_model:
                 model_cfg[key] = base_model[key]
         build = get_family(model_cfg).build_model
@@ -712,6 +691,8 @@ def _convert(input_path: str, workdir: str, *, act: str | None, base_config,
     with config.unlocked():
         config.model = model_cfg
         config.name = f"converted:{name or pathlib.Path(input_path).name}"
+        if settings is not None:
+            config.eval.resize_mode = settings["resize_mode"]
     workdir = write_workdir(workdir, params, config)
     n = count_params(params)
     print(f"Converted {input_path} ({n / 1e6:.1f}M parameters; {what}) into {workdir}.")

@@ -7,6 +7,7 @@ import tarfile
 from typing import Any
 
 import jax
+from etils import epath
 from ml_collections import ConfigDict
 
 from input_pipeline import DataError, pipeline, sources
@@ -16,6 +17,9 @@ from vlm_jax.config import ConfigError
 
 
 SOURCES = ("webdataset", "array_record", "tfds")  # config.data.name for raw image-text data
+# <workdir>/tokenizer/: a copy of the run's tokenizer file (the shapes captions model lives in
+# the dataset's directory), so that the workdir alone serves inference (vlm_jax.load, caption).
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclasses.dataclass
@@ -585,3 +589,77 @@ def prepare(config: ConfigDict, for_eval: bool = False) -> Data:
             f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
             f"tokenizer's vocabulary ({tokenizer.vocab_size}); set it to at least that.")
     return Data(config, str(data_dir), tokenizer, source)
+
+
+def save_tokenizer(workdir: str | epath.Path, tokenizer: Any) -> None:
+    """Copies the file ``tokenizer`` was read from (its ``path``) into ``<workdir>/tokenizer/``
+    (:func:`run_tokenizer` reads it back); nothing for a tokenizer without a file."""
+    path = getattr(tokenizer, "path", None)
+    if not path:
+        return
+    src = epath.Path(path)
+    dst = epath.Path(workdir) / TOKENIZER_DIR / src.name
+    content = src.read_bytes()
+    if dst.exists() and dst.read_bytes() == content:
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(content)
+
+
+def _saved_tokenizers(workdir) -> list[epath.Path]:
+    saved = epath.Path(workdir) / TOKENIZER_DIR if workdir is not None else None
+    return sorted(saved.iterdir()) if saved is not None and saved.is_dir() else []
+
+
+def document_tokenizer(config: ConfigDict, lm: Any, workdir: str | epath.Path | None = None
+                       ) -> Any:
+    """The tokenizer of a language-model or Flamingo run (``lm``: its language model's config),
+    for inference, as :func:`prepare_documents` loads it but without building or opening data:
+    the copy in ``<workdir>/tokenizer/``, else ``config.data.tokenizer`` (a corpus run), else
+    the shapes LM tokenizer, which ships with vlm_jax."""
+    from input_pipeline import interleaved  # pylint: disable=import-outside-toplevel
+    from input_pipeline.tokenizers import SentencePieceTokenizer  # pylint: disable=C0415
+
+    files = _saved_tokenizers(workdir)
+    d = config.data
+    path = (files[0] if files else d.tokenizer if d.name != "shapes" and d.tokenizer
+            else interleaved.LM_TOKENIZER_PATH)
+    return SentencePieceTokenizer(path, lm.max_length)
+
+
+def run_tokenizer(config: ConfigDict, workdir: str | epath.Path | None = None) -> Any:
+    """The caption tokenizer of an image-text run (CLIP, SigLIP, CoCa), for inference: what
+    :func:`prepare` would load, without building or opening any dataset.
+
+    In order: the copy in ``<workdir>/tokenizer/`` (written by ``vlm-jax train``), the file
+    ``config.data.tokenizer`` names for raw shards (``clip_bpe`` ships with vlm_jax: converted
+    OpenAI / open_clip models), the tokenizer of an already built shapes dataset; only a
+    workdir written before runs kept their tokenizer, whose dataset is gone, builds the shapes
+    dataset again (it is deterministic, and so is its tokenizer).
+
+    Raises ConfigError when the tokenizer's vocabulary exceeds the model's.
+    """
+    from input_pipeline.tokenizers import load_tokenizer  # pylint: disable=import-outside-toplevel
+
+    d = config.data
+    ctx = config.model.text.context_length
+    files = _saved_tokenizers(workdir)
+    if files:
+        tokenizer = load_tokenizer(files[0], ctx)
+    elif d.name in SOURCES and d.tokenizer:
+        tokenizer = load_tokenizer(d.tokenizer, ctx)
+    else:
+        data_dir = d.data_dir or shapes_builder.default_data_dir()
+        eval_name = d.eval_name if d.name in SOURCES else d.name
+        try:
+            tokenizer = pipeline.tokenizer_for(data_dir=data_dir, dataset=eval_name,
+                                               config_name=d.config_name, context_length=ctx)
+        except DataError:  # Neither kept nor built: rebuild the (deterministic) dataset.
+            return prepare(config, for_eval=True).tokenizer
+    if tokenizer.vocab_size > config.model.text.vocab_size:
+        raise ConfigError(
+            f"The tokenizer ({getattr(tokenizer, 'path', '?')}) has {tokenizer.vocab_size} "
+            f"tokens, more than the model's config.model.text.vocab_size="
+            f"{config.model.text.vocab_size}: ids past the model's table would be clamped. "
+            "Tokenize with the model's own tokenizer.")
+    return tokenizer

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -67,16 +68,17 @@ EVALUATOR_OPTIONS = {
                      "seed"),
     "fewshot_vqa": ("shots", "max_new_tokens"),
     "fewshot_captioning": ("shots", "max_new_tokens"),
+    "refexp": ("iou_threshold",),
 }
 # How an evaluator type's data is loaded: image-text pairs (classification / captions), images
 # with an in-context pool (Flamingo), or text documents (language model).
 LOADER = {"zeroshot": "pairs", "retrieval": "pairs", "linear_probe": "pairs",
           "captioning": "pairs", "fewshot_vqa": "fewshot", "fewshot_captioning": "fewshot",
-          "lm_loss": "documents"}
+          "lm_loss": "documents", "refexp": "pairs"}
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
          "linear_probe": "linear_probe", "captioning": "captioning",  # CLIP_benchmark's names
          "fewshot_vqa": "fewshot_vqa", "fewshot_captioning": "fewshot_captioning",
-         "lm_loss": "language_modeling"}
+         "lm_loss": "language_modeling", "refexp": "referring_expression_localisation"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,7 +377,8 @@ class Evaluation:
         tokenizer, name = self.data.tokenizer, entry.tfds_name
         if name is not None:
             kw = dict(split=split, data_dir=self.config.eval.data_dir or None,
-                      image_size=self.image_size, max_examples=max_examples)
+                      image_size=self.image_size, max_examples=max_examples,
+                      resize_mode=self.config.eval.get("resize_mode", "shortest"))
             if _is_captions(name):
                 out = eval_data.load_tfds_retrieval(name, **kw)
                 out["text"] = tokenizer.encode(out["caption"])
@@ -515,7 +518,12 @@ def write_results(workdir: epath.Path, config: ConfigDict, entries: Iterable[Ent
     for shapes, ``eval_results_tfds_cifar10_test.json``, ``eval_results_eval_files.json``...), one record per entry with
     CLIP_benchmark's field names (``dataset``, ``model``, ``task``, ``metrics``) plus ``entry``,
     ``split`` and ``step``; prints a markdown table. Records of other entries already in a file
-    are kept (evaluated earlier); an entry evaluated again is replaced. Returns the files."""
+    are kept (evaluated earlier); an entry evaluated again is replaced. Also writes the same
+    results as CLIP_benchmark writes them (:func:`write_clip_benchmark`). Returns the
+    ``eval_results_*.json`` files."""
+    entries = list(entries)
+    write_clip_benchmark(workdir / CLIP_BENCHMARK_DIR, config, entries, step, results,
+                         checkpoint=workdir / "checkpoints" / str(int(step)))
     files: dict[str, list[dict]] = {}
     wheres: dict[str, str] = {}
     for entry in entries:
@@ -549,6 +557,80 @@ def write_results(workdir: epath.Path, config: ConfigDict, entries: Iterable[Ent
                 name = f"{r['entry']}/{k}"
                 print(f"| {name} | {v:.3f} |" if raw else f"| {name} | {100 * v:.2f} |")
     return written
+
+
+CLIP_BENCHMARK_DIR = "clip_benchmark"  # <workdir>/clip_benchmark/: CLIP_benchmark's files only
+# CLIP_benchmark's default --output template (clip_benchmark/cli.py).
+CLIP_BENCHMARK_OUTPUT = "{dataset}_{pretrained}_{model}_{language}_{task}.json"
+LANGUAGE = "en"  # The language of the class names, templates and captions evaluated here.
+# Metrics that CLIP_benchmark names otherwise, per task: its linear probe's (metrics/
+# linear_probe.py) and pycocoevalcap's captioning scores (metrics/captioning.py).
+CLIP_BENCHMARK_METRICS = {
+    "linear_probe": {"acc1": "lp_acc1", "acc5": "lp_acc5",
+                     "mean_per_class_recall": "lp_mean_per_class_recall"},
+    "captioning": {"bleu1": "Bleu_1", "bleu4": "Bleu_4", "rouge_l": "ROUGE_L", "cider": "CIDEr"},
+}
+
+
+def clip_benchmark_records(config: ConfigDict, entries: Iterable[Entry],
+                           results: Mapping[str, float], checkpoint: str, step: int
+                           ) -> dict[str, dict[str, Any]]:
+    """``{file name: record}`` of the entries evaluated in ``results``, as ``clip_benchmark
+    eval`` writes them (``clip_benchmark/cli.py``, ``run``): one JSON object per dataset and
+    task with ``dataset`` (CLIP_benchmark's name: :func:`vlm_jax.suites.clip_benchmark_dataset`),
+    ``model`` (``config.name``), ``pretrained`` (the checkpoint directory, as CLIP_benchmark
+    records a checkpoint file's path), ``task``, ``metrics`` and ``language``, plus ``entry``,
+    ``split`` and ``step`` (CLIP_benchmark's ``build`` carries extra fields into its table as
+    columns). Metric names are CLIP_benchmark's (:data:`CLIP_BENCHMARK_METRICS`: the linear
+    probe's ``lp_acc1``..., captioning's ``CIDEr``...; the others are already). Files are named
+    by CLIP_benchmark's default template ``{dataset}_{pretrained}_{model}_{language}_{task}.json``
+    with ``/`` (and ``:``) as ``_`` and ``pretrained`` as ``<run>_step<N>`` (CLIP_benchmark uses
+    a checkpoint file's base name, here always the step). Two entries of one call on the same dataset and task (two splits, two
+    option sets) get ``/<entry>`` appended to the dataset name, so neither overwrites the other.
+    """
+    from vlm_jax import suites  # pylint: disable=import-outside-toplevel
+
+    checkpoint = os.fspath(checkpoint)
+    run = epath.Path(checkpoint).parent.parent.name or "run"
+    evaluated = []
+    for entry in entries:
+        m = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(entry.name + "/")}
+        if m:
+            evaluated.append((entry, suites.clip_benchmark_dataset(entry.dataset, entry.split),
+                              TASKS[entry.type], m))
+    count: dict[tuple[str, str], int] = {}
+    for _, dataset, task, _ in evaluated:
+        count[dataset, task] = count.get((dataset, task), 0) + 1
+    out = {}
+    for entry, dataset, task, metrics in evaluated:
+        if count[dataset, task] > 1:
+            dataset = f"{dataset}/{entry.name}"
+        name = CLIP_BENCHMARK_OUTPUT.format(dataset=dataset, pretrained=f"{run}_step{int(step)}",
+                                            model=config.name, language=LANGUAGE, task=task)
+        name = name.replace("/", "_").replace(":", "_")
+        renamed = CLIP_BENCHMARK_METRICS.get(task, {})
+        out[name] = {"dataset": dataset, "model": str(config.name), "pretrained": checkpoint,
+                     "task": task, "metrics": {renamed.get(k, k): float(v)
+                                               for k, v in metrics.items()},
+                     "language": LANGUAGE, "entry": entry.name, "split": entry.split,
+                     "step": int(step)}
+    return out
+
+
+def write_clip_benchmark(directory: epath.Path, config: ConfigDict, entries: Iterable[Entry],
+                         step: int, results: Mapping[str, float], checkpoint: str | os.PathLike
+                         ) -> list[epath.Path]:
+    """Writes :func:`clip_benchmark_records` into ``directory`` (process 0), one file each, as
+    CLIP_benchmark's ``eval`` does; ``clip_benchmark build <directory> --output table.csv``
+    (its aggregation) reads them. A file of the same dataset, task and step is replaced. Returns
+    the files."""
+    records = clip_benchmark_records(config, entries, results, os.fspath(checkpoint), step)
+    files = [directory / name for name in records]
+    if jax.process_index() == 0 and records:
+        directory.mkdir(parents=True, exist_ok=True)
+        for path, record in zip(files, records.values()):
+            path.write_text(json.dumps(record))  # json.dump, as CLIP_benchmark writes them
+    return files
 
 
 def caption_options(config: ConfigDict) -> dict[str, Any]:

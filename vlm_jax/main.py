@@ -1,11 +1,14 @@
-"""Command line: ``vlm-jax train | eval | convert | caption | compile | data``.
+"""Command line: ``vlm-jax train | eval | convert | export | caption | compile | data``.
 
     vlm-jax train --config experiments/clip_tiny.py --workdir runs/tiny [--config.key=value ...]
     vlm-jax eval  --workdir runs/tiny [--config experiments/clip_tiny.py] [--step N]
                   [--evaluators zeroshot,retrieval,linear_probe]
+    vlm-jax eval  --workdir runs/tiny --suite datacomp [--max_examples N]
     vlm-jax eval  --checkpoint runs/tiny/checkpoints/1200
     vlm-jax convert --input ViT-B-32.safetensors --act quick_gelu --workdir runs/openai_b32
     vlm-jax convert --input TinyLlama-1.1B/ --workdir runs/tinyllama  # a Hugging Face LM directory
+    vlm-jax convert --input siglip-base-patch16-224/ --workdir runs/siglip  # HF CLIP / SigLIP(2)
+    vlm-jax export --workdir runs/siglip --format hf --output out/siglip  # or --format open_clip
     vlm-jax caption --workdir runs/coca_tiny --images photos/ [--method beam --beam_size 3]
     vlm-jax compile --config experiments/clip_openai.py:B/16 --topology v5e:16x16
     vlm-jax data prepare --config experiments/clip_tiny.py
@@ -67,17 +70,39 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         "tfds:<name> (in config.eval.data_dir)")
     p.add_argument("--split", default=None,
                    help="run the selected entries on this split instead of theirs")
+    p.add_argument("--suite", default=None,
+                   help="run a benchmark suite instead of config.evals: 'datacomp' (DataComp's "
+                        "38 tasks; those TFDS prepares run from config.eval.data_dir, the others "
+                        "are listed with how to prepare them)")
+    p.add_argument("--max_examples", type=int, default=0,
+                   help="with --suite: examples per task (default 0: the whole split)")
     p = sub.add_parser("convert", help="import OpenAI CLIP / open_clip weights (.safetensors, "
                                        ".pt/.bin with torch) or a Hugging Face LLaMA / GPT-2 "
                                        "model directory into a workdir that eval and train use")
     common(p, config_required=False)
     p.add_argument("--input", required=True,
                    help="the CLIP state dict file, or a Hugging Face model directory "
-                        "(config.json + model.safetensors) of a LLaMA or GPT-2 causal LM")
+                        "(config.json + model.safetensors) of a LLaMA or GPT-2 causal LM or of "
+                        "a CLIPModel / SiglipModel / Siglip2Model (with its tokenizer files)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--act", default=None, choices=["quick_gelu", "gelu"],
-                   help="CLIP state dicts (required there): quick_gelu for OpenAI's models and "
-                        "open_clip's *-quickgelu, gelu for the other open_clip models")
+                   help="CLIP state dicts without open_clip_config.json (required there): "
+                        "quick_gelu for OpenAI's models and open_clip's *-quickgelu, gelu for "
+                        "the other open_clip models")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the converted model (model.dtype; default float32, "
+                        "whose embeddings match the original's)")
+    p = sub.add_parser("export", help="write a CLIP / SigLIP workdir's model as open_clip "
+                                      "(open_clip_config.json) or transformers (config.json) "
+                                      "safetensors")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--output", required=True, help="a new (or empty) directory")
+    p.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    p.add_argument("--hf_model_type", default=None, choices=["clip", "siglip", "siglip2"],
+                   help="--format hf: the transformers class (default CLIPModel for CLIP-style "
+                        "models, SiglipModel for SigLIP-style ones; siglip2: Siglip2Model)")
+    p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("caption", help="caption a folder of images with a CoCa checkpoint")
     common(p, config_required=False)
     p.add_argument("--workdir", required=True)
@@ -184,6 +209,41 @@ def _eval_elsewhere(config, names, dataset, split):
     return config
 
 
+def _add_suite(config, suite, names, max_examples):
+    """``vlm-jax eval --suite S``: the config with the entries of the suite's tasks that run
+    here (:func:`vlm_jax.suites.suite_evals`) added to ``config.evals``, the names to run (those,
+    or the ones of ``--evaluators`` among them) and the tasks left out, with why."""
+    from vlm_jax import suites  # pylint: disable=import-outside-toplevel
+    from vlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+
+    entries, skipped = suites.suite_evals(suite, config.eval.data_dir or None, max_examples)
+    if names is not None:
+        every = [suites.entry_name(t) for t in suites.suite_tasks(suite)]
+        unknown = [n for n in names if n not in every]
+        if unknown:
+            raise ConfigError(f"--evaluators {unknown}: not tasks of suite {suite!r}; its tasks "
+                              f"are {every}.")
+        entries = {k: v for k, v in entries.items() if k in names}
+    with config.unlocked():
+        evals = dict(config.evals) if "evals" in config else {}
+        evals.update(entries)
+        config.evals = evals
+    return config, list(entries), skipped
+
+
+def _eval_suite(config, args, names, skipped) -> int:
+    """Runs the suite's entries that can run (none: only the report) and prints the suite's
+    table, with the preparation of the tasks that did not run."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from vlm_jax import suites, train  # pylint: disable=import-outside-toplevel
+
+    results = train.evaluate_checkpoint(config, args.workdir, args.step, names) if names else {}
+    if jax.process_index() == 0:
+        print("\n" + suites.summary(args.suite, results, skipped))
+    return 0
+
+
 def _init_distributed(args) -> None:
     """Starts jax.distributed from explicit flags or a cluster jax detects (vlm_jax.runtime)."""
     from vlm_jax import runtime  # pylint: disable=import-outside-toplevel
@@ -283,6 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = None  # vlm-jax eval: the entries of config.evals to run (None: the default ones)
     if getattr(args, "evaluators", None):
         names = [n.strip() for n in args.evaluators.split(",") if n.strip()]
+    if args.command == "export":  # Files in, files out: no config, no distributed runtime.
+        from vlm_jax import export  # pylint: disable=import-outside-toplevel
+
+        try:
+            export.export(args.workdir, args.format, args.output, step=args.step,
+                          hf_model_type=args.hf_model_type)
+        except (export.ExportError, CheckpointError) as e:
+            print(f"vlm-jax export: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         if args.command == "data" and args.action in ("convert", "inspect"):
             config = None  # These work on files, not on a config; inspect applies the sample
@@ -296,7 +366,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"vlm-jax data {args.action} needs --config.")
             config = _load(args, overrides)  # Fails on a bad key before anything happens.
             if args.command == "eval" and (args.dataset or args.split):
+                if args.suite:
+                    raise ConfigError("vlm-jax eval: --suite runs each task on its own dataset; "
+                                      "leave out --dataset / --split.")
                 config = _eval_elsewhere(config, names, args.dataset, args.split)
+            if args.command == "eval" and args.max_examples and not args.suite:
+                raise ConfigError("vlm-jax eval: --max_examples goes with --suite; for the "
+                                  "entries of config.evals set "
+                                  "--config.evals.<name>.max_examples=N.")
+            if args.command == "eval" and args.suite:
+                config, names, suite_skipped = _add_suite(config, args.suite, names,
+                                                          args.max_examples)
         # Compiling for a TPU topology and converting data need no distributed runtime.
         if args.command != "compile" and not (args.command == "data" and args.action == "convert"):
             _init_distributed(args)
@@ -313,12 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "eval":
             from vlm_jax import train  # pylint: disable=import-outside-toplevel
 
+            if args.suite:
+                return _eval_suite(config, args, names, suite_skipped)
             train.evaluate_checkpoint(config, args.workdir, args.step, names)
         elif args.command == "convert":
             from vlm_jax import convert  # pylint: disable=import-outside-toplevel
 
             try:
-                convert.convert(args.input, args.workdir, act=args.act, base_config=config)
+                convert.convert(args.input, args.workdir, act=args.act, base_config=config,
+                                dtype=args.dtype)
             except convert.ConvertError as e:
                 print(f"vlm-jax convert: ConvertError: {e}", file=sys.stderr)
                 return 2

@@ -309,20 +309,25 @@ def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> 
             loss, aux, grads = loss_and_grads(state["params"], batch, state["step"])
         else:
             loss, aux, grads = loss_and_grads(state["params"], batch)
-        updates, opt_state = s.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        if after_update is not None:  # e.g. CLIP's temperature clamped, as open_clip
-            params = after_update(params, config)
-        grad_norm = optax.global_norm(grads)
+        # Named scopes label the compiled ops for profiles (benchmarks/step_profile.py).
+        with jax.named_scope("optimizer"):
+            updates, opt_state = s.tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            if after_update is not None:  # e.g. CLIP's temperature clamped, as open_clip
+                params = after_update(params, config)
+        with jax.named_scope("guard"):
+            grad_norm = optax.global_norm(grads)
         # A step with a NaN/Inf loss or gradient leaves params and optimizer state as they were
         # (the loop then stops or skips, config.guard). A select rather than
         # optax.apply_if_finite: that wraps the update in lax.cond, which compiles it apart from
         # the rest of the step; its values then differ in the 7th digit from the first step and
         # the quickstart's trajectory drifts (72.3 -> 69.5 % zero-shot top-1 after 1200 steps).
         # The select leaves the update's arithmetic as it is (same losses, bit for bit).
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
-                                         (params, opt_state), (state["params"], state["opt_state"]))
+        with jax.named_scope("guard"):
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                             (params, opt_state),
+                                             (state["params"], state["opt_state"]))
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                    "train/lr": optim.applied_lr(s.schedule, state["opt_state"]), **aux}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
@@ -586,6 +591,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
             state["params"] = load_pretrained(config, s, state["params"])
     if is_main:
         (workdir / "config.json").write_text(config_lib.to_json(config))
+        data_lib.save_tokenizer(workdir, data.tokenizer)  # The workdir serves inference alone.
         n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state["params"]))
         print(f"Model {s.family.name}: {n_params / 1e6:.2f}M parameters; mesh "
               f"{dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "

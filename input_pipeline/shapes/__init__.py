@@ -19,5 +19,7 @@ from input_pipeline.shapes.generator import (
     NUM_CLASSES,
     SPLIT_SEEDS,
     ZERO_SHOT_TEMPLATES,
+    referring_expressions,
     render_example,
+    scene_locations,
 )

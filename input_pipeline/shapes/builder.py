@@ -1,6 +1,6 @@
 """TFDS builder of the "shapes" dataset, written to ArrayRecord without tensorflow.
 
-``prepare()`` builds ``<data_dir>/shapes/<config>/1.0.0/`` once (idempotent, multi-process
+``prepare()`` builds ``<data_dir>/shapes/<config>/<version>/`` once (idempotent, multi-process
 safe) and returns that directory; it holds the ArrayRecord files, the TFDS metadata and the
 sentencepiece tokenizer trained on the train captions (:data:`TOKENIZER_FILENAME`).
 Read it back with ``tfds.data_source('shapes/64px', data_dir=...)`` or
@@ -54,9 +54,13 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class Shapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic image-caption dataset: coloured shapes with captions, labels and QA pairs."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
-                     "1.1.0": "Main object always large and near the centre."}
+                     "1.1.0": "Main object always large and near the centre.",
+                     "1.2.0": "Localisation features: every object's box, class, referring "
+                              "expression and grounded caption; one referring expression per "
+                              "record and its box. Images, captions, labels and questions are "
+                              "those of 1.1.0."}
     BUILDER_CONFIGS = [
         ShapesConfig(image_size=64, description="64x64 images (default)."),
         ShapesConfig(image_size=32, description="32x32 images, for the fastest CPU runs."),
@@ -81,7 +85,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
             description=(
                 "Synthetic image-caption data: one to three coloured shapes per image, a "
                 "caption, a label (colour and shape of the largest object, 30 classes) and a "
-                "question/answer pair. Images are PNG bytes. Generator: "
+                "question/answer pair; per object its box, class, a minimal unambiguous "
+                "referring expression and a grounded caption, and per record one referring "
+                "expression with its box. Images are PNG bytes. Generator: "
                 "input_pipeline/shapes/generator.py."),
             features=tfds.features.FeaturesDict({
                 "index": tfds.features.Scalar(np.int64, doc="render_example index"),
@@ -90,6 +96,17 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                 "label": tfds.features.ClassLabel(names=generator.CLASS_NAMES),
                 "question": tfds.features.Text(),
                 "answer": tfds.features.Text(),
+                # Localisation (generator.scene_locations); main object first.
+                "objects": tfds.features.Sequence({
+                    "bbox": tfds.features.BBoxFeature(
+                        doc="ymin, xmin, ymax, xmax in fractions of the image side"),
+                    "label": tfds.features.ClassLabel(names=generator.CLASS_NAMES),
+                    "refexp": tfds.features.Text(doc="minimal unambiguous referring expression"),
+                    "caption": tfds.features.Text(doc="grounded caption of the object's box"),
+                }),
+                "refexp": tfds.features.Text(doc="referring expression of objects[refexp_object]"),
+                "refexp_bbox": tfds.features.BBoxFeature(doc="box of the referred object"),
+                "refexp_object": tfds.features.Scalar(np.int64, doc="index into objects"),
             }),
             # Record i of a split is example i: files are traceable to render_example().
             disable_shuffling=True,
@@ -108,7 +125,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
         seed = generator.SPLIT_SEEDS[split]
         for index in range(self._split_sizes[split]):
-            example = generator.render_example(seed, index, self.builder_config.image_size)
+            scene = generator.sample_scene(seed, index)
+            example = generator.scene_example(scene, self.builder_config.image_size)
+            example.update(generator.scene_locations(scene, seed, index))
             png = io.BytesIO()
             Image.fromarray(example["image"]).save(png, format="PNG")
             example["image"] = png.getvalue()
@@ -212,7 +231,7 @@ def prepare(data_dir: str | os.PathLike | None = None, config: str = DEFAULT_CON
         progress: show TFDS progress bars while building.
 
     Returns:
-        The dataset directory ``<data_dir>/shapes/<config>/1.0.0``.
+        The dataset directory ``<data_dir>/shapes/<config>/<version>``.
 
     Raises:
         DataError: unknown config, an existing dataset of other split sizes, or a timeout

@@ -15,12 +15,18 @@ shapes on a plain background, a caption, a class label and a question/answer pai
   main object, so "the {shape}" and "the {color} object" always refer to one object.
 * The scene geometry is stored in fractions of the image side: the 32px and 64px renderings of
   one ``(split_seed, index)`` show the same scene.
+* Localisation targets (:func:`scene_locations`, shapes 1.2.0): every object's box (the exact
+  extent of the drawn shape), an unambiguous referring expression and a grounded caption. They
+  are derived from the sampled scene plus a *separate* random stream, so the images, captions
+  and questions are those of the versions before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -77,6 +83,9 @@ _DISTRACTOR = (0.16, 0.22)
 _MARGIN = 0.03  # minimum gap between objects and to the border, fraction of the image side
 _MAX_PLACEMENT_TRIES = 30
 _MAX_ROTATION_DEG = 15.0
+# Third seed word of the random stream that picks referring expressions: a stream independent of
+# the scene's np.random.default_rng([split_seed, index]), whose draws stay exactly as before.
+_REFEXP_STREAM = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +104,19 @@ class ShapeObject:
         """Noun phrase without article, e.g. "large red circle"."""
         words = (self.size,) if with_size else ()
         return " ".join(words + (self.color, self.shape))
+
+    def box(self) -> tuple[float, float, float, float]:
+        """``(ymin, xmin, ymax, xmax)`` of the drawn shape in fractions of the image side (the
+        TFDS ``BBoxFeature`` convention): the extremes of the circle or of the rotated polygon
+        :func:`draw_scene` fills."""
+        r = self.extent / 2
+        if self.shape == "circle":
+            lo, hi = (-r, -r), (r, r)
+        else:
+            pts = _rotated_polygon(self.shape, self.angle) * r
+            lo, hi = pts.min(axis=0).tolist(), pts.max(axis=0).tolist()
+        box = (self.cy + lo[1], self.cx + lo[0], self.cy + hi[1], self.cx + hi[0])
+        return tuple(min(max(v, 0.0), 1.0) for v in box)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +152,12 @@ def _region(obj: ShapeObject) -> str:
     row = ("top", "", "bottom")[min(int(obj.cy * 3), 2)]
     col = ("left", "", "right")[min(int(obj.cx * 3), 2)]
     return " ".join(w for w in (row, col) if w) or "centre"
+
+
+_REGION_PHRASES = {"top left": "in the top left", "top right": "in the top right",
+                   "bottom left": "in the bottom left", "bottom right": "in the bottom right",
+                   "top": "at the top", "bottom": "at the bottom", "left": "on the left",
+                   "right": "on the right", "centre": "in the centre"}
 
 
 def _place(rng: np.random.Generator, extent: float, placed: list[ShapeObject]
@@ -250,6 +278,13 @@ def _unit_polygon(shape: str) -> np.ndarray:
 _UNIT_POLYGONS = {s: _unit_polygon(s) for s in SHAPES if s != "circle"}
 
 
+def _rotated_polygon(shape: str, angle_deg: float) -> np.ndarray:
+    """Vertices [k, 2] (x, y) of ``shape`` in the unit circle, rotated as drawn."""
+    a = math.radians(angle_deg)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return _UNIT_POLYGONS[shape] @ rot.T
+
+
 def draw_scene(scene: Scene, image_size: int = 64) -> np.ndarray:
     """Renders ``scene`` as a uint8 array [image_size, image_size, 3] (anti-aliased)."""
     canvas = image_size * _SUPERSAMPLE
@@ -261,9 +296,7 @@ def draw_scene(scene: Scene, image_size: int = 64) -> np.ndarray:
         if obj.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rgb)
             continue
-        a = math.radians(obj.angle)
-        rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        pts = _UNIT_POLYGONS[obj.shape] @ rot.T * r + (cx, cy)
+        pts = _rotated_polygon(obj.shape, obj.angle) * r + (cx, cy)
         draw.polygon([tuple(p) for p in pts.tolist()], fill=rgb)
     img = img.resize((image_size, image_size), Image.Resampling.BOX)
     return np.asarray(img, dtype=np.uint8)
@@ -281,11 +314,94 @@ def render_example(split_seed: int, index: int, image_size: int = 64) -> dict:
         ``{'image': uint8 [S, S, 3], 'caption': str, 'label': int, 'question': str,
         'answer': str}``, fully determined by ``(split_seed, index, image_size)``.
     """
-    scene = sample_scene(split_seed, index)
+    return scene_example(sample_scene(split_seed, index), image_size)
+
+
+def scene_example(scene: Scene, image_size: int = 64) -> dict:
+    """:func:`render_example`'s dict of an already sampled ``scene``."""
     return {
         "image": draw_scene(scene, image_size),
         "caption": scene.caption,
         "label": scene.label,
         "question": scene.question,
         "answer": scene.answer,
+    }
+
+
+# Attributes a referring expression may add to the shape noun, in the order they are written.
+_REFEXP_ATTRIBUTES = ("size", "color", "region")
+
+
+def _attribute(obj: ShapeObject, name: str) -> str:
+    return _region(obj) if name == "region" else getattr(obj, name)
+
+
+def referring_expressions(objects: Sequence[ShapeObject], k: int) -> list[str]:
+    """The minimal unambiguous referring expressions of ``objects[k]``.
+
+    An expression is the shape noun with a subset of {size, colour, region} ("the small red
+    circle in the top left" names all three). It is *unambiguous* when ``objects[k]`` is the
+    only object of the scene with those attributes, and *minimal* when no proper subset of its
+    attributes is unambiguous: words are added only as needed ("the circle" when the circle is
+    the only one; "the red square" or "the square in the top left" when there are two squares).
+    Never empty: the colours of a scene are distinct.
+    """
+    target = objects[k]
+    unambiguous = []
+    for n in range(len(_REFEXP_ATTRIBUTES) + 1):
+        for subset in itertools.combinations(_REFEXP_ATTRIBUTES, n):
+            if any(set(u) <= set(subset) for u in unambiguous):
+                continue  # not minimal
+            matches = [o for o in objects if o.shape == target.shape and all(
+                _attribute(o, a) == _attribute(target, a) for a in subset)]
+            if len(matches) == 1:
+                unambiguous.append(subset)
+    out = []
+    for subset in unambiguous:
+        words = [_attribute(target, a) for a in ("size", "color") if a in subset]
+        phrase = " ".join(["the", *words, target.shape])
+        if "region" in subset:
+            phrase += " " + _REGION_PHRASES[_region(target)]
+        out.append(phrase)
+    return out
+
+
+def grounded_caption(obj: ShapeObject) -> str:
+    """Caption of the region of one object: its size, colour, shape and place, e.g. "a small
+    red circle in the top left" (LocCa's grounded captioning target for the object's box)."""
+    return f"{_article(obj.describe(with_size=True))} {_REGION_PHRASES[_region(obj)]}"
+
+
+def scene_locations(scene: Scene, split_seed: int, index: int) -> dict:
+    """Localisation targets of example ``index`` of a split (LocCa's tasks).
+
+    Reads the scene only: the choices are drawn from a random stream of their own
+    (``np.random.default_rng([split_seed, index, 1])``), so images and texts of the example are
+    unchanged.
+
+    Returns:
+        ``{'objects': {'bbox': float32 [N, 4], 'label': int64 [N], 'refexp': list[str],
+        'caption': list[str]}, 'refexp': str, 'refexp_bbox': float32 [4],
+        'refexp_object': int}``: per object (main object first) its box (ymin, xmin, ymax,
+        xmax in fractions of the image side), class, one minimal unambiguous referring
+        expression (:func:`referring_expressions`) and grounded caption
+        (:func:`grounded_caption`); then the example's referring expression, of the object
+        ``refexp_object`` (drawn uniformly), and that object's box.
+    """
+    rng = np.random.default_rng([split_seed, index, _REFEXP_STREAM])
+    objects = scene.objects
+    expressions = []
+    for k in range(len(objects)):
+        options = referring_expressions(objects, k)
+        expressions.append(options[int(rng.integers(len(options)))])
+    boxes = np.array([o.box() for o in objects], np.float32)
+    labels = np.array([COLOR_NAMES.index(o.color) * len(SHAPES) + SHAPES.index(o.shape)
+                       for o in objects], np.int64)
+    chosen = int(rng.integers(len(objects)))
+    return {
+        "objects": {"bbox": boxes, "label": labels, "refexp": expressions,
+                    "caption": [grounded_caption(o) for o in objects]},
+        "refexp": expressions[chosen],
+        "refexp_bbox": boxes[chosen],
+        "refexp_object": chosen,
     }

@@ -2,12 +2,13 @@
 
 ``NEEDS[type]``: the keys of the evaluation data an evaluator reads; ``WHAT[type]``: what kind of
 data that is and where to find it, for the error message; ``CAPABILITY[type]``: what it asks of
-the model (``Family.capabilities``: embed, caption, interleaved, lm). :mod:`vlm_jax.evaluation`
-compares them with what each entry's dataset provides (from its metadata, before any example is
-read) and with the model's capabilities, at the start of a run.
+the model (``Family.capabilities``: embed, caption, interleaved, lm, locate).
+:mod:`vlm_jax.evaluation` compares them with what each entry's dataset provides (from its
+metadata, before any example is read) and with the model's capabilities, at the start of a run.
 """
 
-from vlm_jax.evaluators import captioning, fewshot, linear_probe, retrieval, zeroshot
+from vlm_jax.evaluators import (captioning, fewshot, linear_probe, localisation, retrieval,
+                                zeroshot)
 
 EVALUATORS = {
     "zeroshot": zeroshot.evaluate,
@@ -17,6 +18,7 @@ EVALUATORS = {
     "fewshot_vqa": fewshot.evaluate_vqa,
     "fewshot_captioning": fewshot.evaluate_captioning,
     "lm_loss": fewshot.evaluate_lm,
+    "refexp": localisation.evaluate,
 }
 NEEDS = {
     "zeroshot": ("image", "label", "class_names", "templates"),
@@ -26,6 +28,7 @@ NEEDS = {
     "fewshot_vqa": ("image", "question", "answer", "pool", "prompt_format"),
     "fewshot_captioning": ("image", "pool", "prompt_format"),  # + caption(s): checked there
     "lm_loss": ("documents", "weights"),
+    "refexp": ("image", "refexp", "refexp_bbox"),
 }
 WHAT = {
     "zeroshot": "a classification dataset (labels and class names), e.g. dataset='shapes' or "
@@ -41,6 +44,8 @@ WHAT = {
                           "experiments/flamingo_tiny_shapes.py on the shapes splits or "
                           "dataset='tfds:coco_captions'",
     "lm_loss": "held-out text documents, and a language model: experiments/lm_tiny_shapes.py",
+    "refexp": "images with referring expressions and their boxes (shapes 1.2.0 and later), and "
+              "a model that predicts boxes",
 }
 
 
@@ -53,11 +58,13 @@ CAPABILITY = {
     "fewshot_vqa": "interleaved",
     "fewshot_captioning": "interleaved",
     "lm_loss": "lm",
+    "refexp": "locate",
 }
 CAPABILITIES = {
     "embed": "encode_image / encode_text to normalised embeddings: CLIP, SigLIP, CoCa",
     "caption": "an image-conditioned text decoder: CoCa",
     "interleaved": "generation from interleaved images and text: Flamingo",
     "lm": "next-token logits over text: a language model, Flamingo",
+    "locate": "locate(images, expressions) -> [N, 4] boxes (no family yet)",
 }
 

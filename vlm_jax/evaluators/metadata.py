@@ -78,23 +78,39 @@ def class_names(dataset: str) -> list[str]:
     return list(_read_lines(_entry(dataset)["classnames"]))
 
 
+def with_templates() -> list[str]:
+    """Names of the datasets with templates (some, read with their TFDS label names, have no
+    class names file), sorted."""
+    return sorted(d for d, files in _index().items() if any(k.startswith("templates/")
+                                                            for k in files))
+
+
+def _template_entry(dataset: str) -> dict[str, str]:
+    if dataset not in with_templates():
+        raise ValueError(f"No zero-shot templates for dataset {dataset!r}; available: "
+                         f"{with_templates()}. Add <name>_templates_{DEFAULT_KIND}.txt to "
+                         f"vlm_jax/evaluators/{_DIR}/.")
+    return _index()[dataset]
+
+
 def template_kinds(dataset: str) -> list[str]:
     """The template sets of ``dataset``, e.g. ``['openai', 'simple']`` for ``imagenet1k``."""
-    return sorted(k.split("/", 1)[1] for k in _entry(dataset) if k.startswith("templates/"))
+    return sorted(k.split("/", 1)[1] for k in _template_entry(dataset)
+                  if k.startswith("templates/"))
 
 
 def templates(dataset: str, kind: str = DEFAULT_KIND) -> tuple[str, ...]:
     """Prompt templates of ``dataset``; each holds one ``{}`` for ``template.format(name)``.
 
     Args:
-        dataset: a name from :func:`available`.
+        dataset: a name from :func:`with_templates`.
         kind: template set, ``'openai'`` (the published evaluation's set; default) or another
             of :func:`template_kinds` (``'simple'``: OpenAI's 7-template ImageNet subset).
 
     Raises:
         ValueError: unknown dataset or kind, or a data file whose template has no single ``{}``.
     """
-    entry = _entry(dataset)
+    entry = _template_entry(dataset)
     key = f"templates/{kind}"
     if key not in entry:
         raise ValueError(f"Dataset {dataset!r} has no template set {kind!r}; it has "

@@ -34,6 +34,11 @@ Optional, for contrastive families:
   gradient is computed for them and they get no optimizer state
   (:func:`vlm_jax.optim.trainable_mask`).
 
+Optional, for inference (``vlm_jax.load``, ``vlm-jax caption``):
+
+* ``run_tokenizer(config, workdir) -> tokenizer``: the run's tokenizer without preparing data
+  (:func:`vlm_jax.data.run_tokenizer`); :meth:`Family.tokenizer` falls back to ``make_data``.
+
 Adding a family (SigLIP 2, a LLaVA-style model; ``lit.py`` is a worked example) is one new
 module here that defines a ``FAMILY`` and one line in :data:`FAMILIES`.
 """
@@ -52,6 +57,7 @@ CAPABILITIES = {
     "caption": "an image-conditioned text decoder",
     "interleaved": "generation from images interleaved with text",
     "lm": "next-token logits over text",
+    "locate": "locate(images, expressions) -> [N, 4] boxes of the referred objects",
 }
 
 
@@ -73,6 +79,7 @@ class Family:
     after_update: Callable[[Any, Any], Any] | None = None
     locked: Callable[[Any], tuple[str, ...]] | None = None
     step_flops: Callable[[Any], float] | None = None
+    run_tokenizer: Callable[[Any, Any], Any] | None = None
 
     def train_flops_per_example(self, config) -> float:
         """Forward-equivalent FLOPs per example of ``config``'s train step (3 x this is the
@@ -86,6 +93,13 @@ class Family:
     def locked_parts(self, config) -> tuple[str, ...]:
         """The parameter paths this family locks for ``config`` (none without ``locked``)."""
         return tuple(self.locked(config)) if self.locked is not None else ()
+
+    def tokenizer(self, config: Any, workdir: Any = None) -> Any:
+        """The tokenizer of a run (``workdir``: where it was trained or converted), without
+        building or opening data when the family knows how (``run_tokenizer``)."""
+        if self.run_tokenizer is not None:
+            return self.run_tokenizer(config, workdir)
+        return self.make_data(config, for_eval=True).tokenizer
 
     @property
     def contrastive(self) -> bool:

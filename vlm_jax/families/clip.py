@@ -33,6 +33,7 @@ def embed(model, batch, config):
     return {"image_emb": out["image_emb"], "text_emb": out["text_emb"]}, 0.0, {}
 
 
+@jax.named_scope("contrastive_loss")
 def batch_loss(model, emb, config, mesh):
     """The contrastive loss over a whole batch's embeddings ``emb`` (:func:`embed`), across all
     devices (the global B x B logits are never built on one device), with the model's
@@ -120,6 +121,11 @@ def make_data(config, for_eval: bool = False):
     return data_lib.prepare(config, for_eval=for_eval)
 
 
+def run_tokenizer(config, workdir=None):
+    """The caption tokenizer of a run, no data prepared (:func:`vlm_jax.data.run_tokenizer`)."""
+    return data_lib.run_tokenizer(config, workdir)
+
+
 def eval_entry(kind: str, split: str = "test", **options) -> dict:
     """One entry of ``config.evals`` on the shapes data (at the run's ``data.config_name``),
     run at the end of training (``every_steps`` 0), on the whole split."""
@@ -142,4 +148,5 @@ FAMILY = Family(name="clip", build_model=build_model, objective=objective,
                 batch_spec=batch_spec, make_data=make_data, default_evals=default_evals,
                 flops_per_example=flops_per_example, capabilities=frozenset({"embed"}),
                 image_size=image_size, embed=embed, batch_loss=batch_loss,
-                after_update=after_update)
+                after_update=after_update,
+                run_tokenizer=run_tokenizer)

@@ -58,4 +58,5 @@ FAMILY = Family(name="coca", build_model=build_model, objective=objective,
                 batch_spec=clip.batch_spec, make_data=clip.make_data,
                 default_evals=default_evals, flops_per_example=flops_per_example,
                 capabilities=frozenset({"embed", "caption"}), image_size=clip.image_size,
-                embed=embed, batch_loss=batch_loss, after_update=clip.after_update)
+                embed=embed, batch_loss=batch_loss, after_update=clip.after_update,
+                run_tokenizer=clip.run_tokenizer)

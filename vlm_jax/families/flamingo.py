@@ -50,6 +50,11 @@ def make_data(config, for_eval: bool = False):
                                       for_eval=for_eval)
 
 
+def run_tokenizer(config, workdir=None):
+    """The language model's tokenizer, no data prepared (:func:`vlm_jax.data.document_tokenizer`)."""
+    return data_lib.document_tokenizer(config, config.model.lm, workdir)
+
+
 def default_evals(config) -> dict[str, dict]:
     """Few-shot VQA and captioning on 500 queries of the shapes test split, with 0, 4 and 8
     in-context examples from the first 1000 records of the train split."""
@@ -69,4 +74,5 @@ def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
 FAMILY = Family(name="flamingo", build_model=build_model, objective=objective,
                 batch_spec=batch_spec, make_data=make_data, default_evals=default_evals,
                 flops_per_example=flops_per_example,
-                capabilities=frozenset({"interleaved", "lm"}), image_size=image_size)
+                capabilities=frozenset({"interleaved", "lm"}), image_size=image_size,
+                run_tokenizer=run_tokenizer)

@@ -175,7 +175,7 @@ def tower_config(model_cfg) -> dict:
     """The config of the locked image side (what its embeddings depend on): the image tower,
     ``embed_dim`` and the model-wide settings it reads."""
     cfg = clip_config(model_cfg)
-    return {k: cfg[k] for k in ("embed_dim", "image", "dtype") if k in cfg}
+    return {k: cfg[k] for k in ("embed_dim", "image", "dtype", "project_image") if k in cfg}
 
 
 def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
@@ -192,6 +192,14 @@ def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
     return float(flops)
 
 
+def run_tokenizer(config, workdir=None):
+    """CLIP's (:func:`vlm_jax.families.clip.run_tokenizer`), or on cached embeddings that of the
+    data they were computed from."""
+    if cached(config):
+        return make_data(config, for_eval=True).tokenizer
+    return clip.run_tokenizer(config, workdir)
+
+
 def step_flops(config) -> float:
     """The train step's forward-equivalent FLOPs per pair (``Family.step_flops``): on cached
     embeddings the text tower's forward and backward only (no image tower), else
@@ -205,4 +213,5 @@ FAMILY = Family(name="lit", build_model=build_model, objective=objective,
                 batch_spec=batch_spec, make_data=make_data, default_evals=clip.default_evals,
                 flops_per_example=flops_per_example, capabilities=frozenset({"embed"}),
                 image_size=clip.image_size, embed=embed, batch_loss=clip.batch_loss,
-                after_update=clip.after_update, locked=locked, step_flops=step_flops)
+                after_update=clip.after_update, locked=locked, step_flops=step_flops,
+                run_tokenizer=run_tokenizer)

@@ -53,6 +53,11 @@ def make_data(config, for_eval: bool = False):
     return data_lib.prepare_documents(config, lm=config.model, for_eval=for_eval)
 
 
+def run_tokenizer(config, workdir=None):
+    """The run's tokenizer, no data prepared (:func:`vlm_jax.data.document_tokenizer`)."""
+    return data_lib.document_tokenizer(config, config.model, workdir)
+
+
 def default_evals(config) -> dict[str, dict]:
     """Held-out loss and perplexity on 256 documents of the shapes validation split."""
     del config
@@ -76,4 +81,4 @@ def flops_per_example(model_cfg, batch_size: int | None = None) -> float:
 FAMILY = Family(name="lm", build_model=build_model, objective=objective,
                 batch_spec=batch_spec, make_data=make_data, default_evals=default_evals,
                 flops_per_example=flops_per_example, capabilities=frozenset({"lm"}),
-                image_size=image_size)
+                image_size=image_size, run_tokenizer=run_tokenizer)

@@ -78,7 +78,8 @@ def from_config_dict(cls: type, cfg: Any, top_keys: set[str], *, rngs: nnx.Rngs)
 
 
 _TOP_KEYS = {"name", "embed_dim", "image", "text", "logit_scale_init", "logit_scale_max",
-             "logit_bias_init", "dtype", "remat", "scan_layers"}
+             "logit_bias_init", "project_image", "text_projection_bias", "dtype", "remat",
+             "scan_layers"}
 _SHARED = ("dtype", "remat", "scan_layers")
 
 
@@ -125,11 +126,18 @@ class CLIP(nnx.Module):
     names ``('embed', 'proj')``), ``logit_scale`` (scalar, log of the inverse temperature) and,
     when ``logit_bias_init`` is set (SigLIP: ``logit_scale_init=log(10)``,
     ``logit_bias_init=-10``), a learned scalar ``logit_bias`` for the sigmoid loss.
+
+    SigLIP's layout (big_vision ``two_towers`` with ``out_dim=(None, D)``, Hugging Face
+    ``SiglipModel``): ``project_image=False`` takes the image tower's pooled feature (its MAP head
+    output) as the embedding, without ``image_projection`` (``embed_dim`` must equal the image
+    width); ``text_projection_bias=True`` gives ``text_projection`` a bias (the text ``head``).
+    The defaults are CLIP's.
     """
 
     def __init__(self, *, embed_dim: int, image: Mapping, text: Mapping,
                  logit_scale_init: float = math.log(1 / 0.07),
                  logit_scale_max: float = math.log(100.0), logit_bias_init: float | None = None,
+                 project_image: bool = True, text_projection_bias: bool = False,
                  dtype: layers.Dtype = "float32", remat: str = "none", scan_layers: bool = False,
                  rngs: nnx.Rngs):
         shared = dict(dtype=dtype, remat=remat, scan_layers=scan_layers)
@@ -139,11 +147,15 @@ class CLIP(nnx.Module):
         self.image = ViT(**image_kwargs(image, shared), rngs=rngs)
         self.text = TextTransformer(**_text_kwargs(text, shared), rngs=rngs)
         iw, tw = self.image.width, self.text.width
+        if not project_image and iw != self.embed_dim:
+            raise ValueError(f"model.project_image=False uses the image features as embeddings: "
+                             f"model.embed_dim={self.embed_dim} must equal the image width {iw}.")
         self.image_projection = layers.Dense(
             iw, self.embed_dim, ("embed", "proj"), use_bias=False,
-            kernel_init=nnx.initializers.normal(iw ** -0.5), dtype=dtype, rngs=rngs)
+            kernel_init=nnx.initializers.normal(iw ** -0.5), dtype=dtype,
+            rngs=rngs) if project_image else None
         self.text_projection = layers.Dense(
-            tw, self.embed_dim, ("embed", "proj"), use_bias=False,
+            tw, self.embed_dim, ("embed", "proj"), use_bias=bool(text_projection_bias),
             kernel_init=nnx.initializers.normal(tw ** -0.5), dtype=dtype, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32), out_sharding=())
         self.logit_bias = (None if logit_bias_init is None else
@@ -156,7 +168,10 @@ class CLIP(nnx.Module):
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """``images [B, H, W, 3]`` -> L2-normalised ``[B, embed_dim]`` float32."""
-        return layers.l2_normalize(self.image_projection(self.image(images)))
+        x = self.image(images)
+        if self.image_projection is not None:
+            x = self.image_projection(x)
+        return layers.l2_normalize(x)
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """``tokens int [B, L]`` -> L2-normalised ``[B, embed_dim]`` float32."""
@@ -195,8 +210,8 @@ def tower_flops(cfg: Any) -> dict[str, float]:
     image_flops = vit_flops(**{k: v for k, v in image.items()
                                if k in ("variant", "image_size", "pool_type", "width", "depth",
                                         "mlp_dim", "num_heads", "patch_size")})
-    return {"image": image_flops + 2.0 * iw * d,
-            "text": text_flops(**text) + 2.0 * text["width"] * d}
+    image_flops += 2.0 * iw * d if cfg.get("project_image", True) else 0.0
+    return {"image": image_flops, "text": text_flops(**text) + 2.0 * text["width"] * d}
 
 
 def clip_flops(cfg: Any, batch_size: int | None = None) -> float:

@@ -171,7 +171,8 @@ class CoCaVision(nnx.Module):
     ``cls_std`` (default ``width ** -0.5``), ``pool_type`` (only ``'tok'``), ``num_classes``
     (only 0); ``output_dim`` = the model's ``embed_dim`` (pooler width); ``n_queries``,
     ``pooler_heads``, ``pooler_mode``, ``pooler_ln_eps`` (default ``ln_eps``); ``dtype``,
-    ``remat``, ``scan_layers``.
+    ``remat``, ``scan_layers``; ``pixel_mean`` / ``pixel_std`` (uint8 input statistics, default
+    CLIP's).
 
     Params: ``patch_embed``, ``cls_token``, ``pos_embed``, ``pre_norm``, ``encoder.blocks``,
     ``pooler``, (``pooler_contrastive``), ``final_norm``.
@@ -186,7 +187,9 @@ class CoCaVision(nnx.Module):
                  cls_std: float | None = None, output_dim: int, n_queries: int = 256,
                  pooler_heads: int = 8, pooler_mode: str = "single",
                  pooler_ln_eps: float | None = None, dtype: layers.Dtype = "float32",
-                 remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs):
+                 remat: str = "none", scan_layers: bool = False,
+                 pixel_mean: tuple[float, ...] | None = None,
+                 pixel_std: tuple[float, ...] | None = None, rngs: nnx.Rngs):
         if pool_type != "tok":
             raise ValueError(f"model.image.pool_type={pool_type!r}: CoCa pools with its "
                              "attentional pooler; only 'tok' (open_clip's default) is supported.")
@@ -212,7 +215,8 @@ class CoCaVision(nnx.Module):
         std = width ** -0.5
         pooler_ln_eps = ln_eps if pooler_ln_eps is None else pooler_ln_eps
 
-        self.patch_embed = PatchEmbed(p, width, use_bias=patch_bias, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(p, width, use_bias=patch_bias, dtype=dtype,
+                                      pixel_mean=pixel_mean, pixel_std=pixel_std, rngs=rngs)
         self.cls_token = layers.param(rngs, nnx.initializers.normal(std if cls_std is None
                                                                     else cls_std),
                                       (width,), ("embed",))

@@ -86,7 +86,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     (flax/big_vision default); ``quick_gelu`` is ``x * sigmoid(1.702 x)`` used by OpenAI CLIP.
     """
     if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+        return _gelu_erf
     if name == "gelu_tanh":
         return lambda x: jax.nn.gelu(x, approximate=True)
     if name == "quick_gelu":
@@ -96,6 +96,13 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name == "silu":
         return jax.nn.silu
     raise ValueError(f"Unknown activation {name!r}; use one of {ACTIVATIONS}.")
+
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    # PyTorch's formula, 0.5 x (1 + erf(x / sqrt 2)), rather than jax.nn.gelu's
+    # x erfc(-x / sqrt 2) / 2: the same function within float32 rounding, and XLA's CPU erf is a
+    # single rational polynomial where its erfc takes an exp and selects between branches.
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 def remat_policy(name: str):
@@ -142,14 +149,56 @@ class LayerNorm(nnx.Module):
         self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",))
         self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",)) if use_bias else None
 
+    @jax.named_scope("layer_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.astype(self.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return layer_norm(x, self.scale[...], bias, self.eps).astype(self.dtype)
+
+
+def _layer_norm(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    inv = jax.lax.rsqrt(var + eps)
+    xhat = (x32 - mean) * inv
+    y = xhat * scale
+    if bias is not None:
+        y = y + bias
+    # Residuals: the normalised input, the row scales, and empty arrays that carry the input's
+    # dtype and whether there is a bias (custom_vjp residuals must be arrays).
+    has_bias = None if bias is None else jnp.zeros((0,), jnp.float32)
+    return y, (xhat, inv, scale, jnp.zeros((0,), x.dtype), has_bias)
+
+
+def _layer_norm_bwd(eps, res, g):
+    del eps
+    xhat, inv, scale, x_dtype, has_bias = res
+    g = g.astype(jnp.float32)
+    gy = g * scale
+    # d/dx of (x - mean) * rsqrt(var + eps): the textbook form, two row means.
+    dx = inv * (gy - jnp.mean(gy, axis=-1, keepdims=True)
+                - xhat * jnp.mean(gy * xhat, axis=-1, keepdims=True))
+    rows = tuple(range(g.ndim - 1))
+    dscale = jnp.sum(g * xhat, axis=rows)
+    dbias = None if has_bias is None else jnp.sum(g, axis=rows)
+    return dx.astype(x_dtype.dtype), dscale, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float
+               ) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis of ``x``, in float32
+    (the output is float32; ``bias`` may be None).
+
+    The gradient is written out (``_layer_norm_bwd``: autodiff's derivative within float32
+    rounding, two row means). Autodiff's own backward of this function leaves XLA's CPU
+    backend a chain of elementwise ops through every layer norm and residual add of a tower,
+    which it fuses into long loop fusions that recompute it: 46 % of ViT-B/32's CPU step (4.0
+    s of 6.4 s; docs/benchmarks.md, "Where the CPU step's time goes")."""
+    return _layer_norm(x, scale, bias, eps)[0]
+
+
+layer_norm.defvjp(_layer_norm, _layer_norm_bwd)
 
 
 class Dense(nnx.Module):
@@ -336,6 +385,7 @@ class MultiHeadAttention(nnx.Module):
         y = self.out(self._attend(q, k, v, mask))
         return y if cache is None else (y, new_cache)
 
+    @jax.named_scope("attention")
     def _attend(self, q, k, v, mask):
         """``softmax(q k^T / sqrt(d) | mask) v`` for ``q [B, T, H, D]``, ``k, v [B, S, Hkv, D]``."""
         b, t, h, d = q.shape
@@ -372,7 +422,8 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = constrain(self.fc1(x), "act_batch", "act_len", "act_mlp")
-        h = activation(self.act)(h)
+        with jax.named_scope("activation"):
+            h = activation(self.act)(h)
         return self.fc2(h)
 
 
@@ -559,14 +610,18 @@ PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalize_pixels(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def normalize_pixels(images: jax.Array, dtype: Any = jnp.float32,
+                     mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> jax.Array:
     """uint8 pixels ``[..., 3]`` -> ``(x / 255 - mean) / std`` in ``dtype`` (float input is
     returned cast, assumed already normalised). Input pipelines ship uint8 batches (4x fewer
-    bytes to copy and transfer than float32) and the device normalises them here."""
+    bytes to copy and transfer than float32) and the device normalises them here. ``mean`` /
+    ``std``: per channel, on the [0, 1] scale (default CLIP's :data:`PIXEL_MEAN` /
+    :data:`PIXEL_STD`; an imported model may bring others, e.g. 0.5 / 0.5)."""
     if not jnp.issubdtype(images.dtype, jnp.integer):
         return images.astype(dtype)
-    mean = jnp.asarray(PIXEL_MEAN, jnp.float32) * 255
-    inv_std = 1 / (jnp.asarray(PIXEL_STD, jnp.float32) * 255)
+    mean = jnp.asarray(PIXEL_MEAN if mean is None else mean, jnp.float32) * 255
+    inv_std = 1 / (jnp.asarray(PIXEL_STD if std is None else std, jnp.float32) * 255)
     return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
 
 

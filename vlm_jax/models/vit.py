@@ -101,9 +101,13 @@ class PatchEmbed(nnx.Module):
     """Non-overlapping patch embedding: ``kernel [p, p, 3, width]`` (+ optional ``bias``)."""
 
     def __init__(self, patch_size: int, width: int, *, channels: int = 3, use_bias: bool = True,
-                 dtype: layers.Dtype = jnp.float32, rngs: nnx.Rngs):
+                 dtype: layers.Dtype = jnp.float32, pixel_mean=None, pixel_std=None,
+                 rngs: nnx.Rngs):
         self.patch_size = patch_size
         self.channels = channels
+        # Static per-channel statistics of uint8 input (None: CLIP's), not parameters.
+        self.pixel_mean = None if pixel_mean is None else tuple(float(v) for v in pixel_mean)
+        self.pixel_std = None if pixel_std is None else tuple(float(v) for v in pixel_std)
         self.dtype = layers.as_dtype(dtype)
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                  in_axis=(0, 1, 2), out_axis=3)
@@ -114,10 +118,12 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """``images [B, H, W, C]`` (normalised floats, or uint8 pixels normalised here with
-        CLIP's statistics) -> ``[B, (H/p) * (W/p), width]``."""
+        CLIP's statistics or the tower's ``pixel_mean`` / ``pixel_std``) ->
+        ``[B, (H/p) * (W/p), width]``."""
         b, h, w, c = images.shape
         p = self.patch_size
-        x = layers.normalize_pixels(images, self.dtype).reshape(b, h // p, p, w // p, p, c)
+        x = layers.normalize_pixels(images, self.dtype, self.pixel_mean, self.pixel_std)
+        x = x.reshape(b, h // p, p, w // p, p, c)
         x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             x = x + self.bias[...].astype(self.dtype)
@@ -136,11 +142,15 @@ class ViT(nnx.Module):
       pre_norm: LayerNorm after adding position embeddings (OpenAI CLIP ``ln_pre``).
       patch_bias: bias in the patch embedding (False for OpenAI CLIP).
       act: MLP activation (``'gelu'`` exact, ``'gelu_tanh'``, ``'quick_gelu'``).
+      pixel_mean / pixel_std: RGB statistics (on [0, 1] values) that uint8 images are
+        normalised with; default CLIP's (SigLIP: 0.5, 0.5).
       ln_eps: LayerNorm epsilon (1e-6 big_vision, 1e-5 CLIP/timm).
       num_classes: size of a linear classification head on the pooled feature; 0 = no head.
       pos_embed_std / cls_std: init std of position embeddings / class token (0.02 / 0 as
         big_vision and timm; CLIP uses ``width ** -0.5`` for both).
       dtype: compute dtype; remat: per-block remat policy name; scan_layers: stack blocks.
+      pixel_mean / pixel_std: per-channel statistics that normalise uint8 input (on the [0, 1]
+        scale; None: CLIP's, :data:`vlm_jax.models.layers.PIXEL_MEAN` / ``PIXEL_STD``).
 
     Parameters: ``patch_embed.kernel``, ``patch_embed.bias``, ``cls_token [width]``,
     ``pos_embed [tokens, width]``, ``pre_norm``, ``encoder.blocks.{i}...``, ``final_norm``,
@@ -154,7 +164,8 @@ class ViT(nnx.Module):
                  pre_norm: bool = False, patch_bias: bool = True, act: str = "gelu",
                  ln_eps: float = 1e-6, num_classes: int = 0, pos_embed_std: float = 0.02,
                  cls_std: float = 0.0, dtype: layers.Dtype = "float32", remat: str = "none",
-                 scan_layers: bool = False, rngs: nnx.Rngs):
+                 scan_layers: bool = False, pixel_mean: tuple[float, ...] | None = None,
+                 pixel_std: tuple[float, ...] | None = None, rngs: nnx.Rngs):
         set_geometry(self, variant, image_size, width=width, depth=depth, mlp_dim=mlp_dim,
                      num_heads=num_heads, patch_size=patch_size)
         p = self.patch_size
@@ -166,7 +177,8 @@ class ViT(nnx.Module):
         self.dtype = layers.as_dtype(dtype)
         width = self.width
 
-        self.patch_embed = PatchEmbed(p, width, use_bias=patch_bias, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(p, width, use_bias=patch_bias, dtype=dtype,
+                                      pixel_mean=pixel_mean, pixel_std=pixel_std, rngs=rngs)
         if pool_type == "tok":
             init = (nnx.initializers.normal(cls_std) if cls_std else nnx.initializers.zeros)
             self.cls_token = layers.param(rngs, init, (width,), ("embed",))
