@@ -27,6 +27,13 @@ Optional, for contrastive families:
   captioning term; 0 for CLIP) equals ``objective`` on the whole batch.
 * ``after_update(params, config) -> params``: constraints applied to the parameters after each
   optimizer update (CLIP's temperature clamped to ``[0, logit_scale_max]``, as open_clip).
+* ``teacher(params, config) -> pytree | None`` and ``update_teacher(teacher, params, step,
+  config) -> teacher``: an EMA teacher kept in the train state (``state['teacher']``, saved
+  with it), for objectives that distil from one (SigLIP 2's self-distillation and masked
+  prediction, :mod:`vlm_jax.families.clip`). ``teacher`` selects the teacher's part of the
+  parameters (applied to the parameter shardings too, so it must only select); None: no
+  teacher. With one, ``objective`` is called with ``ctx={'step', 'teacher'}`` and the teacher
+  is updated after each optimizer update.
 
 Optional, for inference (``vlm_jax.load``, ``vlm-jax caption``):
 
@@ -70,7 +77,13 @@ class Family:
     embed: Callable[..., tuple[dict, Any, dict]] | None = None
     batch_loss: Callable[..., tuple[Any, dict]] | None = None
     after_update: Callable[[Any, Any], Any] | None = None
+    teacher: Callable[[Any, Any], Any] | None = None
+    update_teacher: Callable[..., Any] | None = None
     run_tokenizer: Callable[[Any, Any], Any] | None = None
+
+    def teacher_of(self, params: Any, config: Any) -> Any:
+        """The EMA teacher of ``params`` under ``config`` (None: the run has none)."""
+        return None if self.teacher is None else self.teacher(params, config)
 
     def tokenizer(self, config: Any, workdir: Any = None) -> Any:
         """The tokenizer of a run (``workdir``: where it was trained or converted), without
@@ -87,6 +100,8 @@ class Family:
     def __post_init__(self):
         if (self.embed is None) != (self.batch_loss is None):
             raise ValueError(f"Family {self.name!r}: embed and batch_loss go together.")
+        if (self.teacher is None) != (self.update_teacher is None):
+            raise ValueError(f"Family {self.name!r}: teacher and update_teacher go together.")
         unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
         if unknown:
             raise ValueError(f"Family {self.name!r}: unknown capabilities {unknown}; known: "
