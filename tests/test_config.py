@@ -90,6 +90,11 @@ _SOURCES = {"data.eval_files", "data.text_key", "data.record_format", "data.min_
                                   "min_caption_words", "max_caption_words", "metadata")}
 # The streamed webdataset modes (input_pipeline.sources.WebDatasetStream): new for every one.
 _SOURCES |= {"data.webdataset_mode", "data.shuffle_buffer", "data.samples_per_epoch"}
+# SigLIP 2's self-supervised switches (vlm_jax/distill.py; off at weight 0): new for every one.
+_SOURCES |= {f"loss.{k}" for k in (
+    "self_distill_weight", "masked_pred_weight", "ssl_start_fraction", "ema_momentum",
+    "local_views", "local_size", "global_crop_scale", "local_crop_scale", "mask_ratio",
+    "student_temp", "teacher_temp")}
 NEW_DEFAULTS = {
     "clip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
     "siglip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
@@ -112,12 +117,35 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# Experiments written after the fixture, as another experiment plus the keys they set: the
+# experiment they extend, its variants, and the keys allowed to differ from (or add to) it.
+DERIVED = {
+    "siglip2_tiny_shapes": ("siglip_tiny", (None, "test"), {
+        "name", "model.ssl_prototypes", "model.ssl_hidden_dim", "model.ssl_bottleneck_dim",
+        "loss.self_distill_weight", "loss.masked_pred_weight", "loss.local_views"}),
+}
+
+
 def test_every_experiment_is_listed():
     listed = {spec.split(":")[0] for spec in EXPERIMENTS}
+    listed |= {f"experiments/{name}.py" for name in DERIVED}
     files = {f"experiments/{p.name}" for p in pathlib.Path(
         __file__).parents[1].joinpath("experiments").glob("*.py") if p.name != "__init__.py"}
     assert listed == files
-    assert set(NEW_DEFAULTS) == {pathlib.Path(f).stem for f in files}
+    assert set(NEW_DEFAULTS) | set(DERIVED) == {pathlib.Path(f).stem for f in files}
+
+
+@pytest.mark.parametrize("name", sorted(DERIVED))
+def test_derived_experiments_differ_only_in_their_keys(repo_root, name):
+    parent, variants, keys = DERIVED[name]
+    for arg in variants:
+        suffix = "" if arg is None else f":{arg}"
+        load = lambda n: _flat(json.loads(config_lib.to_json(config_lib.load_config(  # noqa: E731
+            str(repo_root / "experiments" / f"{n}.py") + suffix))))
+        mine, base = load(name), load(parent)
+        differ = {k for k in set(mine) | set(base) if mine.get(k, "<missing>") !=
+                  base.get(k, "<missing>")}
+        assert "name" in differ and differ <= keys, (arg, differ - keys)
 
 
 @pytest.mark.parametrize("spec", sorted(EXPERIMENTS))
