@@ -94,10 +94,19 @@ def objective(model, batch, config, mesh, ctx=None):
     step = ctx["step"]
     on = step >= ssl_start_step(config)
     # lax.cond: before the start step the views, the teacher and the heads are not computed
-    # at all (SigLIP 2 adds the terms for the last 20 % of training only).
-    ssl_loss, ssl_metrics = jax.lax.cond(
-        on, lambda: ssl_loss_terms(model, ctx["teacher"], batch["image"], step, config),
-        lambda: (jnp.zeros((), jnp.float32), _zero_ssl_metrics(config)))
+    # at all (SigLIP 2 adds the terms for the last 20 % of training only). The model's state
+    # enters as an operand, not a closure: NNX refuses modules from another trace level (the
+    # scanned layer stack, model.scan_layers, is an nnx.scan inside the branch).
+    graphdef, state = nnx.split(model)
+
+    def terms(state, teacher, images, step):
+        return ssl_loss_terms(nnx.merge(graphdef, state), teacher, images, step, config)
+
+    def zeros(*_):
+        return jnp.zeros((), jnp.float32), _zero_ssl_metrics(config)
+
+    ssl_loss, ssl_metrics = jax.lax.cond(on, terms, zeros, state, ctx["teacher"],
+                                         batch["image"], step)
     metrics.update(ssl_metrics)
     metrics["train/contrastive_loss"] = loss
     return loss + ssl_loss, metrics
