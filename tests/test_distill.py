@@ -220,6 +220,7 @@ def _steps(config, mesh, batches):
     return np.array(losses), state
 
 
+@pytest.mark.slow  # ~80 s of CPU (four step compilations); the losses' sharding is checked above
 def test_train_steps_sharded_match_one_device(repo_root):
     # Terms on from the second of three steps (round(0.2 x 6) = 1).
     config = _config(repo_root, "loss.ssl_start_fraction=0.2", "model.image.num_heads=2")
