@@ -1,7 +1,8 @@
 """One training loop for every model: ``(state, batch) -> (state, metrics)`` under ``jax.jit``.
 
 The train state is a plain pytree ``{"step", "params", "opt_state"}`` (params as the pure dict of
-the NNX module's state) so that optax, orbax and sharding rules all see the same structure. The
+the NNX module's state; plus ``"teacher"``, an EMA copy of part of the params, for a family that
+distils from one: SigLIP 2) so that optax, orbax and sharding rules all see the same structure. The
 NNX module is rebuilt from its graph definition inside the step (``nnx.merge``), which costs
 nothing at run time: it happens once, at trace time.
 """
