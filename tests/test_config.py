@@ -90,6 +90,11 @@ _SOURCES = {"data.eval_files", "data.text_key", "data.record_format", "data.min_
                                   "min_caption_words", "max_caption_words", "metadata")}
 # The streamed webdataset modes (input_pipeline.sources.WebDatasetStream): new for every one.
 _SOURCES |= {"data.webdataset_mode", "data.shuffle_buffer", "data.samples_per_epoch"}
+# SigLIP 2's self-supervised switches (vlm_jax/distill.py; off at weight 0): new for every one.
+_SOURCES |= {f"loss.{k}" for k in (
+    "self_distill_weight", "masked_pred_weight", "ssl_start_fraction", "ema_momentum",
+    "local_views", "local_size", "global_crop_scale", "local_crop_scale", "mask_ratio",
+    "student_temp", "teacher_temp")}
 NEW_DEFAULTS = {
     "clip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
     "siglip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
@@ -118,19 +123,64 @@ AFTER_BASE = ("lit_tiny_shapes.py", "lit_tiny_shapes.py:sigmoid", "lit_tiny_shap
               "lit_b16b.py", "lit_g14_sigmoid.py")
 
 
+# Experiments written after the fixture, as another experiment plus the keys they set: the
+# experiment they extend, its variants, and the keys allowed to differ from (or add to) it.
+DERIVED = {
+    "siglip2_tiny_shapes": ("siglip_tiny", (None, "test"), {
+        "name", "model.ssl_prototypes", "model.ssl_hidden_dim", "model.ssl_bottleneck_dim",
+        "loss.self_distill_weight", "loss.masked_pred_weight", "loss.local_views"}),
+}
+
+
+# Experiments written after the fixture from the base config alone (published recipes): the
+# keys they must set to the values their docstrings cite.
+STANDALONE = {
+    "siglip2_b16": {"batch_size": 32768, "total_steps": 40_000_000_000 // 32768,
+                    "optim.lr": 1e-3, "optim.warmup_steps": 20_000, "optim.grad_clip_norm": 1.0,
+                    "model.image.image_size": 256, "model.image.patch_size": 16,
+                    "model.text.context_length": 64, "model.text.vocab_size": 256_000,
+                    "loss.name": "sigmoid", "loss.ssl_start_fraction": 0.8,
+                    "loss.self_distill_weight": 0.25, "loss.masked_pred_weight": 0.0625,
+                    "loss.local_views": 8, "loss.mask_ratio": 0.5},
+}
+
+
 def test_every_experiment_is_listed():
     listed = {spec.split(":")[0] for spec in EXPERIMENTS}
+    listed |= {f"experiments/{name}.py" for name in (*DERIVED, *STANDALONE)}
     files = {f"experiments/{p.name}" for p in pathlib.Path(
         __file__).parents[1].joinpath("experiments").glob("*.py") if p.name != "__init__.py"}
     later = {f"experiments/{spec.split(':')[0]}" for spec in AFTER_BASE}
     assert listed == files - later and not listed & later
-    assert set(NEW_DEFAULTS) == {pathlib.Path(f).stem for f in files - later}
+    assert set(NEW_DEFAULTS) | set(DERIVED) | set(STANDALONE) == {
+        pathlib.Path(f).stem for f in files - later}
 
 
 @pytest.mark.parametrize("spec", AFTER_BASE)
 def test_experiments_after_the_base_load(repo_root, spec):
     config = config_lib.load_config(str(repo_root / "experiments" / spec))
     assert config.name and config.model.name
+
+
+
+@pytest.mark.parametrize("name", sorted(STANDALONE))
+def test_standalone_experiments_set_their_cited_values(repo_root, name):
+    flat = _flat(json.loads(config_lib.to_json(config_lib.load_config(
+        str(repo_root / "experiments" / f"{name}.py")))))
+    assert {k: flat[k] for k in STANDALONE[name]} == STANDALONE[name]
+
+
+@pytest.mark.parametrize("name", sorted(DERIVED))
+def test_derived_experiments_differ_only_in_their_keys(repo_root, name):
+    parent, variants, keys = DERIVED[name]
+    for arg in variants:
+        suffix = "" if arg is None else f":{arg}"
+        load = lambda n: _flat(json.loads(config_lib.to_json(config_lib.load_config(  # noqa: E731
+            str(repo_root / "experiments" / f"{n}.py") + suffix))))
+        mine, base = load(name), load(parent)
+        differ = {k for k in set(mine) | set(base) if mine.get(k, "<missing>") !=
+                  base.get(k, "<missing>")}
+        assert "name" in differ and differ <= keys, (arg, differ - keys)
 
 
 @pytest.mark.parametrize("spec", sorted(EXPERIMENTS))

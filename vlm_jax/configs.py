@@ -172,6 +172,23 @@ def base_config() -> ConfigDict:
         # cross-entropy and read no loss key.
         contrastive_weight=1.0,
         caption_weight=2.0,
+        # SigLIP 2's self-supervised terms (CLIP / SigLIP family; vlm_jax/distill.py), each off
+        # at weight 0: loss = contrastive + self_distill_weight x SILC local-to-global
+        # self-distillation + masked_pred_weight x TIPS masked prediction, from step
+        # ssl_start_fraction x total_steps, against an EMA teacher (momentum ema_momentum) of
+        # the image tower. They need model.ssl_prototypes > 0 (the projection heads).
+        # experiments/siglip2_tiny_shapes.py gives the published values and their sources.
+        self_distill_weight=0.0,
+        masked_pred_weight=0.0,
+        ssl_start_fraction=0.8,
+        ema_momentum=0.996,
+        local_views=8,
+        local_size=0,  # the local views' side (0: 96/224 of the image side, patch multiple)
+        global_crop_scale=[0.4, 1.0],  # fractions of the image area (SILC)
+        local_crop_scale=[0.05, 0.4],
+        mask_ratio=0.5,
+        student_temp=0.1,
+        teacher_temp=0.04,
     )
 
     # ---- optim: OpenAI CLIP's recipe (Radford et al., 2021, Table 20) ---------------------------

@@ -438,6 +438,9 @@ def export(workdir: str | pathlib.Path, fmt: str, output: str | pathlib.Path, *,
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"--output {out} is not empty; export into a new directory.")
     params, model_cfg, step = load_workdir(workdir, step)
+    # SigLIP 2's training-only heads and mask token (model.ssl_prototypes) are not part of the
+    # released encoder (big_vision's SigLIP 2 checkpoints have none): left out.
+    params = {k: v for k, v in params.items() if not str(k).startswith("ssl_")}
     if fmt == "open_clip":
         sd, cfg = to_open_clip(params, model_cfg)
         out.mkdir(parents=True, exist_ok=True)

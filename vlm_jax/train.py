@@ -1,7 +1,8 @@
 """One training loop for every model: ``(state, batch) -> (state, metrics)`` under ``jax.jit``.
 
 The train state is a plain pytree ``{"step", "params", "opt_state"}`` (params as the pure dict of
-the NNX module's state) so that optax, orbax and sharding rules all see the same structure. The
+the NNX module's state; plus ``"teacher"``, an EMA copy of part of the params, for a family that
+distils from one: SigLIP 2) so that optax, orbax and sharding rules all see the same structure. The
 NNX module is rebuilt from its graph definition inside the step (``nnx.merge``), which costs
 nothing at run time: it happens once, at trace time.
 """
@@ -92,7 +93,12 @@ def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
     def init_fn():
         model = family.build_model(config.model, nnx.Rngs(config.seed))
         params = nnx.state(model).to_pure_dict()
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": tx.init(params)}
+        teacher = family.teacher_of(params, config)
+        if teacher is not None:  # e.g. SigLIP 2's EMA teacher, a copy of part of the params
+            state["teacher"] = jax.tree.map(jnp.copy, teacher)
+        return state
 
     try:
         abstract_model = nnx.eval_shape(
@@ -110,6 +116,9 @@ def setup(config: ConfigDict, mesh: Mesh | None = None) -> TrainSetup:
                                    transform_non_params=lambda _: replicated,
                                    is_leaf=lambda x: isinstance(x, masked))
     shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh}
+    teacher_sh = family.teacher_of(param_sh, config)
+    if teacher_sh is not None:
+        shardings["teacher"] = teacher_sh
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     init = jax.jit(init_fn, out_shardings=shardings)
@@ -211,15 +220,22 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
                                   optim.trainable_mask(params, trainable, locked))
         return nnx.merge(s.graphdef, params)
 
-    def objective(params, batch, scale):
+    def objective(params, batch, scale, ctx=None):
         with parallel.sharding_context(mesh, rules):
-            loss, aux = family.objective(model_of(params), batch, config, mesh)
+            if ctx is None:
+                loss, aux = family.objective(model_of(params), batch, config, mesh)
+            else:  # A family with a teacher: ctx = {'step', 'teacher'}.
+                loss, aux = family.objective(model_of(params), batch, config, mesh, ctx=ctx)
         return (loss if scale is None else loss * scale), aux
 
+    if family.teacher_of(s.abstract_state["params"], config) is not None and k > 1:
+        raise ConfigError(f"config.optim.grad_accum_steps={k}: the teacher-based objective "
+                          "(SigLIP 2's self-supervised terms) is computed on whole batches; "
+                          "set grad_accum_steps=1.")
     if k == 1:
-        def whole(params, batch, scale=None):
+        def whole(params, batch, scale=None, ctx=None):
             (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch,
-                                                                              scale)
+                                                                              scale, ctx)
             return loss, aux, grads
         fn = whole
     elif mode == "gradients":
@@ -284,10 +300,11 @@ def make_loss_and_grads(s: TrainSetup) -> Callable:
     if nan_step is None:
         return fn
 
-    def poisoned(params, batch, step):
+    def poisoned(params, batch, step, ctx=None):
         # The loss scaled by NaN at the armed step, inside the differentiated function, so that
         # the gradients are NaN too and the other steps' arithmetic is that of an unarmed run.
-        return fn(params, batch, jnp.where(step + 1 == nan_step, jnp.nan, 1.0))
+        kw = {} if ctx is None else {"ctx": ctx}
+        return fn(params, batch, jnp.where(step + 1 == nan_step, jnp.nan, 1.0), **kw)
     return poisoned
 
 
@@ -305,10 +322,13 @@ def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> 
     after_update = s.family.after_update
 
     def train_step(state, batch):
+        # A family's EMA teacher (SigLIP 2): the objective reads it and the step.
+        kw = ({"ctx": {"step": state["step"], "teacher": state["teacher"]}}
+              if "teacher" in state else {})
         if poisoned:
-            loss, aux, grads = loss_and_grads(state["params"], batch, state["step"])
+            loss, aux, grads = loss_and_grads(state["params"], batch, state["step"], **kw)
         else:
-            loss, aux, grads = loss_and_grads(state["params"], batch)
+            loss, aux, grads = loss_and_grads(state["params"], batch, **kw)
         # Named scopes label the compiled ops for profiles (benchmarks/step_profile.py).
         with jax.named_scope("optimizer"):
             updates, opt_state = s.tx.update(grads, state["opt_state"], state["params"])
@@ -330,7 +350,14 @@ def make_train_step(s: TrainSetup, batch_spec: dict[str, Any] | None = None) -> 
                                              (state["params"], state["opt_state"]))
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                    "train/lr": optim.applied_lr(s.schedule, state["opt_state"]), **aux}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if "teacher" in state:  # After the guard: a skipped step leaves the teacher as it was.
+            with jax.named_scope("teacher_ema"):
+                teacher = s.family.update_teacher(state["teacher"], params, state["step"],
+                                                  config)
+                new_state["teacher"] = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                                    teacher, state["teacher"])
+        return new_state, metrics
 
     return jax.jit(train_step,
                    in_shardings=(s.state_shardings, batch_shardings(mesh, batch_spec)),

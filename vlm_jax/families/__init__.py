@@ -33,6 +33,13 @@ Optional, for contrastive families:
   ``config.optim.trainable`` says (LiT's image tower: ``('image', 'image_projection')``): no
   gradient is computed for them and they get no optimizer state
   (:func:`vlm_jax.optim.trainable_mask`).
+* ``teacher(params, config) -> pytree | None`` and ``update_teacher(teacher, params, step,
+  config) -> teacher``: an EMA teacher kept in the train state (``state['teacher']``, saved
+  with it), for objectives that distil from one (SigLIP 2's self-distillation and masked
+  prediction, :mod:`vlm_jax.families.clip`). ``teacher`` selects the teacher's part of the
+  parameters (applied to the parameter shardings too, so it must only select); None: no
+  teacher. With one, ``objective`` is called with ``ctx={'step', 'teacher'}`` and the teacher
+  is updated after each optimizer update.
 
 Optional, for inference (``vlm_jax.load``, ``vlm-jax caption``):
 
@@ -79,6 +86,8 @@ class Family:
     after_update: Callable[[Any, Any], Any] | None = None
     locked: Callable[[Any], tuple[str, ...]] | None = None
     step_flops: Callable[[Any], float] | None = None
+    teacher: Callable[[Any, Any], Any] | None = None
+    update_teacher: Callable[..., Any] | None = None
     run_tokenizer: Callable[[Any, Any], Any] | None = None
 
     def train_flops_per_example(self, config) -> float:
@@ -93,6 +102,10 @@ class Family:
     def locked_parts(self, config) -> tuple[str, ...]:
         """The parameter paths this family locks for ``config`` (none without ``locked``)."""
         return tuple(self.locked(config)) if self.locked is not None else ()
+
+    def teacher_of(self, params: Any, config: Any) -> Any:
+        """The EMA teacher of ``params`` under ``config`` (None: the run has none)."""
+        return None if self.teacher is None else self.teacher(params, config)
 
     def tokenizer(self, config: Any, workdir: Any = None) -> Any:
         """The tokenizer of a run (``workdir``: where it was trained or converted), without
@@ -109,6 +122,8 @@ class Family:
     def __post_init__(self):
         if (self.embed is None) != (self.batch_loss is None):
             raise ValueError(f"Family {self.name!r}: embed and batch_loss go together.")
+        if (self.teacher is None) != (self.update_teacher is None):
+            raise ValueError(f"Family {self.name!r}: teacher and update_teacher go together.")
         unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
         if unknown:
             raise ValueError(f"Family {self.name!r}: unknown capabilities {unknown}; known: "

@@ -79,7 +79,7 @@ def from_config_dict(cls: type, cfg: Any, top_keys: set[str], *, rngs: nnx.Rngs)
 
 _TOP_KEYS = {"name", "embed_dim", "image", "text", "logit_scale_init", "logit_scale_max",
              "logit_bias_init", "project_image", "text_projection_bias", "dtype", "remat",
-             "scan_layers"}
+             "scan_layers", "ssl_prototypes", "ssl_hidden_dim", "ssl_bottleneck_dim"}
 _SHARED = ("dtype", "remat", "scan_layers")
 
 
@@ -118,6 +118,34 @@ def _text_kwargs(text: Mapping, shared: Mapping) -> dict:
     return tower_kwargs(text, TextTransformer, "model.text", shared)
 
 
+class ProjectionHead(nnx.Module):
+    """DINO's projection head (Caron et al. 2021), as SILC and TIPS use it: a 3-layer MLP (GELU)
+    to a ``bottleneck`` feature, L2-normalised, then cosine logits against ``prototypes``
+    L2-normalised columns (DINO's weight-normalised last layer with its norm fixed at 1).
+
+    Parameters: ``fc1``, ``fc2``, ``fc3`` (kernel + bias), ``prototypes [bottleneck, K]``.
+    """
+
+    def __init__(self, width: int, hidden: int, bottleneck: int, prototypes: int, *,
+                 dtype: layers.Dtype = "float32", rngs: nnx.Rngs):
+        init = nnx.initializers.truncated_normal(0.02)
+        self.fc1 = layers.Dense(width, hidden, ("embed", "mlp"), kernel_init=init, dtype=dtype,
+                                rngs=rngs)
+        self.fc2 = layers.Dense(hidden, hidden, ("proj", "mlp"), kernel_init=init, dtype=dtype,
+                                rngs=rngs)
+        self.fc3 = layers.Dense(hidden, bottleneck, ("mlp", "proj"), kernel_init=init,
+                                dtype=dtype, rngs=rngs)
+        self.prototypes = layers.param(rngs, init, (bottleneck, prototypes), ("proj", "vocab"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [..., width]`` -> prototype logits ``[..., K]`` float32 (cosines, in [-1, 1])."""
+        x = jax.nn.gelu(self.fc1(x), approximate=False)
+        x = jax.nn.gelu(self.fc2(x), approximate=False)
+        x = layers.l2_normalize(self.fc3(x).astype(jnp.float32))
+        w = layers.l2_normalize(self.prototypes[...].astype(jnp.float32).T).T
+        return x @ w
+
+
 class CLIP(nnx.Module):
     """CLIP dual encoder.
 
@@ -132,6 +160,11 @@ class CLIP(nnx.Module):
     output) as the embedding, without ``image_projection`` (``embed_dim`` must equal the image
     width); ``text_projection_bias=True`` gives ``text_projection`` a bias (the text ``head``).
     The defaults are CLIP's.
+
+    SigLIP 2's self-supervised terms (:mod:`vlm_jax.distill`): ``ssl_prototypes=K > 0`` adds
+    ``ssl_head`` (image-level) and ``ssl_patch_head`` (per patch) :class:`ProjectionHead` s onto
+    ``K`` prototypes (hidden ``ssl_hidden_dim``, bottleneck ``ssl_bottleneck_dim``) and the
+    masked-prediction ``ssl_mask_token [image width]``; 0 (the default) adds nothing.
     """
 
     def __init__(self, *, embed_dim: int, image: Mapping, text: Mapping,
@@ -139,7 +172,8 @@ class CLIP(nnx.Module):
                  logit_scale_max: float = math.log(100.0), logit_bias_init: float | None = None,
                  project_image: bool = True, text_projection_bias: bool = False,
                  dtype: layers.Dtype = "float32", remat: str = "none", scan_layers: bool = False,
-                 rngs: nnx.Rngs):
+                 ssl_prototypes: int = 0, ssl_hidden_dim: int = 2048,
+                 ssl_bottleneck_dim: int = 256, rngs: nnx.Rngs):
         shared = dict(dtype=dtype, remat=remat, scan_layers=scan_layers)
         self.embed_dim = int(embed_dim)
         self.logit_scale_max = float(logit_scale_max)
@@ -160,6 +194,12 @@ class CLIP(nnx.Module):
         self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32), out_sharding=())
         self.logit_bias = (None if logit_bias_init is None else
                            nnx.Param(jnp.asarray(logit_bias_init, jnp.float32), out_sharding=()))
+        head = dict(width=iw, hidden=int(ssl_hidden_dim), bottleneck=int(ssl_bottleneck_dim),
+                    prototypes=int(ssl_prototypes), dtype=dtype)
+        self.ssl_head = ProjectionHead(**head, rngs=rngs) if ssl_prototypes else None
+        self.ssl_patch_head = ProjectionHead(**head, rngs=rngs) if ssl_prototypes else None
+        self.ssl_mask_token = (layers.param(rngs, nnx.initializers.zeros, (iw,), ("embed",))
+                               if ssl_prototypes else None)
 
     @classmethod
     def from_config(cls, cfg: Any, *, rngs: nnx.Rngs) -> "CLIP":

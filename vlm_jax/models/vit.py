@@ -200,7 +200,7 @@ class ViT(nnx.Module):
                                   kernel_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
                      if self.num_classes else None)
 
-    def _check(self, images: jax.Array) -> None:
+    def _check(self, images: jax.Array, any_size: bool = False) -> None:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"ViT expects images [batch, height, width, 3] (NHWC), got shape "
                              f"{tuple(images.shape)}.")
@@ -208,30 +208,52 @@ class ViT(nnx.Module):
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"Image size {h}x{w} is not divisible by patch_size {p}.")
-        if (h, w) != self.image_size:
+        if (h, w) != self.image_size and not any_size:
             raise ValueError(f"Image size {h}x{w} differs from the image_size "
                              f"{self.image_size[0]}x{self.image_size[1]} this ViT was built for "
                              "(position embeddings are not interpolated).")
 
-    def encode_tokens(self, images: jax.Array) -> jax.Array:
-        """All output tokens after the final LayerNorm: ``[B, tokens, width]`` in ``dtype``."""
-        self._check(images)
+    def encode_tokens(self, images: jax.Array, *, mask: jax.Array | None = None,
+                      mask_token: jax.Array | None = None, any_size: bool = False
+                      ) -> jax.Array:
+        """All output tokens after the final LayerNorm: ``[B, tokens, width]`` in ``dtype``.
+
+        ``mask [B, patches]`` (bool) with ``mask_token [width]``: the embeddings of the masked
+        patches are replaced by the token before the position embeddings are added (iBOT /
+        TIPS masked prediction). ``any_size``: images of another size than ``image_size`` (a
+        multiple of the patch) read bilinearly resized position embeddings (DINO's local crops).
+        """
+        self._check(images, any_size)
         x = self.patch_embed(images)
+        if mask is not None:
+            x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
         if self.cls_token is not None:
             cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype),
                                    (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
-        x = x + self.pos_embed[...].astype(x.dtype)
+        x = x + self._pos_embed(images.shape[1:3]).astype(x.dtype)
         x = constrain(x, "act_batch", "act_len", "act_embed")
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         x = self.encoder(x)
         return self.final_norm(x)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """``images [B, H, W, 3]`` -> pooled ``[B, width]`` (or logits ``[B, num_classes]``),
-        float32."""
-        x = self.encode_tokens(images)
+    def _pos_embed(self, hw: tuple[int, int]) -> jax.Array:
+        """The position embeddings of an ``hw`` image: the learned ones at ``image_size``,
+        otherwise the patch grid's resized bilinearly (the class token's kept)."""
+        pos = self.pos_embed[...]
+        p = self.patch_size
+        if tuple(hw) == tuple(self.image_size):
+            return pos
+        n_cls = 1 if self.cls_token is not None else 0
+        gh, gw = self.image_size[0] // p, self.image_size[1] // p
+        grid = pos[n_cls:].reshape(gh, gw, -1)
+        grid = jax.image.resize(grid, (hw[0] // p, hw[1] // p, grid.shape[-1]), "bilinear")
+        return jnp.concatenate([pos[:n_cls], grid.reshape(-1, grid.shape[-1])], axis=0)
+
+    def pool(self, x: jax.Array) -> jax.Array:
+        """Tokens ``[B, tokens, width]`` (:meth:`encode_tokens`) -> the pooled feature
+        ``[B, width]`` (or logits), float32."""
         if self.pool_type == "tok":
             x = x[:, 0]
         elif self.pool_type == "gap":
@@ -241,6 +263,11 @@ class ViT(nnx.Module):
         if self.head is not None:
             x = self.head(x)
         return x.astype(jnp.float32)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """``images [B, H, W, 3]`` -> pooled ``[B, width]`` (or logits ``[B, num_classes]``),
+        float32."""
+        return self.pool(self.encode_tokens(images))
 
 
 def vit_flops(variant: str | None = None, *, image_size: int | tuple[int, int] = 224,
