@@ -22,8 +22,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vlm_jax import config as config_lib  # noqa: E402
-from vlm_jax import parallel, train  # noqa: E402
+import train_throughput  # noqa: E402  (benchmarks/)
 from vlm_jax.families import get_family  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -49,23 +50,15 @@ def _batch(config) -> dict[str, np.ndarray]:
 def measure(trainable: str, steps: int) -> dict[str, float]:
     config = config_lib.load_config(os.path.join(REPO, "experiments/flamingo_tiny_shapes.py"),
                                     [f"optim.trainable={trainable}"])
-    mesh = parallel.create_mesh({}, devices=jax.devices()[:1])
-    s = train.setup(config, mesh)
-    batch = _batch(config)
-    step = train.make_train_step(s, {k: v.shape for k, v in batch.items()})
-    gbatch = parallel.make_global_batch(batch, mesh)
-    state = s.init_fn()
-    compiled = step.lower(state, gbatch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.abstract_state["opt_state"]))
+    _, step, state, gbatch, flops, opt_bytes = train_throughput.compile_step(config,
+                                                                             _batch(config))
     state, m = step(state, gbatch)
     jax.block_until_ready(m)
     t = time.perf_counter()
     for _ in range(steps):
         state, m = step(state, gbatch)
     jax.block_until_ready(m)
-    return {"opt_state_mib": opt_bytes / 2**20, "gflops_per_step": cost["flops"] / 1e9,
+    return {"opt_state_mib": opt_bytes / 2**20, "gflops_per_step": flops / 1e9,
             "step_s": (time.perf_counter() - t) / steps}
 
 

@@ -24,8 +24,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vlm_jax import config as config_lib  # noqa: E402
-from vlm_jax import parallel, train  # noqa: E402
+import train_throughput  # noqa: E402  (benchmarks/)
 from vlm_jax.families import get_family  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -56,16 +57,7 @@ def _batch(config) -> dict[str, np.ndarray]:
 def build(experiment: str, overrides: list[str]):
     """``(run(steps) -> seconds, optimizer-state MiB, compiled GFLOP per step)`` of one case."""
     config = config_lib.load_config(os.path.join(REPO, "experiments", experiment), overrides)
-    mesh = parallel.create_mesh({}, devices=jax.devices()[:1])
-    s = train.setup(config, mesh)
-    batch = _batch(config)
-    step = train.make_train_step(s, {k: v.shape for k, v in batch.items()})
-    gbatch = parallel.make_global_batch(batch, mesh)
-    state = s.init_fn()
-    compiled = step.lower(state, gbatch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.abstract_state["opt_state"]))
+    _, step, state, gbatch, flops, opt = train_throughput.compile_step(config, _batch(config))
     holder = {"state": state}
 
     def run(steps: int) -> float:
@@ -79,7 +71,7 @@ def build(experiment: str, overrides: list[str]):
         holder["state"] = state
         return (time.perf_counter() - t) / steps
 
-    return run, opt / 2**20, cost["flops"] / 1e9
+    return run, opt / 2**20, flops / 1e9
 
 
 def main() -> None:

@@ -80,6 +80,22 @@ def make_step(name: str, batch: int):
                                                              mesh)
 
 
+def compile_step(config, batch: dict[str, np.ndarray]):
+    """``(setup, jitted step, state, global batch, compiled FLOPs per step, optimizer-state
+    bytes)`` of ``config``'s train step on one CPU device for a synthetic host ``batch``
+    (benchmarks/flamingo_frozen.py and lit_step.py)."""
+    mesh = parallel.create_mesh({}, devices=jax.devices()[:1])
+    s = train.setup(config, mesh)
+    step = train.make_train_step(s, {k: v.shape for k, v in batch.items()})
+    gbatch = parallel.make_global_batch(batch, mesh)
+    state = s.init_fn()
+    cost = step.lower(state, gbatch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    opt_bytes = sum(x.size * x.dtype.itemsize
+                    for x in jax.tree.leaves(s.abstract_state["opt_state"]))
+    return s, step, state, gbatch, float(cost.get("flops", 0.0)), opt_bytes
+
+
 def bench(name: str, batch: int, steps: int) -> dict:
     s, step, state, b = make_step(name, batch)
     config = s.config
