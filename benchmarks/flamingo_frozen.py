@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -52,14 +50,9 @@ def measure(trainable: str, steps: int) -> dict[str, float]:
                                     [f"optim.trainable={trainable}"])
     _, step, state, gbatch, flops, opt_bytes = train_throughput.compile_step(config,
                                                                              _batch(config))
-    state, m = step(state, gbatch)
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, gbatch)
-    jax.block_until_ready(m)
+    _, seconds = train_throughput.time_steps(step, state, gbatch, steps)
     return {"opt_state_mib": opt_bytes / 2**20, "gflops_per_step": flops / 1e9,
-            "step_s": (time.perf_counter() - t) / steps}
+            "step_s": seconds}
 
 
 def main() -> None:

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -61,15 +59,9 @@ def build(experiment: str, overrides: list[str]):
     holder = {"state": state}
 
     def run(steps: int) -> float:
-        state = holder["state"]
-        state, m = step(state, gbatch)
-        jax.block_until_ready(m)
-        t = time.perf_counter()
-        for _ in range(steps):
-            state, m = step(state, gbatch)
-        jax.block_until_ready(m)
-        holder["state"] = state
-        return (time.perf_counter() - t) / steps
+        holder["state"], seconds = train_throughput.time_steps(step, holder["state"], gbatch,
+                                                               steps)
+        return seconds
 
     return run, opt / 2**20, flops / 1e9
 

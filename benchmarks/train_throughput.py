@@ -96,6 +96,18 @@ def compile_step(config, batch: dict[str, np.ndarray]):
     return s, step, state, gbatch, float(cost.get("flops", 0.0)), opt_bytes
 
 
+def time_steps(step, state, batch, steps: int):
+    """``(state, mean seconds per step)`` over ``steps`` steps after one untimed step (the
+    state is donated, so the returned one must be used next)."""
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return state, (time.perf_counter() - t) / steps
+
+
 def bench(name: str, batch: int, steps: int) -> dict:
     s, step, state, b = make_step(name, batch)
     config = s.config
