@@ -9,7 +9,6 @@
 4. train steps with the terms on, sharded, equal one device; ``vlm-jax train`` runs the
    experiment end to end.
 """
-import functools
 import os
 import subprocess
 import sys
@@ -23,9 +22,10 @@ from jax.sharding import NamedSharding
 
 from tests.runs import train_losses
 from vlm_jax import config as config_lib
-from vlm_jax import distill, parallel, train
+from vlm_jax import distill, train
 from vlm_jax.families import clip as clip_family
 from vlm_jax.parallel import batch_spec, create_mesh
+from tests.model_fixtures import clip_pair_batch, step_losses
 
 EXPERIMENT = "experiments/siglip2_tiny_shapes.py"
 MESHES = {"data8": {"data": 8}, "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
@@ -156,15 +156,6 @@ def _config(repo_root, *overrides):
     return config_lib.load_config(f"{repo_root / EXPERIMENT}:test", list(overrides))
 
 
-def _batch(config, seed=0):
-    rng = np.random.default_rng(seed)
-    b, s = config.batch_size, config.model.image.image_size
-    L, V = config.model.text.context_length, config.model.text.vocab_size
-    text = rng.integers(4, V, size=(b, L)).astype(np.int32)
-    text[np.arange(b), rng.integers(3, L, size=b)] = config.model.text.eos_id
-    return {"image": rng.integers(0, 256, size=(b, s, s, 3)).astype(np.uint8), "text": text}
-
-
 def test_schedule_switch_and_teacher_update(repo_root):
     config = _config(repo_root)
     start = clip_family.ssl_start_step(config)
@@ -173,7 +164,7 @@ def test_schedule_switch_and_teacher_update(repo_root):
     params = nnx.state(model).to_pure_dict()
     # A teacher that differs from the student, so that the terms are not trivially small.
     teacher = jax.tree.map(lambda x: x * 0.9, clip_family.teacher_params(params, config))
-    batch = jax.tree.map(jnp.asarray, _batch(config))
+    batch = jax.tree.map(jnp.asarray, clip_pair_batch(config))
     mesh = create_mesh({}, devices=jax.devices()[:1])
 
     def run(step):
@@ -209,24 +200,14 @@ def test_terms_need_the_heads(repo_root):
 
 # --- 4. train steps and the CLI -----------------------------------------------------------------
 
-def _steps(config, mesh, batches):
-    s = train.setup(config, mesh)
-    step = train.make_train_step(s)
-    state = s.init_fn()
-    losses = []
-    for b in batches:
-        state, m = step(state, parallel.make_global_batch(b, mesh))
-        losses.append(float(m["train/loss"]))
-    return np.array(losses), state
-
 
 @pytest.mark.slow  # ~80 s of CPU (four step compilations); the losses' sharding is checked above
 def test_train_steps_sharded_match_one_device(repo_root):
     # Terms on from the second of three steps (round(0.2 x 6) = 1).
     config = _config(repo_root, "loss.ssl_start_fraction=0.2", "model.image.num_heads=2")
-    batches = [_batch(config, i) for i in range(3)]
-    ref, ref_state = _steps(config, create_mesh({}, devices=jax.devices()[:1]), batches)
-    got, state = _steps(config, create_mesh(MESHES["data2_fsdp2_tensor2"]), batches)
+    batches = [clip_pair_batch(config, i) for i in range(3)]
+    ref, ref_state = step_losses(config, create_mesh({}, devices=jax.devices()[:1]), batches)
+    got, state = step_losses(config, create_mesh(MESHES["data2_fsdp2_tensor2"]), batches)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     for a, b in zip(jax.tree.leaves(state["teacher"]), jax.tree.leaves(ref_state["teacher"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)

@@ -13,6 +13,7 @@ import pytest
 
 from vlm_jax import config as config_lib
 from vlm_jax import optim, parallel, train
+from tests.model_fixtures import clip_pair_batch
 
 TINY = "experiments/clip_tiny.py:test"
 MESHES = {"data8": {"data": 8}, "dp2-fsdp2-tp2": {"data": 2, "fsdp": 2, "tensor": 2}}
@@ -32,15 +33,6 @@ def _config(repo_root, *overrides, experiment=TINY):
     path, _, arg = experiment.partition(":")
     return config_lib.load_config(f"{repo_root / path}:{arg}",
                                   ["batch_size=32", *overrides])
-
-
-def _batch(config, seed=0):
-    rng = np.random.default_rng(seed)
-    b, s = config.batch_size, config.model.image.image_size
-    L, V = config.model.text.context_length, config.model.text.vocab_size
-    text = rng.integers(4, V, size=(b, L)).astype(np.int32)
-    text[np.arange(b), rng.integers(3, L, size=b)] = config.model.text.eos_id
-    return {"image": rng.integers(0, 256, size=(b, s, s, 3)).astype(np.uint8), "text": text}
 
 
 def _loss_and_grads(config, mesh, batch):
@@ -80,7 +72,7 @@ def test_microbatched_embeddings_equal_the_full_batch(repo_root, loss_name, mesh
     mesh = parallel.create_mesh(MESHES[mesh_name])
     overrides = LOSSES[loss_name]
     config = _config(repo_root, *overrides)
-    batch = _batch(config)
+    batch = clip_pair_batch(config)
     ref_loss, ref_aux, ref_grads = _loss_and_grads(config, mesh, batch)
     loss, aux, grads = _loss_and_grads(
         _config(repo_root, *overrides, "optim.grad_accum_steps=4"), mesh, batch)
@@ -97,7 +89,7 @@ def test_microbatched_coca_adds_its_captioning_term(repo_root):
     mesh = parallel.create_mesh({"data": 4, "fsdp": 2})
     exp = "experiments/coca_tiny_shapes.py:test"
     config = _config(repo_root, experiment=exp)
-    batch = _batch(config, seed=1)
+    batch = clip_pair_batch(config, seed=1)
     ref_loss, ref_aux, ref_grads = _loss_and_grads(config, mesh, batch)
     loss, aux, grads = _loss_and_grads(
         _config(repo_root, "optim.grad_accum_steps=2", experiment=exp), mesh, batch)
@@ -113,7 +105,7 @@ def test_plain_accumulation_changes_the_contrastive_objective(repo_root, caplog)
     fail), and the run is warned."""
     mesh = parallel.create_mesh({"data": 8})
     config = _config(repo_root)
-    batch = _batch(config)
+    batch = clip_pair_batch(config)
     ref_loss, _, _ = _loss_and_grads(config, mesh, batch)
     with caplog.at_level(logging.WARNING, logger="vlm_jax.train"):
         loss, _, _ = _loss_and_grads(_config(repo_root, "optim.grad_accum_steps=4",
@@ -149,7 +141,7 @@ def test_microbatches_must_divide_the_shard_rows(repo_root):
     config = _config(repo_root, "optim.grad_accum_steps=3")  # 4 rows per shard
     with pytest.raises(config_lib.ConfigError,
                        match="config.optim.grad_accum_steps=3 does not divide the 4 rows"):
-        _loss_and_grads(config, mesh, _batch(config))
+        _loss_and_grads(config, mesh, clip_pair_batch(config))
 
 
 @pytest.mark.parametrize("k", [pytest.param(2, marks=pytest.mark.slow), 4])
@@ -167,7 +159,7 @@ def test_accum_schedule_counts_updates(repo_root, k):
         state = s.init_fn()
         lrs, losses = [], []
         for i in range(6):
-            state, m = step(state, parallel.make_global_batch(_batch(config, seed=i), mesh))
+            state, m = step(state, parallel.make_global_batch(clip_pair_batch(config, seed=i), mesh))
             lrs.append(float(m["train/lr"]))
             losses.append(float(m["train/loss"]))
         runs[n] = (np.array(lrs), np.array(losses), jax.device_get(state["params"]))
@@ -195,7 +187,7 @@ def test_temperature_is_clamped_after_the_update_not_in_the_forward(repo_root):
                      "optim.warmup_steps=0", "optim.weight_decay=0.0")
     s = train.setup(config, mesh)
     state = s.init_fn()
-    batch = parallel.make_global_batch(_batch(config), mesh)
+    batch = parallel.make_global_batch(clip_pair_batch(config), mesh)
     _, _, grads = jax.jit(train.make_loss_and_grads(s))(state["params"], batch)
     g_top = float(grads["logit_scale"])
     # The same gradient just under the bound (continuity): no clip cuts it at the bound.

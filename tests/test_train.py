@@ -11,6 +11,7 @@ import pytest
 from vlm_jax import config as config_lib
 from tests.runs import train_losses
 from vlm_jax import parallel, train
+from tests.model_fixtures import step_losses
 
 TINY = "experiments/clip_tiny.py:test"
 
@@ -30,17 +31,6 @@ def _batches(config, n, seed=0):
         text[np.arange(b), rng.integers(3, L, size=b)] = config.model.text.eos_id
         out.append({"image": rng.normal(size=(b, s, s, 3)).astype(np.float32), "text": text})
     return out
-
-
-def _losses(config, mesh, batches):
-    s = train.setup(config, mesh)
-    step = train.make_train_step(s, {k: v.shape for k, v in batches[0].items()})
-    state = s.init_fn()
-    losses = []
-    for b in batches:
-        state, m = step(state, parallel.make_global_batch(b, mesh))
-        losses.append(float(m["train/loss"]))
-    return np.array(losses), state
 
 
 SIGLIP = ("loss.name=sigmoid", "model.logit_bias_init=-10.0", "model.logit_scale_init=2.302585")
@@ -69,8 +59,8 @@ def test_parallel_train_steps_match_one_device(repo_root, case):
     config = _config(repo_root, *base)
     batches = _batches(config, 3)
     one = parallel.create_mesh({}, devices=jax.devices()[:1])
-    ref, ref_state = _losses(config, one, batches)
-    got, state = _losses(_config(repo_root, *base, *mesh_only), parallel.create_mesh(mesh_shape),
+    ref, ref_state = step_losses(config, one, batches)
+    got, state = step_losses(_config(repo_root, *base, *mesh_only), parallel.create_mesh(mesh_shape),
                          batches)
     assert np.all(np.diff(ref) != 0)  # The steps really update the model.
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
@@ -89,13 +79,13 @@ def test_parallel_train_steps_match_one_device(repo_root, case):
 def test_sigmoid_loss_without_bias_is_a_config_error(repo_root):
     config = _config(repo_root, "loss.name=sigmoid", "loss.variant=ring")
     with pytest.raises(config_lib.ConfigError, match="logit_bias_init"):
-        _losses(config, parallel.create_mesh({"data": 8}), _batches(config, 1))
+        step_losses(config, parallel.create_mesh({"data": 8}), _batches(config, 1))
 
 
 def test_unknown_loss_variant_is_a_config_error(repo_root):
     config = _config(repo_root, "loss.variant=allreduce")
     with pytest.raises(config_lib.ConfigError, match="config.loss.variant.*gather"):
-        _losses(config, parallel.create_mesh({"data": 8}), _batches(config, 1))
+        step_losses(config, parallel.create_mesh({"data": 8}), _batches(config, 1))
 
 
 def _cli(repo_root, workdir, *extra, wait=True):
@@ -213,7 +203,7 @@ def test_nonfinite_step_leaves_state_unchanged(repo_root, monkeypatch):
     assert int(state["step"]) == 2  # The data position still advances.
     state, m3 = step(state, parallel.make_global_batch(batches[2], mesh))
     monkeypatch.delenv("VLM_JAX_FAULTS")
-    clean, _ = _losses(config, mesh, [batches[0], batches[2]])
+    clean, _ = step_losses(config, mesh, [batches[0], batches[2]])
     assert float(m3["train/loss"]) == pytest.approx(clean[1], abs=1e-6)
 
 
@@ -226,7 +216,7 @@ def test_coca_train_steps_match_one_device(repo_root, mesh_shape):
     for b in batches:  # Padding after eos, as the tokenizer writes (the caption loss skips it).
         after = np.cumsum(b["text"] == config.model.text.eos_id, axis=1) > 0
         b["text"] = np.where(after & (b["text"] != config.model.text.eos_id), 0, b["text"])
-    ref, _ = _losses(config, parallel.create_mesh({}, devices=jax.devices()[:1]), batches)
-    got, state = _losses(config, parallel.create_mesh(mesh_shape), batches)
+    ref, _ = step_losses(config, parallel.create_mesh({}, devices=jax.devices()[:1]), batches)
+    got, state = step_losses(config, parallel.create_mesh(mesh_shape), batches)
     assert ref[0] != ref[1]
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
