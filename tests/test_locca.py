@@ -1,8 +1,8 @@
 """LocCa's decoder (vlm_jax/models/locca.py, vlm_jax/families/locca.py):
 
 1. box tokens: quantisation and the bin centres against numpy arithmetic written here;
-2. the task sequences of a shapes record against hand-built ones; the decoder's inputs
-   (teacher forcing, CapPa's masked inputs) against numpy;
+2. the task sequences of a shapes record against hand-built ones; the draws the same on 1 and
+   2 processes; the decoder's inputs (teacher forcing, CapPa's masked inputs) against numpy;
 3. the decoder loss against CoCa's captioning loss on the same caption tokens, and against a
    numpy cross-entropy on the target positions of ARef / GCap rows;
 4. train steps sharded over 8 devices equal one device within 1e-5;
@@ -113,6 +113,34 @@ def test_targets_of_a_shapes_record(repo_root, shapes_data_dir):
             assert words == text_pieces(tok, [text])[0]  # ...with its own expression / caption
             seen.add((task, k[0], bool(out["locca_parallel"])))
     assert {p for *_, p in seen} == {True, False}
+
+
+def test_targets_do_not_depend_on_the_process_count(repo_root, shapes_data_dir):
+    """Step t's global batch carries the same (image, task sequence, parallel) rows on 1 and on
+    2 processes: the draws come from the global stream position."""
+    from input_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+
+    config = _config(repo_root)
+    lay = locca.token_layout(config.model)
+    tok = pipeline.tokenizer_for(shapes_data_dir, "shapes", "32px", 24)
+
+    def rows(count, steps=3):
+        its = [pipeline.create_train_iterator(
+            data_dir=shapes_data_dir, config_name="32px", global_batch_size=16, seed=0,
+            context_length=24, process_index=i, process_count=count,
+            targets=LoccaTargets(tok, lay)) for i in range(count)]
+        out = []
+        for _ in range(steps):
+            batches = [next(it) for it in its]
+            out.append(sorted((b["image"][r].tobytes(), b["locca_labels"][r].tobytes(),
+                               bool(b["locca_parallel"][r]))
+                              for b in batches for r in range(len(b["image"]))))
+        return out
+
+    single = rows(1)
+    assert rows(2) == single
+    tasks = {labels[:4] for step in single for _, labels, _ in step}
+    assert len(tasks) > 1  # different tasks were drawn
 
 
 # --- 3. the loss --------------------------------------------------------------------------------
