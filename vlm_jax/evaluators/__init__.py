@@ -36,7 +36,7 @@ WHAT = {
     "retrieval": "images with captions, e.g. dataset='shapes' or 'tfds:coco_captions'",
     "linear_probe": "a classification dataset with the splits options.probe_split and "
                     "probe_val_split (default train, validation)",
-    "captioning": "images with reference captions, and a captioning model (CoCa), e.g. "
+    "captioning": "images with reference captions, and a captioning model (CoCa, LocCa), e.g. "
                   "experiments/coca_tiny_shapes.py on the shapes splits",
     "fewshot_vqa": "images with questions and answers, an in-context pool, and a Flamingo model: "
                    "experiments/flamingo_tiny_shapes.py on the shapes splits",

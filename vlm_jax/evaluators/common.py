@@ -78,7 +78,7 @@ class FeatureExtractor:
         ``caption_options``); each set of options is compiled once per extractor."""
         if not hasattr(nnx.merge(self.graphdef, self.params), "image_context"):
             raise ValueError("This model has no captioning decoder: captions need a model of a "
-                             "family with the 'caption' capability (CoCa).")
+                             "family with the 'caption' capability (CoCa, LocCa).")
         if self.tokenizer is None:
             raise ValueError("FeatureExtractor.captions needs the tokenizer to detokenise.")
         fn = self._caption_fn(options or self.caption_options)
