@@ -146,6 +146,12 @@ STANDALONE = {
                     "loss.name": "sigmoid", "loss.ssl_start_fraction": 0.8,
                     "loss.self_distill_weight": 0.25, "loss.masked_pred_weight": 0.0625,
                     "loss.local_views": 8, "loss.mask_ratio": 0.5},
+    "siglip2_so400m16": {"batch_size": 32768, "model.image.width": 1152,
+                         "model.image.depth": 27, "model.image.mlp_dim": 4304,
+                         "model.image.num_heads": 16, "model.text.width": 1152,
+                         "model.text.depth": 27, "model.image.patch_size": 16,
+                         "model.image.image_size": 256, "loss.self_distill_weight": 1.0,
+                         "loss.masked_pred_weight": 0.25},
 }
 
 

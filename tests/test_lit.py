@@ -113,3 +113,51 @@ def test_embed_command_needs_a_locked_image_tower(repo_root, tmp_path):
     assert out.returncode == 2, out.stderr
     assert "config.model.name='lit'" in out.stderr
     assert not (tmp_path / "emb").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # two launches of 1 and 2 processes: 1-2 minutes on 2 cores
+def test_embed_on_two_processes_writes_what_one_process_writes(repo_root, shapes_data_dir,
+                                                              open_clip_run, tmp_path):
+    """`vlm-jax data embed` under the local launcher (gloo, 2 processes x 4 CPU devices) writes
+    the records one process with 8 devices writes: same keys and captions in the same order,
+    embeddings within 1e-6, and one copy of each shard (process 0 writes)."""
+    import msgpack  # pylint: disable=import-outside-toplevel
+    from array_record.python import array_record_data_source  # pylint: disable=C0415
+
+    config = _lit_config(repo_root, shapes_data_dir, open_clip_run)
+    overrides = [f"--config.data.data_dir={shapes_data_dir}",
+                 f"--config.model.embed_dim={config.model.embed_dim}",
+                 f"--config.model.image={config.model.image.to_dict()!r}",
+                 f"--config.init_from={config.init_from.to_dict()!r}"]
+
+    def run(num_processes, out):
+        cmd = [sys.executable, "-m", "vlm_jax.launch_local", "--num_processes",
+               str(num_processes), "--devices_per_process", str(8 // num_processes),
+               "--timeout", "400", "--", "data", "embed", "--config",
+               f"{repo_root / 'experiments' / 'lit_tiny_shapes.py'}:test", "--output", str(out),
+               *overrides]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root, timeout=500,
+                              check=False)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    run(1, tmp_path / "one")
+    assert "[p1]" in run(2, tmp_path / "two").stdout  # Both processes ran.
+
+    def records(out):
+        meta = json.loads((out / "embeddings.json").read_text())
+        assert sorted(p.name for p in out.iterdir()) == sorted(["embeddings.json",
+                                                                *meta["shards"]])
+        source = array_record_data_source.ArrayRecordDataSource(
+            [str(out / name) for name in meta["shards"]])
+        return meta, [msgpack.unpackb(source[i], raw=False) for i in range(len(source))]
+
+    meta1, ref = records(tmp_path / "one")
+    meta2, got = records(tmp_path / "two")
+    assert meta1["num_records"] == meta2["num_records"] == len(ref) == len(got) == 512
+    assert [r["key"] for r in got] == [r["key"] for r in ref]
+    assert [r["caption"] for r in got] == [r["caption"] for r in ref]
+    emb = lambda rows: np.stack([np.frombuffer(r["image_emb"], "<f4") for r in rows])  # noqa
+    np.testing.assert_allclose(emb(got), emb(ref), atol=1e-6, rtol=0)
+    assert np.abs(emb(ref)).max() > 0 and len({r["key"] for r in ref}) == 512

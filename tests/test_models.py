@@ -379,6 +379,49 @@ def test_layernorm_and_gelu_variants():
         layers.activation("swish2")
 
 
+@pytest.mark.parametrize("with_bias,dtype", [(True, "float32"), (False, "float32"),
+                                              (True, "bfloat16")])
+def test_layer_norm_gradient_matches_central_differences(with_bias, dtype):
+    """layers.layer_norm's hand-written gradient (x, scale, bias) against float64 central
+    differences of a numpy layer norm, through a random cotangent, on [2, 3, 8] inputs."""
+    rs = np.random.RandomState(4)
+    x = rs.randn(2, 3, 8) * 3 + 1
+    scale, bias, cot = 1 + 0.3 * rs.randn(8), 0.2 * rs.randn(8), rs.randn(2, 3, 8)
+    eps = 1e-5
+
+    def np_loss(x, scale, bias):
+        m = x.mean(-1, keepdims=True)
+        y = (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps) * scale
+        return float(np.sum((y + bias) * cot))
+
+    def numeric(i):
+        args, h = [x, scale, bias], 1e-6
+        g = np.zeros_like(args[i])
+        for idx in np.ndindex(g.shape):
+            hi = [a.copy() for a in args]
+            lo = [a.copy() for a in args]
+            hi[i][idx] += h
+            lo[i][idx] -= h
+            g[idx] = (np_loss(*hi) - np_loss(*lo)) / (2 * h)
+        return g
+
+    xj = jnp.asarray(x, dtype)
+    loss = lambda x_, s_, b_: jnp.sum(  # noqa: E731
+        layers.layer_norm(x_, s_, b_ if with_bias else None, eps) * cot)
+    gx, gs, gb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
+        xj, jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
+    assert gx.dtype == xj.dtype
+    # The reference at the input the layer saw (bfloat16-rounded for the bfloat16 case).
+    x = np.asarray(xj.astype(jnp.float32), np.float64)
+    tol = 1e-4 if dtype == "float32" else 2e-2  # bfloat16: the input gradient's rounding
+    np.testing.assert_allclose(np.asarray(gx, np.float64), numeric(0), atol=tol, rtol=tol)
+    np.testing.assert_allclose(np.asarray(gs), numeric(1), atol=1e-4, rtol=1e-4)
+    if with_bias:
+        np.testing.assert_allclose(np.asarray(gb), numeric(2), atol=1e-4, rtol=1e-4)
+    else:
+        assert gb is None or not np.any(np.asarray(gb))
+
+
 # ------------------------------------------------------------------------------------------
 # Towers against numpy references.
 # ------------------------------------------------------------------------------------------
