@@ -263,7 +263,8 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
                           global_batch_size: int, seed: int, context_length: int,
                           process_index: int | None = None, process_count: int | None = None,
                           worker_count: int = 0, num_epochs: int | None = None,
-                          image_size: int | None = None) -> StreamIterator:
+                          image_size: int | None = None,
+                          targets: Any = None) -> StreamIterator:
     """Shuffled, sharded, batched iterator over a split for this process.
 
     Yields dicts ``{'image': uint8 [B, S, S, 3], 'text': int32 [B, L], 'label': int32 [B]}``
@@ -294,6 +295,11 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
         num_epochs: epochs before the iterator ends (the last incomplete global batch is
             dropped); None = forever.
         image_size: resize and centre-crop images to this side; None keeps the stored size.
+        targets: a grain ``RandomMap`` adding a family's targets to each raw record, with
+            ``FEATURES`` (the raw features it reads) and ``OUTPUTS`` (``{key: dtype}`` it adds
+            to the batch), e.g. :class:`input_pipeline.locca.LoccaTargets`. It is applied to
+            the global stream, so its draws depend on ``(seed, position)``, not on the process
+            count.
 
     Raises:
         DataError: missing dataset/tokenizer/split, a batch size not divisible by the process
@@ -311,12 +317,17 @@ def create_train_iterator(*, data_dir: str | os.PathLike | None, dataset: str = 
                         f"fewer than one global batch of {global_batch_size}. Lower the batch "
                         "size or build a larger split.")
     tokenizer = tokenizer_for(data_dir, dataset, config_name, context_length)
-    source = FeatureSubset(source, ("image", "caption", "label"))  # example_transforms' input
+    extra = tuple(targets.FEATURES) if targets is not None else ()
+    # example_transforms' input (and the targets').
+    source = FeatureSubset(source, ("image", "caption", "label") + extra)
     # One global stream, reshuffled per epoch (grain reseeds each repetition).
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
     if num_epochs is not None:  # Whole global batches only, so every process stops together.
         ds = ds[:len(ds) // global_batch_size * global_batch_size]
-    ops = example_transforms(tokenizer, image_size)
+    if targets is not None:  # per-element rng from (seed, global position)
+        ds = ds.random_map(targets, seed=seed)
+    ops = example_transforms(tokenizer, image_size,
+                             keep=targets.OUTPUTS if targets is not None else None)
 
     def build(start: int) -> grain.DatasetIterator:
         part = ds[start + process_index::process_count]

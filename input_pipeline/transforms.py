@@ -183,17 +183,20 @@ def embedding_transforms(tokenizer: SentencePieceTokenizer, dim: int) -> list[gr
 
 
 def example_transforms(tokenizer: SentencePieceTokenizer,
-                       image_size: int | None = None) -> list[grain.transforms.Map]:
+                       image_size: int | None = None,
+                       keep: Mapping[str, Any] | None = None) -> list[grain.transforms.Map]:
     """Transforms from a raw example to ``{'image', 'text', 'label'}`` (see module doc).
 
     Args:
         tokenizer: tokenizer of the captions.
         image_size: if set, images are resized and centre-cropped to this side.
+        keep: further features to keep, with their dtypes (e.g. LocCa's decoder targets,
+            :data:`input_pipeline.locca.OUTPUTS`).
     """
     ops: list[grain.transforms.Map] = [DecodeImage()]
     if image_size is not None:
         ops.append(ResizeCenterCrop(image_size))
-    ops += [Tokenize(tokenizer), SelectFeatures(MODEL_FEATURES)]
+    ops += [Tokenize(tokenizer), SelectFeatures({**MODEL_FEATURES, **dict(keep or {})})]
     return ops
 
 

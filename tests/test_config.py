@@ -95,6 +95,8 @@ _SOURCES |= {f"loss.{k}" for k in (
     "self_distill_weight", "masked_pred_weight", "ssl_start_fraction", "ema_momentum",
     "local_views", "local_size", "global_crop_scale", "local_crop_scale", "mask_ratio",
     "student_temp", "teacher_temp")}
+# LocCa's decoder term (vlm_jax/families/locca.py; read by model.name='locca' only).
+_SOURCES |= {"loss.locca_weight", "loss.locca_task_weights", "loss.locca_parallel_fraction"}
 NEW_DEFAULTS = {
     "clip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
     "siglip_tiny": _SOURCES | _DOCS | _WEIGHTS | {"optim.trainable", "init_from", "published"},
@@ -120,7 +122,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 # Experiments written after the base config existed (nothing to compare with): each variant
 # loads, i.e. every key it sets is known to the base with the base's type.
 AFTER_BASE = ("lit_tiny_shapes.py", "lit_tiny_shapes.py:sigmoid", "lit_tiny_shapes.py:test",
-              "lit_b16b.py", "lit_g14_sigmoid.py")
+              "lit_b16b.py", "lit_g14_sigmoid.py", "locca_tiny_shapes.py",
+              "locca_tiny_shapes.py:test", "locca_tiny_shapes.py:siglip2",
+              "locca_tiny_shapes.py:siglip2_test")
 
 
 # Experiments written after the fixture, as another experiment plus the keys they set: the

@@ -72,9 +72,9 @@ def test_check_batch_names_key_shape_and_dtype(repo_root):
 
 
 def test_get_family_and_declared_capabilities(repo_root):
-    assert sorted(FAMILIES) == ["clip", "coca", "flamingo", "lit", "lm"]
+    assert sorted(FAMILIES) == ["clip", "coca", "flamingo", "lit", "lm", "locca"]
     for name, experiment in (("clip", "siglip_tiny.py"), ("coca", "coca_tiny_shapes.py"),
-                             ("lit", "lit_tiny_shapes.py"),
+                             ("lit", "lit_tiny_shapes.py"), ("locca", "locca_tiny_shapes.py"),
                              ("lm", "lm_tiny_shapes.py"), ("flamingo", "flamingo_tiny_shapes.py")):
         config = config_lib.load_config(str(repo_root / "experiments" / experiment))
         family = get_family(config)
@@ -99,7 +99,7 @@ def test_caption_needs_the_caption_capability(repo_root, tmp_path):
         config = config_lib.load_config(f"{repo_root / 'experiments' / path}:{arg}")
         name = get_family(config).name
         with pytest.raises(config_lib.ConfigError,
-                           match=rf"'{name}' model, which has no captioning decoder.*\['coca'\]"):
+                           match=rf"'{name}' model, which has no captioning decoder.*\['coca', 'locca'\]"):
             caption.caption_folder(config, str(tmp_path), str(tmp_path / "no_such_folder"))
 
 

@@ -189,6 +189,14 @@ def base_config() -> ConfigDict:
         mask_ratio=0.5,
         student_temp=0.1,
         teacher_temp=0.04,
+        # LocCa (model.name='locca', vlm_jax/families/locca.py): loss = contrastive (+ the
+        # SigLIP 2 terms above) + locca_weight x the decoder's cross-entropy on per-example
+        # Cap / ARef / GCap sequences drawn with the relative frequencies locca_task_weights,
+        # a locca_parallel_fraction of them predicted in parallel (CapPa). Sources:
+        # experiments/locca_tiny_shapes.py.
+        locca_weight=1.0,
+        locca_task_weights=[1.0, 1.0, 1.0],
+        locca_parallel_fraction=0.5,
     )
 
     # ---- optim: OpenAI CLIP's recipe (Radford et al., 2021, Table 20) ---------------------------

@@ -36,7 +36,7 @@ WHAT = {
     "retrieval": "images with captions, e.g. dataset='shapes' or 'tfds:coco_captions'",
     "linear_probe": "a classification dataset with the splits options.probe_split and "
                     "probe_val_split (default train, validation)",
-    "captioning": "images with reference captions, and a captioning model (CoCa), e.g. "
+    "captioning": "images with reference captions, and a captioning model (CoCa, LocCa), e.g. "
                   "experiments/coca_tiny_shapes.py on the shapes splits",
     "fewshot_vqa": "images with questions and answers, an in-context pool, and a Flamingo model: "
                    "experiments/flamingo_tiny_shapes.py on the shapes splits",
@@ -45,7 +45,7 @@ WHAT = {
                           "dataset='tfds:coco_captions'",
     "lm_loss": "held-out text documents, and a language model: experiments/lm_tiny_shapes.py",
     "refexp": "images with referring expressions and their boxes (shapes 1.2.0 and later), and "
-              "a model that predicts boxes",
+              "a model that predicts boxes (LocCa: experiments/locca_tiny_shapes.py)",
 }
 
 
@@ -61,10 +61,11 @@ CAPABILITY = {
     "refexp": "locate",
 }
 CAPABILITIES = {
-    "embed": "encode_image / encode_text to normalised embeddings: CLIP, SigLIP, CoCa",
-    "caption": "an image-conditioned text decoder: CoCa",
+    "embed": "encode_image / encode_text to normalised embeddings: CLIP, SigLIP, CoCa, LocCa",
+    "caption": "an image-conditioned text decoder: CoCa, LocCa",
     "interleaved": "generation from interleaved images and text: Flamingo",
     "lm": "next-token logits over text: a language model, Flamingo",
-    "locate": "locate(images, expressions) -> [N, 4] boxes (no family yet)",
+    "locate": "locate(images, expressions) -> [N, 4] boxes: LocCa (experiments/"
+              "locca_tiny_shapes.py)",
 }
 

@@ -78,13 +78,46 @@ class FeatureExtractor:
         ``caption_options``); each set of options is compiled once per extractor."""
         if not hasattr(nnx.merge(self.graphdef, self.params), "image_context"):
             raise ValueError("This model has no captioning decoder: captions need a model of a "
-                             "family with the 'caption' capability (CoCa).")
+                             "family with the 'caption' capability (CoCa, LocCa).")
         if self.tokenizer is None:
             raise ValueError("FeatureExtractor.captions needs the tokenizer to detokenise.")
         fn = self._caption_fn(options or self.caption_options)
         tokens = self._run(fn, images, cast=False).astype(np.int32)
         out = self.tokenizer.decode(tokens)
         return [out] if isinstance(out, str) else list(out)
+
+    def locate(self, images: np.ndarray, expressions) -> np.ndarray:
+        """Boxes ``[N, 4]`` (ymin, xmin, ymax, xmax fractions) of the objects ``expressions``
+        name in ``images``, for a model of the ``locate`` capability (LocCa: ARef prompts
+        decoded greedily, :meth:`vlm_jax.models.locca.LocCa.locate`); compiled once per
+        extractor. The :class:`vlm_jax.evaluators.localisation.BoxPredictor` of ``refexp``."""
+        from input_pipeline.locca import text_pieces  # pylint: disable=import-outside-toplevel
+
+        model = nnx.merge(self.graphdef, self.params)
+        if not hasattr(model, "locate"):
+            raise ValueError("This model predicts no boxes: refexp needs a model of a family "
+                             "with the 'locate' capability (LocCa).")
+        if self.tokenizer is None:
+            raise ValueError("FeatureExtractor.locate needs the tokenizer for the expressions.")
+        prompts = model.layout.aref_prompts(text_pieces(self.tokenizer, list(expressions)))
+
+        def build():
+            graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
+
+            def fn(p, x, prompt):
+                with parallel.sharding_context(mesh, rules):
+                    return nnx.merge(graphdef, p).locate(x, prompt)
+
+            return jax.jit(fn, in_shardings=(self.param_shardings, None, None),
+                           out_shardings=NamedSharding(mesh, P()))
+
+        fn = self.cached("locate", build)
+        bs, out = self.batch_size, []
+        for start in range(0, len(images), bs):
+            rows = {"x": images[start:start + bs], "prompt": prompts[start:start + bs]}
+            batch = self.global_batch(rows, bs)
+            out.append(np.asarray(fn(self.params, batch["x"], batch["prompt"]))[:len(rows["x"])])
+        return np.concatenate(out).astype(np.float32)
 
     def global_batch(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, jax.Array]:
         """Rows every process holds -> global arrays of ``size`` rows sharded over the mesh's

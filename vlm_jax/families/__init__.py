@@ -1,6 +1,6 @@
 """One :class:`Family` per model family: everything the rest of the code asks of a model.
 
-A family (CLIP/SigLIP, LiT/SigLiT, CoCa, LM, Flamingo) is one object in one file of this package. The train
+A family (CLIP/SigLIP, LiT/SigLiT, CoCa, LocCa, LM, Flamingo) is one object in one file of this package. The train
 loop, ``vlm-jax compile``, ``vlm-jax caption`` and the evaluators ask it, instead of branching on
 ``config.model.name``: :func:`get_family` is the only reader of that key.
 
@@ -131,10 +131,10 @@ class Family:
 
 
 # pylint: disable=wrong-import-position  (the family modules import Family from here)
-from vlm_jax.families import clip, coca, flamingo, lit, lm  # noqa: E402
+from vlm_jax.families import clip, coca, flamingo, lit, lm, locca  # noqa: E402
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (clip.FAMILY, coca.FAMILY, lit.FAMILY,
-                                                   lm.FAMILY, flamingo.FAMILY)}
+                                                   lm.FAMILY, flamingo.FAMILY, locca.FAMILY)}
 
 
 def get_family(config_or_model_cfg: Any) -> Family:

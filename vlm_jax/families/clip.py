@@ -83,12 +83,21 @@ def batch_loss(model, emb, config, mesh):
     return loss, metrics
 
 
-def objective(model, batch, config, mesh, ctx=None):
-    """:func:`batch_loss` on the embeddings of the whole batch (:func:`embed`), plus SigLIP 2's
-    self-supervised terms when they are switched on (:func:`ssl_active`): ``ctx`` then holds
-    the train state's ``step`` and ``teacher`` (:func:`teacher_params`)."""
-    emb, _, _ = embed(model, batch, config)
-    loss, metrics = batch_loss(model, emb, config, mesh)
+def objective(model, batch, config, mesh, ctx=None, *, embed_fn=None):
+    """:func:`batch_loss` on the embeddings of the whole batch (:func:`embed`, or a family's
+    ``embed_fn`` whose local term is added: the LocCa decoder's,
+    :mod:`vlm_jax.families.locca`), plus SigLIP 2's self-supervised terms when they are
+    switched on (:func:`ssl_active`): ``ctx`` then holds the train state's ``step`` and
+    ``teacher`` (:func:`teacher_params`)."""
+    if embed_fn is None:
+        emb, _, _ = embed(model, batch, config)
+        loss, metrics = batch_loss(model, emb, config, mesh)
+    else:
+        emb, local, local_metrics = embed_fn(model, batch, config)
+        con, metrics = batch_loss(model, emb, config, mesh)
+        metrics.update(local_metrics)
+        metrics["train/contrastive_loss"] = con
+        loss = con + local
     if ctx is None:
         return loss, metrics
     step = ctx["step"]
@@ -108,7 +117,7 @@ def objective(model, batch, config, mesh, ctx=None):
     ssl_loss, ssl_metrics = jax.lax.cond(on, terms, zeros, state, ctx["teacher"],
                                          batch["image"], step)
     metrics.update(ssl_metrics)
-    metrics["train/contrastive_loss"] = loss
+    metrics.setdefault("train/contrastive_loss", loss)
     return loss + ssl_loss, metrics
 
 

@@ -484,11 +484,15 @@ class MultimodalDecoder(nnx.Module):
         y = self.vocab_projection(self.final_norm(x))
         return constrain(y, "act_batch", "act_len", "act_vocab").astype(jnp.float32)
 
-    def __call__(self, context: jax.Array, x: jax.Array) -> jax.Array:
+    def __call__(self, context: jax.Array, x: jax.Array, mask: jax.Array | None = None
+                 ) -> jax.Array:
         """``context [B, N, context_width]``, text features ``x [B, T, width]`` -> logits
-        ``[B, T, vocab]`` (causal self-attention, full cross-attention)."""
+        ``[B, T, vocab]`` (causal self-attention, full cross-attention). ``mask``: a boolean
+        self-attention mask ``[B or 1, 1, T, T]`` instead of the causal one (LocCa's parallel
+        prediction attends both ways, :mod:`vlm_jax.models.locca`)."""
         t = x.shape[1]
-        mask = jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None]
+        if mask is None:
+            mask = jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None]
         x, _ = self._run(_decoder_layer, x, {"mask": mask, "context": context}, None)
         return self.logits(x)
 
