@@ -17,25 +17,12 @@ import grain
 import numpy as np
 
 from input_pipeline.transforms import to_str
+from vlm_jax.models.locca import text_pieces
 
 # The raw features the targets read (shapes 1.2.0, docs/data.md section 9), and what they write.
 FEATURES = ("caption", "objects")
 OUTPUTS = {"locca_labels": np.int32, "locca_target": np.bool_, "locca_parallel": np.bool_}
 TASKS = ("cap", "aref", "gcap")
-
-
-def text_pieces(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """The text ids of ``texts`` without the tokenizer's bos / eos / padding (cut at its
-    context length)."""
-    out = []
-    for row in np.asarray(tokenizer.encode(list(texts))):
-        ids = [int(t) for t in row]
-        if ids and ids[0] == tokenizer.bos_id:
-            ids = ids[1:]
-        if tokenizer.eos_id in ids:
-            ids = ids[:ids.index(tokenizer.eos_id)]
-        out.append([t for t in ids if t != tokenizer.pad_id])
-    return out
 
 
 class LoccaTargets(grain.transforms.RandomMap):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from input_pipeline.locca import LoccaTargets, text_pieces
+from input_pipeline.locca import LoccaTargets
+from vlm_jax.models.locca import text_pieces
 from tests.model_fixtures import clip_pair_batch, randomize, step_losses
 from vlm_jax import config as config_lib
 from vlm_jax.families import get_family

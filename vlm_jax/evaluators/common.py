@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax import parallel
+from vlm_jax.models import locca
 
 
 class FeatureExtractor:
@@ -91,15 +92,13 @@ class FeatureExtractor:
         name in ``images``, for a model of the ``locate`` capability (LocCa: ARef prompts
         decoded greedily, :meth:`vlm_jax.models.locca.LocCa.locate`); compiled once per
         extractor. The :class:`vlm_jax.evaluators.localisation.BoxPredictor` of ``refexp``."""
-        from input_pipeline.locca import text_pieces  # pylint: disable=import-outside-toplevel
-
         model = nnx.merge(self.graphdef, self.params)
         if not hasattr(model, "locate"):
             raise ValueError("This model predicts no boxes: refexp needs a model of a family "
                              "with the 'locate' capability (LocCa).")
         if self.tokenizer is None:
             raise ValueError("FeatureExtractor.locate needs the tokenizer for the expressions.")
-        prompts = model.layout.aref_prompts(text_pieces(self.tokenizer, list(expressions)))
+        prompts = model.layout.aref_prompts(locca.text_pieces(self.tokenizer, list(expressions)))
 
         def build():
             graphdef, mesh, rules = self.graphdef, self.mesh, self.rules

@@ -78,6 +78,20 @@ def dequantize_boxes(bins, num_bins: int):
     return ((xp.asarray(bins).astype(xp.float32) + 0.5) / num_bins).astype(xp.float32)
 
 
+def text_pieces(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """The text ids of ``texts`` without the tokenizer's bos / eos / padding (cut at its
+    context length)."""
+    out = []
+    for row in np.asarray(tokenizer.encode(list(texts))):
+        ids = [int(t) for t in row]
+        if ids and ids[0] == tokenizer.bos_id:
+            ids = ids[1:]
+        if tokenizer.eos_id in ids:
+            ids = ids[:ids.index(tokenizer.eos_id)]
+        out.append([t for t in ids if t != tokenizer.pad_id])
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenLayout:
     """The decoder's vocabulary: the text tokenizer's ``text_vocab`` ids, then the task tokens
