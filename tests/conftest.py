@@ -18,14 +18,6 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 jax.config.update("jax_threefry_partitionable", True)
-# ...but not in this process. An executable that XLA's CPU client serialises and loads again
-# (what the persistent cache does on a hit) has been seen to compute different gradients from
-# the one it compiled: the micro-batched sigmoid ring_recompute step on the data=2 x fsdp=2 x
-# tensor=2 mesh, run from the cache, differed from the full batch by up to 1e25, varying from
-# load to load, while the freshly compiled executable agrees within 2e-6 (jaxlib 0.10.2;
-# tests/test_compilation_cache.py reproduces it). The in-process tests compare compiled programs'
-# numbers, so they compile afresh; the subprocesses of the end-to-end tests keep the cache.
-jax.config.update("jax_enable_compilation_cache", False)
 
 import pathlib  # noqa: E402
 
