@@ -89,15 +89,12 @@ def objective(model, batch, config, mesh, ctx=None, *, embed_fn=None):
     :mod:`vlm_jax.families.locca`), plus SigLIP 2's self-supervised terms when they are
     switched on (:func:`ssl_active`): ``ctx`` then holds the train state's ``step`` and
     ``teacher`` (:func:`teacher_params`)."""
-    if embed_fn is None:
-        emb, _, _ = embed(model, batch, config)
-        loss, metrics = batch_loss(model, emb, config, mesh)
-    else:
-        emb, local, local_metrics = embed_fn(model, batch, config)
-        con, metrics = batch_loss(model, emb, config, mesh)
+    emb, local, local_metrics = (embed if embed_fn is None else embed_fn)(model, batch, config)
+    loss, metrics = batch_loss(model, emb, config, mesh)
+    if embed_fn is not None:
         metrics.update(local_metrics)
-        metrics["train/contrastive_loss"] = con
-        loss = con + local
+        metrics["train/contrastive_loss"] = loss
+        loss = loss + local
     if ctx is None:
         return loss, metrics
     step = ctx["step"]
