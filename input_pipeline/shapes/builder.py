@@ -122,8 +122,12 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # Nothing to download.
         # self.data_dir is the temporary build directory here: the tokenizer is moved into
         # place together with the records when the build completes.
-        captions = (generator.sample_scene(generator.SPLIT_SEEDS["train"], i).caption
-                    for i in range(self._split_sizes["train"]))
+        size = self._split_sizes["train"]
+        caption = functools.partial(_caption, generator.SPLIT_SEEDS["train"])
+        if self._pool is None or size < _PARALLEL_MIN_EXAMPLES:
+            captions = map(caption, range(size))
+        else:
+            captions = self._pool.map(caption, range(size), chunksize=_chunk(size))
         train_sentencepiece(captions, os.path.join(self.data_dir, TOKENIZER_PREFIX),
                             TOKENIZER_VOCAB_SIZE)
         return {split: self._generate_examples(split) for split in SPLITS}
@@ -135,8 +139,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         if self._pool is None or size < _PARALLEL_MIN_EXAMPLES:
             records = map(encode, range(size))
         else:  # in order, so the files are those of a serial build byte for byte
-            records = self._pool.map(encode, range(size),
-                                     chunksize=max(1, min(512, size // (8 * _workers()))))
+            records = self._pool.map(encode, range(size), chunksize=_chunk(size))
         yield from enumerate(records)
 
     # TFDS prints "Downloading and preparing dataset Unknown size ..." and a "downloaded" line;
@@ -156,6 +159,17 @@ def _workers() -> int:
     """Processes that render a build: one per core (8 at most), or 1 (no pool)."""
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                       else os.cpu_count() or 1))
+
+
+def _chunk(size: int) -> int:
+    """Examples per task sent to a worker: few round trips, yet 8 tasks per worker at least."""
+    return max(1, min(512, size // (8 * _workers())))
+
+
+def _caption(split_seed: int, index: int) -> str:
+    """The caption of example ``index`` (the tokenizer's training text; module-level: pickled
+    to the workers)."""
+    return generator.sample_scene(split_seed, index).caption
 
 
 def encoded_record(split_seed: int, index: int, image_size: int) -> dict:
