@@ -189,9 +189,9 @@ def test_open_clip_config(tmp_path):
     naming the setting."""
     oc = json.loads((FIXTURE / "hub_tiny" / "open_clip_config.json").read_text())
     assert convert.open_clip_settings(oc) == dict(
-        act="quick_gelu", resize_mode="shortest", image_size=32, pixel_mean=[0.5] * 3,
-        pixel_std=[0.5] * 3)
-    for dotted, value, match in (("model_cfg.vision_cfg.pool_type", "avg", "pool_type"),
+        act="quick_gelu", resize_mode="shortest", pool_type="tok", image_size=32,
+        pixel_mean=[0.5] * 3, pixel_std=[0.5] * 3)
+    for dotted, value, match in (("model_cfg.vision_cfg.pool_type", "none", "pool_type"),
                                  ("model_cfg.text_cfg.hf_tokenizer_name", "bert", "tokenizer"),
                                  ("model_cfg.text_cfg.no_causal_mask", True, "no_causal_mask"),
                                  ("preprocess_cfg.resize_mode", "longest", "resize_mode"),

@@ -115,18 +115,39 @@ def test_export_refuses_what_the_target_cannot_hold(exported, tmp_path):
                       "--output", str(tmp_path / "c")]) == 2
 
 
-def _native(tmp_path, experiment):
+def test_an_averaging_image_tower_exports_to_open_clip_only(tmp_path):
+    """pool_type 'avg' is open_clip's; transformers' CLIPVisionModel pools at the class token."""
+    work, *_ = _native(tmp_path, "clip_tiny:test", "avg")
+    with pytest.raises(export.ExportError, match="pool_type 'tok'.*--format open_clip"):
+        export.export(work, "hf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    dst = export.export(work, "open_clip", tmp_path / "oc")
+    cfg = json.loads((pathlib.Path(dst) / convert.OPEN_CLIP_CONFIG).read_text())
+    assert cfg["model_cfg"]["vision_cfg"]["pool_type"] == "avg"
+    # The quickstart's average of all tokens, without a class token, neither library has.
+    work, *_ = _native(tmp_path, "clip_tiny")
+    for fmt in ("open_clip", "hf"):
+        with pytest.raises(export.ExportError, match="class token"):
+            export.export(work, fmt, tmp_path / f"gap_{fmt}")
+        assert not (tmp_path / f"gap_{fmt}").exists()
+
+
+def _native(tmp_path, experiment, pool_type=None):
     """A workdir holding a randomly initialised model of ``experiment`` (as training writes
-    one), its model and fixed inputs."""
+    one; ``pool_type`` replaces the image tower's), its model and fixed inputs."""
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
     from vlm_jax.families import get_family  # pylint: disable=import-outside-toplevel
 
+    name, _, arg = experiment.partition(":")
     config = config_lib.load_config(str(pathlib.Path(__file__).parents[1] / "experiments" /
-                                        f"{experiment}.py"))
+                                        f"{name}.py") + (f":{arg}" if arg else ""))
+    if pool_type is not None:
+        config.model.image.pool_type = pool_type
     model = get_family(config.model).build_model(config.model, nnx.Rngs(3))
-    work = convert.write_workdir(tmp_path / experiment, nnx.state(model).to_pure_dict(), config)
+    work = convert.write_workdir(tmp_path / f"{name}_{arg}_{pool_type}",
+                                 nnx.state(model).to_pure_dict(), config)
     rng = np.random.default_rng(0)
     size, text = config.model.image.image_size, config.model.text
     images = rng.standard_normal((2, size, size, 3)).astype(np.float32)
@@ -138,20 +159,23 @@ def _native(tmp_path, experiment):
 
 @pytest.mark.interop
 def test_trained_layout_exports_load_in_open_clip_and_transformers(tmp_path):
-    """vlm_jax's own CLIP (``clip_tiny``: eos id 3, exact GELU) and SigLIP-loss model
-    (``siglip_tiny``: a logit_bias) exported and loaded by the libraries give the embeddings the
-    vlm_jax model computes."""
+    """vlm_jax's own CLIP (``clip_tiny``: eos id 3, exact GELU; its image tower pooling the
+    patch tokens' average with a class token in the sequence, open_clip's pool_type 'avg', and
+    at the class token, which transformers' CLIPModel holds too) and SigLIP-loss model (``siglip_tiny``: a
+    logit_bias) exported and loaded by the libraries give the embeddings the vlm_jax model
+    computes."""
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     transformers = pytest.importorskip("transformers")
     lines = []
     with torch.no_grad():
-        for experiment, formats in (("clip_tiny", ("open_clip", "hf")),
-                                    ("siglip_tiny", ("open_clip",))):
-            work, model, images, tokens = _native(tmp_path, experiment)
+        for experiment, pool, formats in (("clip_tiny", "avg", ("open_clip",)),
+                                          ("clip_tiny", "tok", ("open_clip", "hf")),
+                                          ("siglip_tiny", None, ("open_clip",))):
+            work, model, images, tokens = _native(tmp_path, experiment, pool)
             want = model(images, tokens)
             for fmt in formats:
-                dst = export.export(work, fmt, tmp_path / f"{experiment}_{fmt}")
+                dst = export.export(work, fmt, tmp_path / f"{experiment}_{pool}_{fmt}")
                 pixels, ids = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(
                     tokens).long()
                 if fmt == "open_clip":
@@ -168,7 +192,8 @@ def test_trained_layout_exports_load_in_open_clip_and_transformers(tmp_path):
                                            want["logit_scale"]))]
                 if "logit_bias" in want:
                     e.append(abs(float(bias) - float(want["logit_bias"])))
-                lines.append(f"{experiment} -> {fmt} ({type(m).__name__}): max |diff| image "
+                lines.append(f"{experiment} (pool {pool or 'as configured'}) -> {fmt} "
+                             f"({type(m).__name__}): max |diff| image "
                              f"{e[0]:.2e} text {e[1]:.2e} logit scale {e[2]:.2e}"
                              + (f" logit bias {e[3]:.2e}" if len(e) > 3 else ""))
                 assert max(e) < 1e-4, lines[-1]

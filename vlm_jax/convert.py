@@ -500,7 +500,7 @@ RESIZE_MODES = ("shortest", "squash")  # input_pipeline.transforms.RESIZE_MODES;
 # and the values the converted model reproduces: (section, key) -> allowed values (a missing
 # key is open_clip's default, which is the first of them).
 _OPEN_CLIP_FIXED = {
-    ("vision_cfg", "pool_type"): ("tok",),
+    ("vision_cfg", "pool_type"): ("tok", "avg"),  # vlm_jax's ViT pool_type of the same name
     ("vision_cfg", "final_ln_after_pool"): (False,),
     ("vision_cfg", "act_kwargs"): ({},),
     ("vision_cfg", "norm_kwargs"): ({}, {"eps": 1e-5}),
@@ -557,7 +557,8 @@ def open_clip_settings(oc_config: Mapping, where: str = OPEN_CLIP_CONFIG) -> dic
     if interpolation != "bicubic":
         raise ConvertError(f"{where}: preprocess_cfg.interpolation={interpolation!r} is not "
                            "supported (the evaluation transform resizes bicubic).")
-    out = dict(act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", resize_mode=mode)
+    out = dict(act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", resize_mode=mode,
+               pool_type=(model_cfg.get("vision_cfg") or {}).get("pool_type") or "tok")
     size = (model_cfg.get("vision_cfg") or {}).get("image_size")
     if size is not None:
         out["image_size"] = size
@@ -572,8 +573,9 @@ def open_clip_settings(oc_config: Mapping, where: str = OPEN_CLIP_CONFIG) -> dic
 
 
 def _apply_open_clip_settings(model_cfg: dict, settings: Mapping, where: str) -> None:
-    """Checks the image size against the weights'; writes the pixel statistics into the image
-    tower's config."""
+    """Checks the image size against the weights'; writes the pixel statistics and the pooling
+    into the image tower's config."""
+    model_cfg["image"]["pool_type"] = settings.get("pool_type", "tok")
     size = settings.get("image_size")
     if size is not None:
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)

@@ -129,11 +129,14 @@ def _pixel_stats(img: Mapping) -> tuple[list, list]:
             list(img.get("pixel_std") or layers.PIXEL_STD))
 
 
-def _common_clip_checks(model_cfg: Mapping, fmt: str, logit_bias: bool = False
-                        ) -> tuple[dict, dict]:
+def _common_clip_checks(model_cfg: Mapping, fmt: str, logit_bias: bool = False,
+                        pools: tuple[str, ...] = ("tok",)) -> tuple[dict, dict]:
     img, txt = _tower(model_cfg, "image"), _tower(model_cfg, "text")
-    _check(img.get("pool_type", "tok") == "tok", "the image tower must pool at its class token",
-           fmt)
+    _check(img.get("pool_type", "tok") in pools,
+           "the image tower must pool at its class token"
+           + (" or average its patch tokens with a class token (pool_type 'avg')"
+              if "avg" in pools else " (pool_type 'tok'; transformers' CLIPVisionModel has no "
+              "other pooling: export a pool_type 'avg' model with --format open_clip)"), fmt)
     _check(img.get("pre_norm", True), "the image tower needs ln_pre (pre_norm=True)", fmt)
     _check(not img.get("patch_bias", False), "the patch embedding must have no bias", fmt)
     _check(not img.get("num_classes"), "no classification head", fmt)
@@ -176,7 +179,7 @@ def to_open_clip(params: Mapping, model_cfg: Mapping) -> tuple[dict[str, np.ndar
     if _style(model_cfg) != "clip":
         raise ExportError("--format open_clip: the image tower pools with a MAP head (SigLIP), "
                           "which open_clip's VisionTransformer does not have; use --format hf.")
-    img, txt = _common_clip_checks(model_cfg, fmt, logit_bias=True)
+    img, txt = _common_clip_checks(model_cfg, fmt, logit_bias=True, pools=("tok", "avg"))
     for tower in (img, txt):
         _check(float(tower.get("ln_eps", 1e-5)) == 1e-5, "LayerNorm eps 1e-5 (open_clip's)", fmt)
     _check(img["width"] % img["num_heads"] == 0, "image width divisible by its heads", fmt)
@@ -213,7 +216,8 @@ def to_open_clip(params: Mapping, model_cfg: Mapping) -> tuple[dict[str, np.ndar
         vision_cfg=dict(image_size=img["image_size"], layers=img["depth"], width=img["width"],
                         patch_size=img["patch_size"],
                         head_width=img["width"] // img["num_heads"],
-                        mlp_ratio=img["mlp_dim"] / img["width"]),
+                        mlp_ratio=img["mlp_dim"] / img["width"],
+                        pool_type=img.get("pool_type", "tok")),
         text_cfg=text_cfg), preprocess_cfg=dict(mean=mean, std=std))
     if "logit_bias" in sd:
         cfg["model_cfg"]["init_logit_bias"] = float(sd["logit_bias"])

@@ -53,7 +53,7 @@ from vlm_jax.models import layers
 from vlm_jax.models.clip import (CLIP, _TOP_KEYS as _CLIP_KEYS, check_keys, clip_flops,
                                  from_config_dict, to_plain_dict)
 from vlm_jax.models.coca import MultimodalDecoder, reorder_cache
-from vlm_jax.models.vit import resolve_dims
+from vlm_jax.models.vit import has_cls_token, resolve_dims
 from vlm_jax.parallel import constrain
 
 TASKS = ("cap", "aref", "gcap")
@@ -507,8 +507,7 @@ def decoder_flops(model_cfg: Any) -> float:
                                                 "patch_size")})
     side = img.get("image_size", 224)
     side = side if isinstance(side, int) else side[0]
-    n_ctx = (side // dims["patch_size"]) ** 2 + (1 if img.get("pool_type", "tok") == "tok"
-                                                 else 0)
+    n_ctx = (side // dims["patch_size"]) ** 2 + has_cls_token(img.get("pool_type", "tok"))
     w, length, iw = dec["width"], lay.max_length, dims["width"]
     self_block = layers.attention_flops(length, w, dec["mlp_dim"])
     cross = 2.0 * (2 * length * w * w + 2 * n_ctx * iw * w + 2 * length * n_ctx * w

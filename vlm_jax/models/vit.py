@@ -11,7 +11,9 @@ Flavours, by option:
   token; here, as timm and CLIP do, the class token has a position too.)
 * timm ``vit_base_patch16_224``: ``pool_type='tok'``, ``patch_bias=True``, ``num_classes=1000``.
 * OpenAI CLIP visual: ``pool_type='tok'``, ``patch_bias=False``, ``pre_norm=True`` (``ln_pre``),
-  ``ln_eps=1e-5``, ``act='quick_gelu'``; the final norm is ``ln_post``.
+  ``ln_eps=1e-5``, ``act='quick_gelu'``; the final norm is ``ln_post``. open_clip's
+  ``pool_type='avg'`` is ``'avg'`` here: the class token stays in the sequence and the patch
+  tokens are averaged.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "e": (1792, 56, 15360, 16),
 }
 
-POOL_TYPES = ("tok", "gap", "map")
+POOL_TYPES = ("tok", "gap", "map", "avg")
+
+
+def has_cls_token(pool_type: str) -> bool:
+    """Whether a ViT of this ``pool_type`` prepends a class token (``'tok'`` and ``'avg'``)."""
+    return pool_type in ("tok", "avg")
 
 
 def decode_variant(variant: str) -> dict[str, int]:
@@ -137,8 +144,9 @@ class ViT(nnx.Module):
       variant: size name such as ``'B/16'``; ``width``, ``depth``, ``mlp_dim``, ``num_heads``,
         ``patch_size`` override it (or replace it when ``variant`` is None).
       image_size: int or (H, W); fixes the number of position embeddings.
-      pool_type: ``'tok'`` (class token), ``'gap'`` (mean of tokens) or ``'map'``
-        (:class:`~vlm_jax.models.layers.MAPHead`).
+      pool_type: ``'tok'`` (class token), ``'gap'`` (mean of tokens, no class token), ``'avg'``
+        (mean of the patch tokens, a class token in the sequence: open_clip's
+        ``pool_type='avg'``) or ``'map'`` (:class:`~vlm_jax.models.layers.MAPHead`).
       pre_norm: LayerNorm after adding position embeddings (OpenAI CLIP ``ln_pre``).
       patch_bias: bias in the patch embedding (False for OpenAI CLIP).
       act: MLP activation (``'gelu'`` exact, ``'gelu_tanh'``, ``'quick_gelu'``).
@@ -179,12 +187,12 @@ class ViT(nnx.Module):
 
         self.patch_embed = PatchEmbed(p, width, use_bias=patch_bias, dtype=dtype,
                                       pixel_mean=pixel_mean, pixel_std=pixel_std, rngs=rngs)
-        if pool_type == "tok":
+        if has_cls_token(pool_type):
             init = (nnx.initializers.normal(cls_std) if cls_std else nnx.initializers.zeros)
             self.cls_token = layers.param(rngs, init, (width,), ("embed",))
         else:
             self.cls_token = None
-        n_tokens = self.num_patches + (1 if pool_type == "tok" else 0)
+        n_tokens = self.num_patches + has_cls_token(pool_type)
         self.pos_embed = layers.param(rngs, nnx.initializers.normal(pos_embed_std),
                                       (n_tokens, width), ("pos", "embed"))
         self.pre_norm = (layers.LayerNorm(width, eps=ln_eps, dtype=dtype, rngs=rngs)
@@ -256,7 +264,8 @@ class ViT(nnx.Module):
         ``[B, width]`` (or logits), float32."""
         if self.pool_type == "tok":
             x = x[:, 0]
-        elif self.pool_type == "gap":
+        elif self.pool_type in ("gap", "avg"):
+            x = x[:, 1:] if self.pool_type == "avg" else x
             x = jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
         else:
             x = self.map_head(x)
@@ -278,7 +287,7 @@ def vit_flops(variant: str | None = None, *, image_size: int | tuple[int, int] =
     h, w = _pair(image_size)
     p, width, mlp = dims["patch_size"], dims["width"], dims["mlp_dim"]
     n = (h // p) * (w // p)
-    t = n + (1 if pool_type == "tok" else 0)
+    t = n + has_cls_token(pool_type)
     flops = 2.0 * n * p * p * 3 * width
     flops += dims["depth"] * layers.attention_flops(t, width, mlp)
     if pool_type == "map":
@@ -287,5 +296,5 @@ def vit_flops(variant: str | None = None, *, image_size: int | tuple[int, int] =
     return flops
 
 
-__all__ = ["VARIANTS", "POOL_TYPES", "decode_variant", "resolve_dims", "PatchEmbed", "ViT",
-           "vit_flops"]
+__all__ = ["VARIANTS", "POOL_TYPES", "has_cls_token", "decode_variant", "resolve_dims",
+           "PatchEmbed", "ViT", "vit_flops"]
