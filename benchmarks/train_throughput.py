@@ -52,6 +52,15 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 
 def _config(name: str, batch: int):
     tiny = config_lib.load_config(os.path.join(REPO, "experiments/clip_tiny.py"))
+    # The towers of the quickstart's first recipe (class token, MLPs of 4 x width, 24-token
+    # context): the ones benchmarks/vs_open_clip.py builds in open_clip and docs/benchmarks.md's
+    # step tables measured. "quickstart" is the quickstart's current towers.
+    if name == "quickstart":
+        tiny.batch_size = batch
+        return tiny
+    from experiments import clip_tiny  # pylint: disable=import-outside-toplevel
+
+    clip_tiny.first_recipe(tiny)
     if name == "tiny":
         tiny.batch_size = batch
         return tiny
@@ -141,7 +150,7 @@ def main(argv=None) -> None:
     print("| model | params | batch | step (s) | images/s | achieved GFLOP/s | MFU vs matmul peak "
           "| compile (s) |")
     print("|---|---|---|---|---|---|---|---|")
-    batches = args.batch or [128 if m == "tiny" else 16 for m in args.models]
+    batches = args.batch or [128 if m in ("tiny", "quickstart") else 16 for m in args.models]
     for name, batch in zip(args.models, batches):
         r = bench(name, batch, args.steps)
         print(f"| {r['model']} | {r['params_m']:.1f}M | {r['batch']} | {r['step_s']:.3f} | "

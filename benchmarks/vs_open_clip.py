@@ -11,8 +11,9 @@ eps 1e-6, weight decay 0.2), float32. Here it is ``vlm_jax.train.make_train_step
 ``CLIP`` with its ``ClipLoss`` and ``torch.optim.AdamW``, in eager mode as its training script
 runs it. The models:
 
-* ``tiny``: ``experiments/clip_tiny.py``'s towers (ViT width 128 x 4 layers, patch 16 at 64 px;
-  text width 128 x 4 layers, context 24, vocabulary 512; embedding 128), batch 128;
+* ``tiny``: the towers of ``experiments/clip_tiny.py``'s first recipe (ViT width 128 x 4 layers,
+  patch 16 at 64 px, class token; text width 128 x 4 layers, context 24, vocabulary 512; MLPs
+  of 4 x width; embedding 128), batch 128;
 * ``ViT-B/32``: OpenAI's CLIP ViT-B/32 (224 px, context 77, vocabulary 49,408), batch 16.
 
 open_clip needs torch, which this package does not depend on: the script runs the torch side
