@@ -8,8 +8,8 @@ gains/biases/temperature), warm-up + cosine, temperature initialised at 1/0.07 a
 100. Arguments after ':' select a variant: ``clip_tiny.py:test`` is a seconds-long smoke config
 used by the tests.
 
-Three choices make it train in half the time of its first recipe (docs/benchmarks.md, "The
-quickstart"), measured over two seeds each:
+Three choices make it train in less than half the time of its first recipe (docs/benchmarks.md,
+"The quickstart in half the time"), measured over two seeds each:
 
 * The image embedding is the mean of the output tokens, without a class token
   (``pool_type='gap'``, big_vision's), not the class token: after 1,200 steps with the smaller
