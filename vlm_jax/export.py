@@ -135,8 +135,8 @@ def _common_clip_checks(model_cfg: Mapping, fmt: str, logit_bias: bool = False,
     _check(img.get("pool_type", "tok") in pools,
            "the image tower must pool at its class token"
            + (" or average its patch tokens with a class token (pool_type 'avg')"
-              if "avg" in pools else " (pool_type 'tok'; transformers' CLIPVisionModel has no "
-              "other pooling: export a pool_type 'avg' model with --format open_clip)"), fmt)
+              if "avg" in pools else " (pool_type 'tok'; transformers' CLIPVisionModel pools no "
+              "other way, while --format open_clip holds pool_type 'avg' too)"), fmt)
     _check(img.get("pre_norm", True), "the image tower needs ln_pre (pre_norm=True)", fmt)
     _check(not img.get("patch_bias", False), "the patch embedding must have no bias", fmt)
     _check(not img.get("num_classes"), "no classification head", fmt)
