@@ -23,8 +23,8 @@ Three choices make it train in less than half the time of its first recipe (docs
   this model; ``--config.model.image.pool_type=tok`` trains one it exports.
 * MLPs of 2 x width (256) instead of 4 x, and a 16-token text context instead of 24: captions
   are at most 22 tokens with their bos and eos, 16 % are longer than 16 and lose their ends
-  (the main object, which the label names, is described first). The step costs half.
-* 700 steps instead of 1,200 (80.9 / 89.3 % with the choices above), evaluations and
+  (the main object, which the label names, is described first). The step costs about half.
+* 700 steps instead of 1,200 (81.0 / 89.3 % with the choices above), evaluations and
   checkpoints at steps 350 and 700 instead of every 400 and every 200.
 
 The derived experiments with figures of their own (``siglip_tiny``, ``coca_tiny_shapes``, and
