@@ -99,9 +99,13 @@ def test_impossible_setting_exits_nonzero_with_suggestion(repo_root, tmp_path):
 def test_compile_oom_is_reported_with_suggestions(repo_root):
     """Fits the pre-check but not the compiler: activations of 16k images per chip, in one
     micro-batch (--grad_accum_steps 1: no search)."""
+    # The towers of clip_tiny's first recipe (clip_tiny.first_recipe), whose activations this
+    # batch was sized for: the compiler reports the OOM in seconds.
+    first_recipe = ["--config.model.image.pool_type=tok", "--config.model.image.mlp_dim=512",
+                    "--config.model.text.mlp_dim=512", "--config.model.text.context_length=24"]
     proc = _cli(repo_root, "--config", "experiments/clip_tiny.py", "--topology", "v5e:2x2",
                 "--config.batch_size=65536", "--config.model.dtype=float32",
-                "--grad_accum_steps", "1")
+                "--grad_accum_steps", "1", *first_recipe)
     assert proc.returncode == aot.EXIT_DOES_NOT_FIT, proc.stdout + proc.stderr
     assert "DOES NOT FIT" in proc.stdout
     assert "--config.model.remat=full" in proc.stdout
