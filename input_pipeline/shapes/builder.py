@@ -122,25 +122,23 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # Nothing to download.
         # self.data_dir is the temporary build directory here: the tokenizer is moved into
         # place together with the records when the build completes.
-        size = self._split_sizes["train"]
-        caption = functools.partial(_caption, generator.SPLIT_SEEDS["train"])
-        if self._pool is None or size < _PARALLEL_MIN_EXAMPLES:
-            captions = map(caption, range(size))
-        else:
-            captions = self._pool.map(caption, range(size), chunksize=_chunk(size))
+        captions = self._map(functools.partial(_caption, generator.SPLIT_SEEDS["train"]),
+                             self._split_sizes["train"])
         train_sentencepiece(captions, os.path.join(self.data_dir, TOKENIZER_PREFIX),
                             TOKENIZER_VOCAB_SIZE)
         return {split: self._generate_examples(split) for split in SPLITS}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-        size = self._split_sizes[split]
         encode = functools.partial(encoded_record, generator.SPLIT_SEEDS[split],
                                    image_size=self.builder_config.image_size)
+        yield from enumerate(self._map(encode, self._split_sizes[split]))
+
+    def _map(self, fn, size: int) -> Iterator:
+        """``fn(0), ..., fn(size - 1)`` in order (so the files are those of a serial build byte
+        for byte), in the pool's processes when there is one and ``size`` is worth it."""
         if self._pool is None or size < _PARALLEL_MIN_EXAMPLES:
-            records = map(encode, range(size))
-        else:  # in order, so the files are those of a serial build byte for byte
-            records = self._pool.map(encode, range(size), chunksize=_chunk(size))
-        yield from enumerate(records)
+            return map(fn, range(size))
+        return self._pool.map(fn, range(size), chunksize=_chunk(size))
 
     # TFDS prints "Downloading and preparing dataset Unknown size ..." and a "downloaded" line;
     # prepare() prints one accurate line instead.
